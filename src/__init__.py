@@ -1,0 +1,1 @@
+"""Multitask LoRA composition: per-task adapters, merges, Mixture-of-LoRAs, evaluation."""

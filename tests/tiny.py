@@ -1,0 +1,54 @@
+"""Tiny random-init causal LMs and a tokenizer that needs no hub, for tests and the CI pipeline."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
+                          Qwen2ForCausalLM)
+
+_CORPUS = [
+    "### Summarization:\n### Translation from English to German:\n### Context:\n### Question:\n",
+    "### Answer:\n### Sentiment:\n### Premise:\n### Hypothesis:\n### Relationship:\n",
+    "### Paraphrasing:\n### Solution 1:\n### Solution 2:\n### Correct Solution:\n",
+    "positive negative entailment neutral contradiction the a of and to in is was for on that",
+    "Der die das und ist nicht ein eine mit von zu den auf für sich dem",
+] * 20
+
+
+def tiny_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on the spot: encodes any text, left-pads, has EOS and PAD."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|pad|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   pad_token="<|pad|>", padding_side="left")
+
+
+def tiny_model(arch: str = "qwen2", vocab_size: int = 400, seed: int = 0, hidden: int = 32,
+               layers: int = 2) -> torch.nn.Module:
+    """A 2-layer random causal LM (Qwen2 or Llama) with q/k/v/o/gate/up/down projections."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden + 8,
+                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=1024, eos_token_id=0, pad_token_id=1, bos_token_id=None,
+                  tie_word_embeddings=False)
+    if arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    elif arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    else:
+        raise ValueError(arch)
+    return model.eval()
+
+
+def save_tiny(path: str | Path, arch: str = "qwen2", **kw) -> Path:
+    """A Hugging Face model folder (config, weights, tokenizer) that `--model PATH` loads."""
+    path = Path(path)
+    tiny_model(arch, **kw).save_pretrained(str(path))
+    tiny_tokenizer().save_pretrained(str(path))
+    return path
