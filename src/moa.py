@@ -1,0 +1,650 @@
+"""Mixture-of-LoRAs (MoA): every task's LoRA side by side in each adapted layer, one chosen per sequence.
+
+    y = W0 x + s_e * B_e (A_e x),   e = the expert (task LoRA) chosen for this sequence
+
+Routers (`MoAConfig.router`), each a float32 nn.Linear to one logit per task:
+  "study"  one router per adapted linear layer, on that layer's input at the prompt's last token
+           (the reference study);
+  "block"  one router per decoder block, on the block's input hidden states at the prompt's last
+           token (Feng et al., "Mixture-of-LoRAs", LREC-COLING 2024: a sequence-level router
+           before each block). We pool with the last prompt token, as the study does: it needs
+           no attention mask and is what a causal model has seen of the whole prompt. The pooled
+           residual stream is RMS-normalised (no parameters) first, because its scale grows with
+           depth and has outlier dimensions; the study's layer inputs are mostly normalised already.
+Inference rules (`MoAConfig.inference`), always hard top-1:
+  "layer"  each router's argmax applies to its own layer(s) (the study);
+  "last"   the last router's argmax (model order) applies to every layer;
+  "vote"   majority over the routers' argmaxes; a tie goes to the tied expert with the highest
+           summed softmax probability, then to the lowest index (`vote`).
+
+Routing happens once per sequence: inside `with moa.session(experts, positions):` the routers
+decide on the session's first forward (the prompt prefill of `model.generate`) and that decision
+is held for every later forward (decoding steps with the KV cache). `experts` forces the experts
+(oracle mode, or teacher forcing in training: the routers still compute their logits on the first
+forward, with grad). For "last" and "vote" the first forward is preceded by a routing pass (the
+same inputs, no cache, each layer on its own router's choice) because a layer's expert then
+depends on routers after it. `MoAConfig.redecide_every_step` is the study's benchmark setting:
+the routers re-decide on every forward at the last position.
+
+A batch may mix experts: every expert's low-rank projection is computed at once (the experts'
+A side by side, [n_experts * r, in]) and each sequence keeps only its own expert's columns before
+the B side, so a mixed batch gives each sequence's own output with no per-sequence copies of the
+factors and no loop; when the whole batch agrees, the single expert's factors are used directly. Ranks may differ: factors are
+zero-padded to the largest rank, which changes nothing.
+
+On disk (`save` / `load`): `moa_config.json` (config, tasks, router names, adapter sources, the
+routers file's sha256) + `routers.safetensors`, plus `experts/<task>/` PEFT adapters when the
+experts were trained too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from src.errors import UserError
+from src.lora import (Adapter, LoRALinear, _set_module, check_adapter_fits, load_adapter, lora_layers,
+                      save_adapter, write_json_atomic)
+
+ROUTERS = ("study", "block")
+INFERENCE = ("layer", "last", "vote")
+CONFIG_NAME = "moa_config.json"
+ROUTERS_NAME = "routers.safetensors"
+EXPERTS_DIR = "experts"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class MoAConfig:
+    """Mixture-of-LoRAs: router design and inference rule."""
+
+    router: str = field(default="study", metadata={
+        "help": "study: one router per adapted linear layer, on its input at the last prompt token; "
+                "block: one router per decoder block, on the block's input at the last prompt token "
+                "(Feng et al. 2024)", "choices": ROUTERS})
+    inference: str = field(default="layer", metadata={
+        "help": "layer: each router's argmax for its own layers (the study); last: the last router's "
+                "choice for all layers; vote: majority over routers (ties: highest summed probability, "
+                "then lowest index)", "choices": INFERENCE})
+    tasks: tuple[str, ...] = field(default=(), metadata={
+        "help": "expert order (task names); empty: the order of the adapters given"})
+    redecide_every_step: bool = field(default=False, metadata={
+        "help": "the study's benchmark setting: routers re-decide at every forward, decoding steps "
+                "included, at the last position (needs --inference layer); off: decide once from "
+                "the prompt"})
+
+    def __post_init__(self):
+        if self.router not in ROUTERS:
+            raise UserError(f"--router must be one of {', '.join(ROUTERS)}; got {self.router!r}")
+        if self.inference not in INFERENCE:
+            raise UserError(f"--inference must be one of {', '.join(INFERENCE)}; got {self.inference!r}")
+        if isinstance(self.tasks, str):
+            self.tasks = tuple(t.strip() for t in self.tasks.split(",") if t.strip())
+        self.tasks = tuple(self.tasks)
+        dup = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
+        if dup:
+            raise UserError(f"--tasks names a task twice: {', '.join(dup)}")
+        if self.redecide_every_step and self.inference != "layer":
+            raise UserError("--redecide-every-step needs --inference layer (a per-step 'last' or "
+                            "'vote' decision would need a second pass through the KV cache)")
+
+
+# --------------------------------------------------------------------------- decisions (pure)
+
+def vote(logits: torch.Tensor) -> torch.Tensor:
+    """Majority over routers of each router's argmax; ties: highest summed softmax, then lowest index.
+
+    Args: logits [n_routers, batch, n_experts]. Returns: LongTensor [batch].
+    """
+    n, _, n_experts = logits.shape
+    counts = F.one_hot(logits.argmax(-1), n_experts).sum(0).double()   # [batch, n_experts]
+    probs = logits.detach().double().softmax(-1).sum(0)                 # [batch, n_experts], each < n
+    return (counts + probs / (n + 1)).argmax(-1)                         # probs only break count ties
+
+
+def decide(logits: torch.Tensor, inference: str) -> torch.Tensor:
+    """One expert per sequence from all routers' logits [n_routers, batch, n_experts] -> [batch].
+
+    "last": the last router's argmax; "vote" (and "layer", for reporting): `vote`.
+    """
+    if inference == "last":
+        return logits[-1].argmax(-1)
+    return vote(logits)
+
+
+class _Selection:
+    """One expert per sequence, plus the single expert when the whole batch agrees (fast path).
+
+    `uniform` costs one device sync, once per decision, not once per layer or step.
+    """
+
+    _UNSET = object()
+
+    def __init__(self, experts: torch.Tensor):
+        self.experts = experts            # LongTensor [batch]
+        self._uniform = self._UNSET
+        self._cache: dict = {}
+
+    @property
+    def uniform(self) -> int | None:
+        if self._uniform is self._UNSET:
+            lo, hi = torch.stack((self.experts.min(), self.experts.max())).tolist()
+            self._uniform = lo if lo == hi else None
+        return self._uniform
+
+    def gate(self, layer: "MoALinear", n: int, device: torch.device) -> torch.Tensor:
+        """layer.gate for these experts, kept for the later forwards (decoding steps) of the session."""
+        key = ("gate", layer.index, n, device)
+        if key not in self._cache:
+            self._cache[key] = layer.gate(self.take(n, device))
+        return self._cache[key]
+
+    def take(self, n: int, device: torch.device) -> torch.Tensor:
+        """The experts for a batch of n on `device`; n a multiple of the session batch (beams)."""
+        key = (n, device)
+        if key not in self._cache:
+            e = self.experts
+            if e.shape[0] != n:
+                if n % e.shape[0]:
+                    raise RuntimeError(f"MoA: a forward of {n} sequences in a session for {e.shape[0]}")
+                e = e.repeat_interleave(n // e.shape[0])    # generate's beams / return sequences
+            self._cache[key] = e.to(device)
+        return self._cache[key]
+
+
+@dataclass
+class _Session:
+    forced: _Selection | None
+    positions: torch.Tensor | None       # [batch] last prompt token; None: -1
+    n_routers: int
+    active: bool = True
+    forwards: int = 0                    # finished forwards of the outer model
+    routing: bool = True                 # routers run in this forward
+    record: bool = True                  # ... and their logits are the session's router_logits()
+    logits: list = field(default_factory=list)        # per router: [batch, n_experts]
+    choice: list = field(default_factory=list)        # per router: _Selection of its own argmax
+    decision: _Selection | None = None   # "last" / "vote": one expert for every layer
+    steps: list = field(default_factory=list)         # per forward: per layer _Selection used
+
+    def __post_init__(self):
+        self.logits = [None] * self.n_routers
+        self.choice = [None] * self.n_routers
+
+
+# --------------------------------------------------------------------------- the layer
+
+class MoALinear(nn.Module):
+    """An existing nn.Linear plus N frozen LoRA experts; each sequence uses the expert it was routed to.
+
+    lora_A: [n_experts, r_max, in], lora_B: [out, n_experts, r_max], zero-padded to the largest
+    rank and float32 like LoRALinear, so `lora_A.flatten(0, 1)` / `lora_B.flatten(1)` are all the
+    experts side by side (the concatenated LoRA). `select(layer, x)` is the mixture's callback:
+    it routes (for the study's router) and returns this layer's _Selection.
+    """
+
+    def __init__(self, linear: nn.Linear, factors: list[tuple[torch.Tensor, torch.Tensor]],
+                 scales: list[float], index: int, select, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.linear = linear
+        self.index = index
+        self.select = select
+        self.ranks = [int(a.shape[0]) for a, _ in factors]
+        self.scale_list = [float(s) for s in scales]
+        n, r, dev = len(factors), max(self.ranks), linear.weight.device
+        a_all = torch.zeros(n, r, linear.in_features, dtype=dtype)
+        b_all = torch.zeros(linear.out_features, n, r, dtype=dtype)
+        for e, (a, b) in enumerate(factors):
+            a_all[e, : a.shape[0]] = a.to(dtype)
+            b_all[:, e, : b.shape[1]] = b.to(dtype)
+        self.lora_A = nn.Parameter(a_all.to(dev), requires_grad=False)
+        self.lora_B = nn.Parameter(b_all.to(dev), requires_grad=False)
+        # column j of the concatenated rank dimension belongs to expert j // r_max
+        self.register_buffer("col_expert", torch.arange(n, device=dev).repeat_interleave(r), persistent=False)
+        self.register_buffer("col_scale", torch.tensor(self.scale_list, dtype=dtype, device=dev)
+                             .repeat_interleave(r), persistent=False)
+
+    def expert_factors(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's own (A [r, in], B [out, r]), padding dropped."""
+        r = self.ranks[e]
+        return self.lora_A[e, :r], self.lora_B[:, e, :r]
+
+    def gate(self, experts: torch.Tensor) -> torch.Tensor:
+        """[batch, n_experts * r_max]: the expert's scale on its own rank columns, 0 elsewhere."""
+        return (self.col_expert == experts[:, None]) * self.col_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        sel = self.select(self, x)
+        h = x.to(self.lora_A.dtype)
+        e = sel.uniform
+        if e is not None:                     # the whole batch on one expert: LoRALinear's own math
+            a, b = self.expert_factors(e)
+            return y + (F.linear(F.linear(h, a), b) * self.scale_list[e]).to(y.dtype)
+        # A mixed batch: every expert's rank-r projection at once, then each sequence keeps only
+        # its own expert's columns. Each factor is read once per layer (no per-sequence copies);
+        # the extra work is n_experts * r columns, small beside the base layer.
+        gate = sel.gate(self, x.shape[0], x.device)                         # [batch, E*r]
+        h = F.linear(h, self.lora_A.flatten(0, 1))                          # [batch, ..., E*r]
+        h = h * gate.view(x.shape[0], *([1] * (h.dim() - 2)), -1)
+        return y + F.linear(h, self.lora_B.flatten(1)).to(y.dtype)          # [batch, ..., out]
+
+    def extra_repr(self) -> str:
+        return f"experts={len(self.ranks)}, ranks={self.ranks}"
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _few(names: Sequence[str], k: int = 3) -> str:
+    more = f" (+{len(names) - k} more)" if len(names) > k else ""
+    return ", ".join(names[:k]) + more
+
+
+def _expert_order(adapters: dict[str, Adapter], tasks: tuple[str, ...]) -> list[str]:
+    if not adapters:
+        raise UserError("Mixture-of-LoRAs needs at least one adapter (got none)")
+    if not tasks:
+        return list(adapters)
+    missing, extra = [t for t in tasks if t not in adapters], [t for t in adapters if t not in tasks]
+    if missing or extra:
+        raise UserError(f"MoA tasks {list(tasks)} do not match the adapters {list(adapters)}"
+                        + (f": no adapter for {', '.join(missing)}" if missing else "")
+                        + (f": adapters not in tasks: {', '.join(extra)}" if extra else ""))
+    return list(tasks)
+
+
+def _common_modules(adapters: dict[str, Adapter], tasks: list[str]) -> list[str]:
+    """The module names every adapter covers (all must cover the same), else UserError naming them."""
+    for t in tasks:
+        if not adapters[t].factors:
+            raise UserError(f"adapter {t!r} has no LoRA modules")
+    ref_task = tasks[0]
+    ref = set(adapters[ref_task].factors)
+    for t in tasks[1:]:
+        mods = set(adapters[t].factors)
+        if mods != ref:
+            parts = []
+            if ref - mods:
+                parts.append(f"lacks {_few(sorted(ref - mods))}")
+            if mods - ref:
+                parts.append(f"has {_few(sorted(mods - ref))}")
+            raise UserError(f"MoA experts must cover the same modules: adapter {t!r} "
+                            f"{' and '.join(parts)}, unlike adapter {ref_task!r}")
+    return sorted(ref)
+
+
+def _block_of(model: nn.Module, name: str) -> str:
+    """The decoder block holding module `name`: the child of the outermost ModuleList on its path."""
+    parts = name.split(".")
+    for k in range(1, len(parts)):
+        if isinstance(model.get_submodule(".".join(parts[:k])), nn.ModuleList):
+            return ".".join(parts[: k + 1])
+    raise UserError(f"--router block: module {name} is not inside a list of decoder blocks")
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------- the mixture
+
+class MixtureOfLoRAs(nn.Module):
+    """Per-task LoRAs side by side in `model`'s layers and trainable routers that pick one per sequence.
+
+    Injects MoALinear layers into `model` in place (undo with `remove()`). `routers` holds the
+    trainable parameters; the experts are frozen unless `set_experts_trainable(True)`. Run the
+    model (the object given here: `model(...)`, `model.generate(...)`) inside `session()`.
+    """
+
+    def __init__(self, model: nn.Module, adapters: dict[str, Adapter], cfg: MoAConfig | None = None,
+                 *, sources: dict[str, str | os.PathLike | None] | None = None):
+        super().__init__()
+        cfg = cfg or MoAConfig()
+        tasks = _expert_order(adapters, cfg.tasks)
+        modules = _common_modules(adapters, tasks)
+        if lora_layers(model) or any(isinstance(m, MoALinear) for m in model.modules()):
+            raise UserError("model already has LoRA or MoA layers; remove them first")
+        for t in tasks:
+            check_adapter_fits(model, adapters[t])
+        by_name = dict(model.named_modules())
+        covered = set(modules)
+        modules = [n for n in by_name if n in covered]                # model (execution) order
+        if cfg.router == "block":
+            blocks = list(dict.fromkeys(_block_of(model, n) for n in modules))
+            hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+            if not hidden:
+                raise UserError("--router block needs model.config.hidden_size")
+
+        self.cfg = dataclasses.replace(cfg, tasks=tuple(tasks))
+        self.tasks = list(tasks)
+        self.sources = {t: (str(sources[t]) if sources and sources.get(t) else None) for t in tasks}
+        self._adapter_configs = {t: dict(adapters[t].config) for t in tasks}
+        self.__dict__["model"] = model            # not a submodule: moa.state_dict() stays small
+        self._session: _Session | None = None
+        self._in_routing_pass = False
+        self._hooks = []
+        takes = inspect.signature(model.forward).parameters
+        self._keep_one_logit = "logits_to_keep" in takes
+
+        # Routers: float32, zero-initialised (uniform gates; each router's CE is convex in it).
+        n_experts = len(tasks)
+        if cfg.router == "study":
+            self.router_names = list(modules)
+            sizes = [(by_name[n].in_features, by_name[n].weight.device) for n in modules]
+            self._layer_router = list(range(len(modules)))
+        else:
+            self.router_names = blocks
+            sizes = [(hidden, next(by_name[b].parameters()).device) for b in blocks]
+            self._layer_router = [blocks.index(_block_of(model, n)) for n in modules]
+        self.routers = nn.ModuleList(nn.Linear(d, n_experts, dtype=torch.float32, device=dev) for d, dev in sizes)
+        for r in self.routers:
+            nn.init.zeros_(r.weight)
+            nn.init.zeros_(r.bias)
+
+        model.requires_grad_(False)
+        layers = []
+        for i, n in enumerate(modules):
+            lin = by_name[n]
+            layer = MoALinear(lin, [adapters[t].factors[n] for t in tasks],
+                              [adapters[t].scales[n] for t in tasks], i, self._select)
+            _set_module(model, n, layer)
+            layers.append(layer)
+        self.layer_names = list(modules)
+        self.layers = nn.ModuleList(layers)      # shared with `model`: moa.parameters() has the experts
+        self._hooks.append(model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+        self._hooks.append(model.register_forward_hook(self._post_forward))
+        if cfg.router == "block":
+            for i, b in enumerate(blocks):
+                self._hooks.append(model.get_submodule(b).register_forward_pre_hook(
+                    self._block_hook(i), with_kwargs=True))
+
+    # ----------------------------------------------------------------- sessions
+
+    @contextmanager
+    def session(self, experts: torch.Tensor | Sequence[int | str] | None = None,
+                positions: torch.Tensor | Sequence[int] | int | None = None) -> Iterator["MixtureOfLoRAs"]:
+        """Route each sequence once: on the first forward at `positions`, held for later forwards.
+
+        experts: LongTensor [batch] (or task names / indices) forces the experts for every layer;
+            the routers still compute their logits on the first forward (teacher forcing).
+        positions: [batch] index of each sequence's last prompt token; default -1 (left padding).
+        """
+        if self._session is not None and self._session.active:
+            raise RuntimeError("MoA sessions do not nest")
+        if not self.layers:
+            raise RuntimeError("this MixtureOfLoRAs was removed from its model")
+        device = self.routers[0].weight.device
+        forced = None
+        if experts is not None:
+            forced = _Selection(self._as_experts(experts, device))
+        if positions is not None:
+            positions = torch.as_tensor(positions, dtype=torch.long, device=device).reshape(-1)
+        self._session = _Session(forced, positions, len(self.routers))
+        try:
+            yield self
+        finally:
+            self._session.active = False
+
+    def _as_experts(self, experts, device) -> torch.Tensor:
+        if not torch.is_tensor(experts):
+            experts = [self._task_index(e) if isinstance(e, str) else int(e) for e in experts]
+        e = torch.as_tensor(experts, dtype=torch.long, device=device).reshape(-1)
+        if e.numel() == 0:
+            raise UserError("session(experts=...) is empty")
+        lo, hi = int(e.min()), int(e.max())
+        if lo < 0 or hi >= len(self.tasks):
+            raise UserError(f"expert index {lo if lo < 0 else hi} out of range: {len(self.tasks)} experts {self.tasks}")
+        return e
+
+    def _task_index(self, task: str) -> int:
+        if task not in self.tasks:
+            raise UserError(f"unknown task {task!r}; the experts are {self.tasks}")
+        return self.tasks.index(task)
+
+    def _pre_forward(self, module, args, kwargs):
+        if self._in_routing_pass:
+            return None
+        s = self._session
+        if s is None or not s.active:
+            raise RuntimeError("MixtureOfLoRAs: run the model inside `with moa.session(...)` "
+                               "(routing is decided per session)")
+        first = s.forwards == 0
+        s.record = first
+        s.routing = first or (s.forced is None and self.cfg.redecide_every_step)
+        if first and s.forced is None and self.cfg.inference != "layer":
+            self._routing_pass(module, args, kwargs)
+            s.decision = _Selection(decide(self.router_logits(), self.cfg.inference))
+            s.routing = s.record = False
+        return None
+
+    def _routing_pass(self, module, args, kwargs) -> None:
+        """The prompt once more, no cache, each layer on its own router: the logits for last/vote."""
+        kw = dict(kwargs, past_key_values=None, use_cache=False)
+        kw.pop("labels", None)
+        if self._keep_one_logit:
+            kw["logits_to_keep"] = 1
+        self._in_routing_pass = True
+        try:
+            module(*args, **kw)
+        finally:
+            self._in_routing_pass = False
+
+    def _post_forward(self, module, args, output):
+        if self._in_routing_pass:
+            return None
+        s = self._session
+        s.steps.append([self._selection(i) for i in range(len(self.layers))])
+        s.forwards += 1
+        s.routing = s.record = False
+        return None
+
+    def _route(self, i: int, h: torch.Tensor) -> None:
+        """Router i on hidden states h [batch, tokens, d] at the session's positions (or -1)."""
+        s = self._session
+        if s is None or not s.active:
+            raise RuntimeError("MixtureOfLoRAs: run the model given to it inside `with moa.session(...)`")
+        if not s.routing:
+            return
+        if s.positions is not None and s.forwards == 0:
+            pos = s.positions.to(h.device)
+            if pos.shape[0] != h.shape[0]:
+                if h.shape[0] % pos.shape[0]:
+                    raise UserError(f"session(positions=...) has {pos.shape[0]} entries for a batch of {h.shape[0]}")
+                pos = pos.repeat_interleave(h.shape[0] // pos.shape[0])
+            x = h[torch.arange(h.shape[0], device=h.device), pos]     # [batch, d]
+        else:
+            x = h[:, -1]                                               # [batch, d]
+        router = self.routers[i]
+        x = x.to(device=router.weight.device, dtype=router.weight.dtype)
+        if self.cfg.router == "block":       # the residual stream's scale grows with depth: normalise
+            x = F.rms_norm(x, x.shape[-1:])
+        logits = router(x)                                             # [batch, n_experts]
+        if s.record:
+            s.logits[i] = logits
+        s.choice[i] = _Selection(logits.detach().argmax(-1))
+
+    def _selection(self, layer: int) -> _Selection:
+        s = self._session
+        if s.forced is not None:
+            return s.forced
+        if s.decision is not None:
+            return s.decision
+        sel = s.choice[self._layer_router[layer]]
+        if sel is None:
+            raise RuntimeError(f"MoA router {self.router_names[self._layer_router[layer]]} did not run "
+                               f"before layer {self.layer_names[layer]}")
+        return sel
+
+    def _select(self, layer: MoALinear, x: torch.Tensor) -> _Selection:
+        if self.cfg.router == "study":
+            self._route(layer.index, x)
+        return self._selection(layer.index)
+
+    def _block_hook(self, i: int):
+        def hook(module, args, kwargs):
+            self._route(i, args[0] if args else kwargs["hidden_states"])
+        return hook
+
+    # ----------------------------------------------------------------- what the session decided
+
+    def router_logits(self) -> torch.Tensor:
+        """[n_routers, batch, n_experts] from the session's routing forward (with grad when training)."""
+        s = self._session
+        if s is None or any(t is None for t in s.logits):
+            raise RuntimeError("no routing forward yet: run the model inside `with moa.session(...)`")
+        return torch.stack([t.to(s.logits[0].device) for t in s.logits])
+
+    def chosen_experts(self) -> torch.Tensor:
+        """[batch] the expert per sequence: forced, or the last/vote decision; "layer": the routers' vote."""
+        s = self._session
+        if s is not None and s.forced is not None:
+            return s.forced.experts
+        if s is not None and s.decision is not None:
+            return s.decision.experts
+        return decide(self.router_logits(), self.cfg.inference)
+
+    def step_decisions(self) -> torch.Tensor:
+        """[n_forwards, n_layers, batch]: the expert each layer used in each forward of the session."""
+        s = self._session
+        if s is None or not s.steps:
+            raise RuntimeError("no forward in this session yet")
+        return torch.stack([torch.stack([sel.experts.cpu() for sel in step]) for step in s.steps])
+
+    def router_loss(self, labels: torch.Tensor) -> torch.Tensor:
+        """The study's router loss: cross-entropy against the task labels [batch], averaged over routers."""
+        logits = self.router_logits()                                    # [n_routers, batch, n_experts]
+        labels = labels.to(logits.device).reshape(1, -1).expand(logits.shape[0], -1)
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+
+    # ----------------------------------------------------------------- training, removal
+
+    def set_experts_trainable(self, trainable: bool = True) -> None:
+        """Joint training: let the LoRA experts learn too (the routers always do)."""
+        for layer in self.layers:
+            layer.lora_A.requires_grad_(trainable)
+            layer.lora_B.requires_grad_(trainable)
+
+    def forward(self, *args, **kwargs):
+        """The wrapped model's forward (run it inside `session()`)."""
+        return self.model(*args, **kwargs)
+
+    def remove(self) -> nn.Module:
+        """Put the plain nn.Linear layers back and drop the hooks; idempotent. Returns the model."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        for name, layer in zip(self.layer_names, self.layers):
+            _set_module(self.model, name, layer.linear)
+        self.layers = nn.ModuleList()
+        self.layer_names = []
+        self._session = None
+        return self.model
+
+    # ----------------------------------------------------------------- I/O
+
+    def expert_adapter(self, task: str) -> Adapter:
+        """Task's expert as an Adapter (CPU copies; differs from the input only after joint training)."""
+        e = self._task_index(task)
+        factors, scales = {}, {}
+        for name, layer in zip(self.layer_names, self.layers):
+            a, b = layer.expert_factors(e)
+            factors[name] = (a.detach().cpu().clone(), b.detach().cpu().clone())
+            scales[name] = layer.scale_list[e]
+        return Adapter(factors, scales, dict(self._adapter_configs[task]), task)
+
+    def save(self, folder: str | os.PathLike, save_experts: bool = False) -> Path:
+        """moa_config.json + routers.safetensors (+ experts/<task>/ PEFT adapters), each written atomically.
+
+        Other files in `folder` (a training log) are left alone; the config, written last,
+        records the routers file's sha256 so `load` notices a half-finished save.
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for i, r in enumerate(self.routers):
+            tensors[f"routers.{i}.weight"] = r.weight.detach().cpu().contiguous()
+            tensors[f"routers.{i}.bias"] = r.bias.detach().cpu().contiguous()
+        fd, tmp = tempfile.mkstemp(prefix=f".{ROUTERS_NAME}.", dir=folder)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"format": "pt"})
+            os.replace(tmp, folder / ROUTERS_NAME)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        if save_experts:
+            for t in self.tasks:
+                save_adapter(self.expert_adapter(t), folder / EXPERTS_DIR / t)
+        meta = {
+            "format": "mixture_of_loras", "version": FORMAT_VERSION,
+            "config": dataclasses.asdict(self.cfg), "tasks": self.tasks,
+            "routers": self.router_names, "router_in_features": [r.in_features for r in self.routers],
+            "adapters": {t: {"source": self.sources[t],
+                             "base_model": self._adapter_configs[t].get("base_model_name_or_path")}
+                         for t in self.tasks},
+            "experts_saved": bool(save_experts),
+            "routers_sha256": _file_sha256(folder / ROUTERS_NAME),
+        }
+        write_json_atomic(folder / CONFIG_NAME, meta)
+        return folder
+
+    @classmethod
+    def load(cls, model: nn.Module, folder: str | os.PathLike,
+             adapters: dict[str, Adapter] | None = None) -> "MixtureOfLoRAs":
+        """A saved mixture on `model`. adapters default: experts/<task>/ if saved, else the recorded sources."""
+        folder = Path(folder)
+        cfg_path, w_path = folder / CONFIG_NAME, folder / ROUTERS_NAME
+        for p in (cfg_path, w_path):
+            if not p.is_file():
+                raise UserError(f"MoA folder {folder}: missing {p.name}")
+        try:
+            meta = json.loads(cfg_path.read_text())
+            cfg = MoAConfig(**meta["config"])
+            tasks = list(meta["tasks"])
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{cfg_path}: not a MoA config ({e})") from None
+        if meta.get("routers_sha256") and meta["routers_sha256"] != _file_sha256(w_path):
+            raise UserError(f"{w_path} does not match {cfg_path.name} (an interrupted save?)")
+        recorded = {t: (meta.get("adapters", {}).get(t) or {}).get("source") for t in tasks}
+        if adapters is None:
+            adapters = {}
+            for t in tasks:
+                path = folder / EXPERTS_DIR / t if meta.get("experts_saved") else recorded[t]
+                if path is None:
+                    raise UserError(f"{cfg_path}: no source recorded for task {t!r}; pass adapters=")
+                adapters[t] = load_adapter(path)
+        else:
+            missing = [t for t in tasks if t not in adapters]
+            if missing:
+                raise UserError(f"{cfg_path}: no adapter given for expert {', '.join(missing)}")
+            adapters = {t: adapters[t] for t in tasks}      # extra adapters are not experts here
+        try:
+            tensors = load_file(str(w_path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{w_path}: unreadable safetensors file ({e})") from None
+        moa = cls(model, adapters, cfg, sources=recorded)
+        try:
+            if moa.router_names != meta.get("routers"):
+                raise UserError(f"{cfg_path}: its routers ({_few(meta.get('routers') or [])}) are not "
+                                f"this model's ({_few(moa.router_names)})")
+            state = {k.removeprefix("routers."): v for k, v in tensors.items()}
+            try:
+                moa.routers.load_state_dict(state)
+            except RuntimeError as e:
+                raise UserError(f"{w_path}: routers do not fit this model ({str(e).splitlines()[0]})") from None
+        except BaseException:
+            moa.remove()
+            raise
+        return moa
