@@ -412,11 +412,13 @@ def apply_adapter(model: nn.Module, adapter: Adapter, trainable: bool = False) -
 def export_merged_model(model: nn.Module, adapter: Adapter, out_dir: str | os.PathLike, tokenizer=None) -> Path:
     """A plain Hugging Face model folder with the adapter folded into the weights.
 
-    Works on a copy of the weights in place: the LoRA layers are removed again and the
-    base weights restored before returning.
+    Works on the model in place: the LoRA layers are removed again and the base weights
+    restored exactly (from a CPU copy: merge-then-unmerge is not exact in bf16) before
+    returning, also on error.
     """
     out_dir = Path(out_dir)
     apply_adapter(model, adapter)
+    originals = {n: m.linear.weight.detach().to("cpu", copy=True) for n, m in lora_layers(model).items()}
     tmp = _atomic_dir(out_dir)
     try:
         merge_lora(model)
@@ -434,4 +436,7 @@ def export_merged_model(model: nn.Module, adapter: Adapter, out_dir: str | os.Pa
         raise
     finally:
         unload_lora(model, merge=False)
+        with torch.no_grad():
+            for n, w in originals.items():
+                model.get_submodule(n).weight.copy_(w)
     return out_dir
