@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Evaluate every method on every task of one run folder, then draw the plots.
+#
+# Usage: bash run_all_evaluation.sh [-h] [more full_evaluation.py flags ...]
+#   e.g. MODEL=Qwen/Qwen2-1.5B RUN=runs/qwen2-1.5b DATA=hub bash run_all_evaluation.sh --eval-size 500
+# Reads RUN/adapters/<task>/ and RUN/moa/; writes RUN/merged/, RUN/eval/ (table, summary, predictions)
+# and RUN/plots/. Finished cells are reused on rerun (pass --force to recompute).
+set -euo pipefail
+
+MODEL="${MODEL:-smollm2-135m}"   # hub id, local HF folder, .gguf file or alias
+TASKS="${TASKS:-5tasks}"         # comma-separated task names or a preset (5tasks, 7tasks)
+RUN="${RUN:-runs/demo}"          # the run folder written by train_all_tasks.sh and train_moa.sh
+DATA="${DATA:-sample}"           # sample | hub | a folder holding <task>/<split>.jsonl
+METHODS="${METHODS:-moa,concat,weight_sum,svd,task_arithmetic,ties,dare_linear,dare_ties}"  # + base, oracle
+DENSITY="${DENSITY:-0.5}"         # share of entries TIES / DARE keep (the other methods ignore it)
+PYTHON="${PYTHON:-python}"
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"   # the repository; paths stay relative to the caller
+export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
+
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+    sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
+    echo
+    echo "Variables (environment overrides): MODEL=$MODEL TASKS=$TASKS RUN=$RUN DATA=$DATA"
+    echo "  METHODS=$METHODS DENSITY=$DENSITY"
+    echo
+    "$PYTHON" "$HERE/full_evaluation.py" -h
+    exit 0
+fi
+
+if [[ -d "$DATA" ]]; then
+    data_flags=(--data dir --data-dir "$DATA")
+else
+    data_flags=(--data "$DATA")
+fi
+
+"$PYTHON" "$HERE/full_evaluation.py" --model "$MODEL" --output-dir "$RUN" --tasks "$TASKS" --methods "$METHODS" \
+    --density "$DENSITY" "${data_flags[@]}" "$@"
+"$PYTHON" -m src.analysis "$RUN"
+echo "table: $RUN/eval/results.md   plots: $RUN/plots/   notebook: RUN_DIR=$RUN jupyter notebook visualize_lora.ipynb"

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The whole pipeline on a CPU: the embedded SmolLM2-135M-Instruct and the bundled sample
+# data (data/sample: a tiny hand-written set; the numbers it gives make no research claim).
+#
+#   bash run_demo.sh            # after `bash setup.sh`; about 15 minutes on 2 CPU cores
+#   RUN=runs/mine TASKS=sentiment,nli bash run_demo.sh
+#
+# Trains one LoRA per task, trains the MoA routers, evaluates base / oracle / MoA / every
+# merge, writes the table and the plots, and prints the table. Rerunning reuses what is
+# finished (adapters, router, evaluation cells).
+set -euo pipefail
+cd "$(dirname "$0")"
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
+
+export PYTHON=${PYTHON:-.venv/bin/python}
+export MODEL=${MODEL:-smollm2-135m}
+export TASKS=${TASKS:-5tasks}
+export RUN=${RUN:-runs/demo}
+export DATA=${DATA:-sample}
+export METHODS=${METHODS:-moa,concat,weight_sum,svd,svd_sum,task_arithmetic,ties,dare_linear,dare_ties}
+[[ -x "$PYTHON" ]] || { echo "error: $PYTHON not found: run 'bash setup.sh' first (or set PYTHON)" >&2; exit 2; }
+
+start=$SECONDS
+echo "== 1/3 training one LoRA per task ($TASKS) on $MODEL"
+bash train_all_tasks.sh --preset demo
+echo "== 2/3 training the MoA routers"
+bash train_moa.sh --preset demo
+echo "== 3/3 evaluating base, oracle and $METHODS"
+bash run_all_evaluation.sh --eval-size 16 --batch-size 16 --max-new-tokens 48
+echo
+cat "$RUN/eval/results.md"
+echo
+echo "demo finished in $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s"
+echo "table: $RUN/eval/results.md  plots: $RUN/plots/  notebook: RUN_DIR=$RUN jupyter notebook visualize_lora.ipynb"

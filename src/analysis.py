@@ -1,0 +1,398 @@
+"""Analysis of run folders: the cosine similarity of the tasks' LoRA deltas, and the plots.
+
+    python -m src.analysis RUN [RUN ...] [--out DIR]
+
+For each RUN, writes RUN/analysis/cosine.json (from RUN/adapters/*) and, under RUN/plots/:
+    cosine_overall.png      task x task cosine of the whole LoRA deltas (SPEC section 6)
+    cosine_per_layer.png    the same per decoder layer, one row per task pair
+    multitask_score.png     oracle-normalised multitask score per method (RUN/eval/summary.json)
+    per_task_metrics.png    each task's raw primary metric per method
+    routing_confusion.png   MoA: true task x routed task (RUN/eval/predictions/moa/*.jsonl)
+With several RUNs (model sizes, task counts: the study's figures 3 and 4) also
+    comparison_multitask.png, comparison_per_task.png   under --out (default: the first RUN/plots)
+
+The cosine is computed from the factors, never forming a dense [out, in] delta:
+    <s1 B1 A1, s2 B2 A2>_F = s1 s2 trace((B1^T B2)(A2 A1^T)) = s1 s2 sum((B1^T B2) * (A1 A2^T))
+which costs O(r^2 (in + out)) per module. Sums over modules give the overall and per-layer
+inner products and norms.
+
+Plotting reads result files only (JSON), imports no torch, and is what the notebook
+(visualize_lora.ipynb) calls: each plot_* function returns a matplotlib Figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+
+from src.errors import UserError, run_main
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+# ------------------------------------------------------------------------- cosine (math)
+
+def layer_of(module: str) -> int | None:
+    """Decoder layer index of a module name (model.layers.3.self_attn.q_proj -> 3), or None."""
+    m = _LAYER.search(module)
+    return int(m.group(1)) if m else None
+
+
+def factor_inner(a1, b1, s1: float, a2, b2, s2: float) -> float:
+    """<s1 B1 A1, s2 B2 A2>_F from the factors (A [r, in], B [out, r]), in float64.
+
+    trace((B1^T B2)(A2 A1^T)) written as the sum of an elementwise product of two small
+    [r1, r2] matrices.
+    """
+    a1, b1, a2, b2 = (t.double() for t in (a1, b1, a2, b2))
+    return float(s1 * s2 * ((b1.T @ b2) * (a1 @ a2.T)).sum())
+
+
+def cosine_matrices(adapters: Mapping[str, object]) -> dict:
+    """Cosine similarity between every pair of adapters' deltas: overall, per layer, per module type.
+
+    Args:
+        adapters: {task: src.lora.Adapter}.
+    Returns:
+        {"tasks": [...], "overall": [[cos]], "per_layer": {layer: [[cos]]},
+         "per_module_type": {"q_proj": [[cos]], ...}, "norms": {task: Frobenius norm}}.
+        Inner products use the modules both adapters have; norms all of each one's modules.
+    """
+    tasks = list(adapters)
+    groups: dict[str, dict] = {"overall": {}, "per_layer": {}, "per_module_type": {}}
+
+    def keys(module: str):
+        yield "overall", None
+        layer = layer_of(module)
+        if layer is not None:
+            yield "per_layer", str(layer)
+        yield "per_module_type", module.rsplit(".", 1)[-1]
+
+    # inner[kind][key][i][j]
+    acc: dict[str, dict[str, list[list[float]]]] = {k: {} for k in groups}
+    n = len(tasks)
+    for i, ti in enumerate(tasks):
+        ai = adapters[ti]
+        for j in range(i, n):
+            aj = adapters[tasks[j]]
+            for module in ai.factors:
+                if module not in aj.factors:
+                    continue
+                (a1, b1), (a2, b2) = ai.factors[module], aj.factors[module]
+                v = factor_inner(a1, b1, ai.scales[module], a2, b2, aj.scales[module])
+                for kind, key in keys(module):
+                    mat = acc[kind].setdefault(key, [[0.0] * n for _ in range(n)])
+                    mat[i][j] += v
+                    if i != j:
+                        mat[j][i] += v
+
+    def normalise(mat: list[list[float]]) -> list[list[float]]:
+        d = [math.sqrt(max(mat[k][k], 0.0)) for k in range(n)]
+        return [[mat[a][b] / (d[a] * d[b]) if d[a] > 0 and d[b] > 0 else float("nan")
+                 for b in range(n)] for a in range(n)]
+
+    overall = acc["overall"][None]
+    return {
+        "tasks": tasks,
+        "overall": normalise(overall),
+        "per_layer": {k: normalise(v) for k, v in sorted(acc["per_layer"].items(), key=lambda kv: int(kv[0]))},
+        "per_module_type": {k: normalise(v) for k, v in sorted(acc["per_module_type"].items())},
+        "norms": {t: math.sqrt(max(overall[k][k], 0.0)) for k, t in enumerate(tasks)},
+    }
+
+
+def run_cosines(run_dir: Path) -> dict:
+    """cosine_matrices of RUN/adapters/* (every task folder holding an adapter), saved to
+    RUN/analysis/cosine.json."""
+    from src.lora import load_adapter, write_json_atomic
+
+    folder = Path(run_dir) / "adapters"
+    tasks = _task_order(run_dir, sorted(p.name for p in folder.glob("*") if (p / "adapter_config.json").is_file()))
+    if len(tasks) < 1:
+        raise UserError(f"{folder}: no adapters to compare")
+    result = cosine_matrices({t: load_adapter(folder / t) for t in tasks})
+    write_json_atomic(Path(run_dir) / "analysis" / "cosine.json", result)
+    return result
+
+
+def _task_order(run_dir: Path, names: list[str]) -> list[str]:
+    """Tasks in the evaluation's order when there is one, else the registry's, else by name."""
+    order: list[str] = []
+    summary = Path(run_dir) / "eval" / "summary.json"
+    if summary.is_file():
+        order = json.loads(summary.read_text()).get("tasks", [])
+    try:
+        from src.tasks import TASKS
+        order = [*order, *TASKS]
+    except ImportError:  # pragma: no cover
+        pass
+    rank = {t: i for i, t in enumerate(dict.fromkeys(order))}
+    return sorted(names, key=lambda t: (rank.get(t, len(rank)), t))
+
+
+# ------------------------------------------------------------------------- loading results
+
+def load_summary(run_dir: Path) -> dict:
+    path = Path(run_dir) / "eval" / "summary.json"
+    if not path.is_file():
+        raise UserError(f"{path} is missing: run full_evaluation.py --output-dir {run_dir} first")
+    return json.loads(path.read_text())
+
+
+def load_cosines(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / "analysis" / "cosine.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def routing_confusion(run_dir: Path, tasks: Sequence[str] | None = None) -> dict | None:
+    """{"true": [...], "routed": [...], "counts": [[n]]} from RUN/eval/predictions/moa/*.jsonl."""
+    folder = Path(run_dir) / "eval" / "predictions" / "moa"
+    if not folder.is_dir():
+        return None
+    rows: dict[str, dict[str, int]] = {}
+    for path in sorted(folder.glob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                if "routed_task" in rec:
+                    row = rows.setdefault(rec["task"], {})
+                    row[rec["routed_task"]] = row.get(rec["routed_task"], 0) + 1
+    if not rows:
+        return None
+    true = [t for t in (tasks or []) if t in rows] + sorted(t for t in rows if t not in (tasks or []))
+    routed = list(dict.fromkeys([*true, *sorted({r for row in rows.values() for r in row})]))
+    return {"true": true, "routed": routed, "counts": [[rows[t].get(r, 0) for r in routed] for t in true]}
+
+
+def run_label(summary: dict) -> str:
+    model = str(summary.get("model", "?")).rstrip("/").split("/")[-1]
+    return f"{model}, {len(summary.get('tasks', []))} tasks"
+
+
+# ------------------------------------------------------------------------- plots
+
+def _colors(methods: Sequence[str]) -> list:
+    """Oracle dark grey, base light grey, the other methods tab10's colours without its grey."""
+    palette = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7]
+    special = {"oracle": "0.25", "base": "0.7"}
+    out, k = [], 0
+    for m in methods:
+        if m in special:
+            out.append(special[m])
+        else:
+            out.append(palette[k % len(palette)])
+            k += 1
+    return out
+
+
+def _heatmap(ax, mat, labels_y, labels_x, vmin, vmax, cmap="RdBu_r", fmt="{:.2f}", annotate=True):
+    import numpy as np
+
+    arr = np.array(mat, dtype=float)
+    im = ax.imshow(arr, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(len(labels_x)), labels_x, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels_y)), labels_y)
+    if annotate:
+        for i in range(arr.shape[0]):
+            for j in range(arr.shape[1]):
+                if not np.isnan(arr[i, j]):
+                    ax.text(j, i, fmt.format(arr[i, j]), ha="center", va="center", fontsize=8,
+                            color="white" if abs(arr[i, j]) > 0.6 * max(abs(vmin), abs(vmax)) else "black")
+    return im
+
+
+def plot_cosine(cos: dict, title: str = "Cosine similarity of the tasks' LoRA deltas"):
+    tasks = cos["tasks"]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(tasks), 1.0 + 0.7 * len(tasks)))
+    im = _heatmap(ax, cos["overall"], tasks, tasks, -1, 1)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_cosine_per_layer(cos: dict):
+    """Rows: task pairs; columns: layers; colour scaled to the largest |cos| off the diagonal."""
+    tasks, layers = cos["tasks"], list(cos["per_layer"])
+    pairs = [(i, j) for i in range(len(tasks)) for j in range(i + 1, len(tasks))]
+    if not pairs or not layers:
+        fig, ax = plt.subplots(figsize=(4, 1.5))
+        ax.text(0.5, 0.5, "needs at least two tasks and layered module names", ha="center", va="center")
+        ax.axis("off")
+        return fig
+    mat = [[cos["per_layer"][layer][i][j] for layer in layers] for i, j in pairs]
+    vmax = max([abs(v) for row in mat for v in row if not math.isnan(v)] + [1e-6])
+    fig, ax = plt.subplots(figsize=(min(max(6.0, 3 + 0.45 * len(layers)), 16), max(2.4, 1.5 + 0.35 * len(pairs))))
+    im = _heatmap(ax, mat, [f"{tasks[i]} / {tasks[j]}" for i, j in pairs], layers, -vmax, vmax,
+                  fmt="{:.3f}", annotate=len(layers) <= 12)
+    ax.set_xlabel("layer")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="cosine")
+    ax.set_title(f"Cosine similarity per layer (colour range \u00b1{vmax:.3f})", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_multitask(summary: dict, title: str | None = None):
+    methods = list(summary["methods"])
+    vals = [summary["methods"][m]["multitask_score"] for m in methods]
+    fig, ax = plt.subplots(figsize=(1.5 + 0.8 * len(methods), 3.5))
+    heights = [v if v is not None else 0.0 for v in vals]
+    bars = ax.bar(methods, heights, color=_colors(methods))
+    for b, v in zip(bars, vals):
+        ax.text(b.get_x() + b.get_width() / 2, b.get_height(), "n/a" if v is None else f"{v:.3f}",
+                ha="center", va="bottom", fontsize=8)
+    ax.axhline(1.0, color="0.3", lw=0.8, ls="--")
+    ax.set_ylabel("multitask score (vs oracle)")
+    ax.set_title(title or f"Multitask score: {run_label(summary)}", fontsize=10)
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    return fig
+
+
+def plot_per_task(summary: dict):
+    """One panel per task (the metrics' scales differ): raw primary metric per method."""
+    tasks, methods = summary["tasks"], list(summary["methods"])
+    cols = min(len(tasks), 4)
+    rows = math.ceil(len(tasks) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(0.5 + (0.45 * len(methods) + 0.8) * cols, 3.0 * rows),
+                             squeeze=False)
+    colors = _colors(methods)
+    for k, t in enumerate(tasks):
+        ax = axes[k // cols][k % cols]
+        vals = [summary["methods"][m]["per_task"][t]["score"] for m in methods]
+        ax.bar(range(len(methods)), vals, color=colors)
+        ax.set_ylim(bottom=0)
+        ax.set_xticks(range(len(methods)), methods, rotation=60, ha="right", fontsize=7)
+        ax.set_title(f"{t} ({summary['methods'][methods[0]]['per_task'][t]['primary']})", fontsize=9)
+    for k in range(len(tasks), rows * cols):
+        axes[k // cols][k % cols].axis("off")
+    fig.suptitle(f"Raw primary metric per task: {run_label(summary)}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_routing(conf: dict):
+    import numpy as np
+
+    counts = np.array(conf["counts"], dtype=float)
+    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(max(4.5, 2.5 + 0.8 * len(conf["routed"])), max(3.0, 1.6 + 0.6 * len(conf["true"]))))
+    im = _heatmap(ax, share, conf["true"], conf["routed"], 0, 1, cmap="Blues", annotate=False)
+    for i in range(counts.shape[0]):
+        for j in range(counts.shape[1]):
+            ax.text(j, i, f"{share[i, j]:.2f}\n({int(counts[i, j])})", ha="center", va="center", fontsize=7,
+                    color="white" if share[i, j] > 0.6 else "black")
+    ax.set_xlabel("routed to expert")
+    ax.set_ylabel("true task")
+    hits = sum(counts[i, conf["routed"].index(t)] for i, t in enumerate(conf["true"]))
+    ax.set_title(f"MoA routing (accuracy {hits / max(counts.sum(), 1):.3f})", fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="share of the row")
+    fig.tight_layout()
+    return fig
+
+
+def plot_comparison(summaries: Sequence[dict], labels: Sequence[str] | None = None):
+    """Multitask score per method, one bar per run (the study's figures 3 and 4)."""
+    labels = list(labels or [run_label(s) for s in summaries])
+    methods = list(dict.fromkeys(m for s in summaries for m in s["methods"]))
+    width = 0.8 / len(summaries)
+    fig, ax = plt.subplots(figsize=(2 + 0.9 * len(methods) * max(1, len(summaries) / 2), 3.8))
+    for k, (s, lab) in enumerate(zip(summaries, labels)):
+        xs = [i + (k - (len(summaries) - 1) / 2) * width for i in range(len(methods))]
+        vals = [(s["methods"].get(m) or {}).get("multitask_score") for m in methods]
+        ax.bar(xs, [v if v is not None else 0.0 for v in vals], width, label=lab)
+    ax.set_xticks(range(len(methods)), methods, rotation=30)
+    ax.axhline(1.0, color="0.3", lw=0.8, ls="--")
+    ax.set_ylabel("multitask score")
+    ax.set_title("Multitask score across runs", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_comparison_per_task(summaries: Sequence[dict], labels: Sequence[str] | None = None):
+    """Per task, each method's score relative to the oracle, one bar per run."""
+    labels = list(labels or [run_label(s) for s in summaries])
+    tasks = list(dict.fromkeys(t for s in summaries for t in s["tasks"]))
+    methods = [m for m in dict.fromkeys(m for s in summaries for m in s["methods"]) if m != "oracle"]
+    cols = min(len(tasks), 4)
+    rows = math.ceil(len(tasks) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1 + (0.5 * len(methods) + 1) * cols, 3.2 * rows), squeeze=False)
+    width = 0.8 / len(summaries)
+    for n, t in enumerate(tasks):
+        ax = axes[n // cols][n % cols]
+        for k, (s, lab) in enumerate(zip(summaries, labels)):
+            xs = [i + (k - (len(summaries) - 1) / 2) * width for i in range(len(methods))]
+            vals = [((s["methods"].get(m) or {}).get("per_task", {}).get(t) or {}).get("relative") for m in methods]
+            ax.bar(xs, [v if v is not None else 0.0 for v in vals], width, label=lab)
+        ax.set_xticks(range(len(methods)), methods, rotation=60, ha="right", fontsize=7)
+        ax.axhline(1.0, color="0.3", lw=0.8, ls="--")
+        ax.set_title(f"{t}: method / oracle", fontsize=9)
+    for n in range(len(tasks), rows * cols):
+        axes[n // cols][n % cols].axis("off")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------- the command
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_run(run_dir: Path, cosines: bool = True) -> list[Path]:
+    """Every plot of one run folder whose inputs exist; returns the PNG paths."""
+    run_dir = Path(run_dir)
+    out = run_dir / "plots"
+    written = []
+    if cosines and (run_dir / "adapters").is_dir():
+        cos = run_cosines(run_dir)
+        written.append(_save(plot_cosine(cos), out / "cosine_overall.png"))
+        written.append(_save(plot_cosine_per_layer(cos), out / "cosine_per_layer.png"))
+    if (run_dir / "eval" / "summary.json").is_file():
+        summary = load_summary(run_dir)
+        written.append(_save(plot_multitask(summary), out / "multitask_score.png"))
+        written.append(_save(plot_per_task(summary), out / "per_task_metrics.png"))
+        conf = routing_confusion(run_dir, summary["tasks"])
+        if conf:
+            written.append(_save(plot_routing(conf), out / "routing_confusion.png"))
+    return written
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m src.analysis", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s)")
+    parser.add_argument("--out", default=None, help="folder for the comparison plots (default: the first RUN/plots)")
+    parser.add_argument("--no-cosine", action="store_true", help="skip the cosine analysis (needs torch)")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.error = lambda msg: (_ for _ in ()).throw(UserError(f"python -m src.analysis: {msg}"))
+    args = parser.parse_args(argv)
+    plt.switch_backend("Agg")  # files only; the notebook keeps its inline backend
+    runs = [Path(r) for r in args.runs]
+    for r in runs:
+        if not r.is_dir():
+            raise UserError(f"run folder {r} does not exist")
+        if not (r / "eval" / "summary.json").is_file() and not (r / "adapters").is_dir():
+            raise UserError(f"{r}: neither RUN/eval/summary.json nor RUN/adapters/: nothing to analyse")
+    for r in runs:
+        for p in plot_run(r, cosines=not args.no_cosine):
+            print(p)
+    if len(runs) > 1:
+        summaries = [load_summary(r) for r in runs]
+        out = Path(args.out) if args.out else runs[0] / "plots"
+        print(_save(plot_comparison(summaries), out / "comparison_multitask.png"))
+        print(_save(plot_comparison_per_task(summaries), out / "comparison_per_task.png"))
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

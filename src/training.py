@@ -1,0 +1,642 @@
+"""The reusable training pieces: data, batches, the target-only loss, and one loop.
+
+    items   = encode_examples(tokenizer, examples, max_len, max_target_len)   # token ids + labels
+    batches = global_batches(lengths, global_batch, seed, epoch)            # grouped by length
+    batch   = collate(items, pad_id)                                          # dynamic padding
+    loss    = target_only_loss(model, batch)                                  # LM head at targets only
+    result  = fit(model, params, train_items, val_items, objective, cfg, ...) # the loop
+
+Why it is fast:
+- The loss counts target tokens only, and the LM head runs only at the positions that
+  predict one: the backbone's hidden states are gathered at those positions before the
+  `[hidden, vocab]` projection (for SmolLM2 the vocabulary is 49k, so full logits of a
+  512-token prompt cost more than several transformer blocks, and their fp32 softmax more
+  memory than the rest of the step).
+- Batches are grouped by length (shuffled, then sorted within mega-batches) and padded to
+  their own longest sequence, never to a fixed 512.
+- The frozen base has `requires_grad=False`: no weight gradients, no optimizer state.
+- bf16 autocast on CUDA; gradient accumulation; data parallelism over torch.distributed.
+
+Exactness: one optimizer step minimises sum_k w_k * (sum of term k over the GLOBAL batch) /
+(count of term k over the global batch), whatever the split into micro-batches and
+processes; so `--grad-accum` and several processes give the single-process step (up to
+float summation order). Checkpoints hold trainable tensors, optimizer, scheduler, RNG
+states and the data position, so a resumed run ends where an uninterrupted one does.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from src.errors import UserError
+from src.tasks import TASKS, Example, tokenize_example
+
+IGNORE = -100
+STATE_FILE = "state.pt"
+
+
+# ------------------------------------------------------------------------------ data
+
+def load_data(cfg, tasks: Sequence[str], split: str) -> dict[str, list[Example]]:
+    """Each task's `split` per a DataConfig: a seeded subset of train_size / eval_size examples.
+
+    Local files ("sample", "dir") hold what they hold: a larger size is capped at it (the
+    bundled sample has a few dozen examples per task), said once on stderr. Every task is
+    loaded and validated before anything is returned.
+    """
+    import sys
+
+    from src.tasks import load_examples
+
+    size = cfg.train_size if split == "train" else cfg.eval_size
+    out = {}
+    for task in tasks:
+        if cfg.data == "hub" or size is None:
+            out[task] = load_examples(task, split, cfg.data, cfg.data_dir, size, cfg.seed)
+            continue
+        available = len(load_examples(task, split, cfg.data, cfg.data_dir, None, cfg.seed))
+        if available < size:
+            flag = "--train-size" if split == "train" else "--eval-size"
+            print(f"note: {cfg.data_dir or 'data/sample'} holds {available} {split} examples of task {task}; "
+                  f"using them all ({flag} {size})", file=sys.stderr)
+        out[task] = load_examples(task, split, cfg.data, cfg.data_dir, min(size, available), cfg.seed)
+    return out
+
+
+def encode_examples(tokenizer, examples: Sequence[Example], max_len: int = 512, max_target_len: int = 128,
+                    label: int | None = None) -> list[dict]:
+    """Each example as {"input_ids", "labels", "prompt_len"} (+ "task_id" when `label` is given).
+
+    `labels` is -100 on the prompt, the target ids (ending in EOS) after it.
+    """
+    items = []
+    for ex in examples:
+        enc = tokenize_example(tokenizer, TASKS[ex.task].prompt(ex), ex.target, max_len, max_target_len)
+        item = {"input_ids": enc["input_ids"], "labels": enc["labels"],
+                "prompt_len": sum(1 for t in enc["labels"] if t == IGNORE)}
+        if label is not None:
+            item["task_id"] = label
+        items.append(item)
+    return items
+
+
+def global_batches(lengths: Sequence[int], batch: int, seed: int, epoch: int, mega: int = 32) -> list[list[int]]:
+    """One epoch's batches of `batch` indices, grouped by length, in a seeded random order.
+
+    Shuffle (seed, epoch), cut into mega-batches of `mega * batch`, sort each by length
+    (longest first), cut into batches, shuffle the batch order. Sequences in a batch have
+    similar lengths, so little padding; the order still changes every epoch. The last
+    batch may be smaller.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    span = mega * batch
+    out = []
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start:start + span], key=lambda i: -lengths[i])
+        out.extend(chunk[i:i + batch] for i in range(0, len(chunk), batch))
+    perm = torch.randperm(len(out), generator=g).tolist()
+    return [out[i] for i in perm]
+
+
+def split_batch(indices: list[int], micro: int, n_micro: int, rank: int, world: int) -> list[list[int]]:
+    """A global batch -> this process's `n_micro` micro-batches (each `micro` long or shorter).
+
+    Micro-batch j of the step is `indices[j*micro*world:(j+1)*micro*world]`; process r takes
+    its r-th slice. A single process with batch `micro*world` sees the same sequences.
+    """
+    out = []
+    for j in range(n_micro):
+        chunk = indices[j * micro * world:(j + 1) * micro * world]
+        out.append(chunk[rank * micro:(rank + 1) * micro])
+    return out
+
+
+def collate(items: Sequence[dict], pad_id: int, side: str = "right") -> dict:
+    """Pad to the longest sequence in the batch.
+
+    Right padding (training): real tokens keep positions 0..n-1. Left padding (routing on
+    prompts): every prompt ends at position -1. Returns input_ids, attention_mask, labels
+    [batch, seq]; n_tokens (target tokens), n_seqs; positions [batch] (each sequence's last
+    prompt token); task_ids [batch] if the items carry them.
+    """
+    n = max(len(it["input_ids"]) for it in items)
+    ids = torch.full((len(items), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), n), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(items), n), dtype=torch.long)
+    positions = torch.empty(len(items), dtype=torch.long)
+    for i, it in enumerate(items):
+        k = len(it["input_ids"])
+        sl = slice(0, k) if side == "right" else slice(n - k, n)
+        ids[i, sl] = torch.tensor(it["input_ids"])
+        labels[i, sl] = torch.tensor(it["labels"])
+        mask[i, sl] = 1
+        positions[i] = (sl.start + it["prompt_len"] - 1) if side == "right" else n - 1
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels, "positions": positions,
+           "n_tokens": int((labels != IGNORE).sum()), "n_seqs": len(items)}
+    if "task_id" in items[0]:
+        out["task_ids"] = torch.tensor([it["task_id"] for it in items], dtype=torch.long)
+    return out
+
+
+def prompt_items(items: Sequence[dict]) -> list[dict]:
+    """The prompt part of each item (for router-only training: the router reads the prompt)."""
+    return [{**it, "input_ids": it["input_ids"][:it["prompt_len"]], "labels": [IGNORE] * it["prompt_len"]}
+            for it in items]
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------------------ loss
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The transformer without its LM head (`model.model` for Llama/Qwen2 and most causal LMs)."""
+    inner = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    if inner is None or inner is model:
+        raise UserError(f"{type(model).__name__}: cannot find the backbone under the LM head")
+    return inner
+
+
+def backbone_forward(model: nn.Module, batch: dict) -> torch.Tensor:
+    """The backbone's last hidden states [batch, seq, hidden], through the model's own forward.
+
+    The outer model runs with `logits_to_keep=1` (the LM head sees one position per
+    sequence) and a hook catches the backbone's output: wrappers that hook the outer
+    forward (the Mixture-of-LoRAs session) see an ordinary call.
+    """
+    inner = backbone(model)
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        out = inner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    caught = []
+    hook = inner.register_forward_hook(
+        lambda mod, args, out: caught.append(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]))
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return caught[-1]
+
+
+def target_hidden(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden states at the positions that predict a target token [n, hidden], their targets [n])."""
+    hidden = backbone_forward(model, batch)  # [batch, seq, hidden]
+    labels = batch["labels"]
+    # position t predicts token t+1: select t where labels[t+1] is a target
+    select = torch.zeros_like(labels, dtype=torch.bool)
+    select[:, :-1] = labels[:, 1:] != IGNORE
+    return hidden[select], labels[:, 1:][labels[:, 1:] != IGNORE]
+
+
+def lm_head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head on gathered hidden states, in float32 (with Gemma-style soft-capping)."""
+    logits = model.get_output_embeddings()(hidden).float()  # [n, vocab]
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def target_only_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Sum of the cross-entropy over the batch's target tokens; the LM head sees only those."""
+    hidden, targets = target_hidden(model, batch)
+    return F.cross_entropy(lm_head_logits(model, hidden), targets, reduction="sum")
+
+
+@dataclass
+class Objective:
+    """What one optimizer step minimises: sum_k weight_k * sum_k / count_k over the global batch.
+
+    fn(model, batch) -> {term: sum over the micro-batch (a scalar tensor)}; terms maps each
+    term to (weight, the batch key that counts its units: "n_tokens" or "n_seqs").
+    """
+
+    fn: Callable[[nn.Module, dict], dict[str, torch.Tensor]]
+    terms: dict[str, tuple[float, str]] = field(default_factory=lambda: {"lm": (1.0, "n_tokens")})
+
+
+LM_OBJECTIVE = Objective(lambda model, batch: {"lm": target_only_loss(model, batch)})
+
+
+# ----------------------------------------------------------------------- distributed
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torch.distributed job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> Dist:
+    """Join the job that torchrun / accelerate launch started (WORLD_SIZE > 1), else Dist().
+
+    Backend nccl on CUDA, gloo on CPU; each process takes GPU LOCAL_RANK.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    if not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank, world, local)
+
+
+def process_device(d: Dist, device: str) -> str:
+    """The --device a process of a distributed job uses: its own GPU under torchrun."""
+    if d.world > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{d.local_rank}"
+    return device
+
+
+def _all_reduce(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def finish_distributed(d: Dist) -> None:
+    if d.world > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier(d: Dist) -> None:
+    if d.world > 1:
+        dist.barrier()
+
+
+# -------------------------------------------------------------------------- schedule
+
+def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to the peak lr, then linear decay to 0 at `total` (as transformers' default)."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1) if warmup else 1.0
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def planned_steps(n_examples: int, global_batch: int, epochs: float, max_steps: int | None) -> tuple[int, int]:
+    """(steps per epoch, total steps): epochs * ceil(n / global batch), capped by max_steps."""
+    per_epoch = max(1, math.ceil(n_examples / global_batch))
+    total = max(1, math.ceil(epochs * per_epoch))
+    return per_epoch, min(total, max_steps) if max_steps else total
+
+
+# ------------------------------------------------------------------------ checkpoints
+
+def save_checkpoint(folder: Path, state: dict) -> None:
+    """torch.save to a temporary file, then rename: a checkpoint is whole or absent."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{STATE_FILE}.tmp-{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, folder / STATE_FILE)
+
+
+def load_checkpoint(folder: Path) -> dict | None:
+    path = folder / STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a truncated/corrupt file is a user-facing condition
+        raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it or use --force") from None
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class TrainingDiverged(Exception):
+    """The loss became NaN or infinite; the message names the task and the step."""
+
+
+# ------------------------------------------------------------------------------ loop
+
+@dataclass
+class FitResult:
+    steps: int
+    best_val_loss: float | None
+    best_step: int | None
+    stopped_early: bool
+    final_train_loss: float | None
+    tokens: int
+    elapsed_s: float
+    params: dict[str, torch.Tensor]  # the chosen (best-validation, else last) trainable tensors
+
+
+def evaluate_loss(model: nn.Module, items: Sequence[dict], objective: Objective, pad_id: int, device,
+                  batch_size: int, d: Dist = Dist(), amp: bool = False, side: str = "right") -> float:
+    """The objective on `items` (sharded across processes), with gradients off."""
+    if not items:
+        return float("nan")
+    order = sorted(range(len(items)), key=lambda i: -len(items[i]["input_ids"]))[d.rank::d.world]
+    sums = {k: 0.0 for k in objective.terms}
+    counts = {k: 0 for k in objective.terms}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), _autocast(device, amp):
+        for start in range(0, len(order), batch_size):
+            batch = to_device(collate([items[i] for i in order[start:start + batch_size]], pad_id, side), device)
+            for k, v in objective.fn(model, batch).items():
+                sums[k] += float(v)
+                counts[k] += batch[objective.terms[k][1]]
+    model.train(was_training)
+    flat = _all_reduce(torch.tensor([x for k in objective.terms for x in (sums[k], counts[k])],
+                                    dtype=torch.float64), d).tolist()
+    return sum(w * flat[2 * i] / max(flat[2 * i + 1], 1) for i, (w, _) in enumerate(objective.terms.values()))
+
+
+def _autocast(device, amp: bool):
+    device = torch.device(device)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+
+
+def fit(model: nn.Module, params: dict[str, nn.Parameter], train: Sequence[dict], val: Sequence[dict], *,
+        cfg, seed: int, name: str, pad_id: int, state_dir: Path, log_path: Path,
+        objective: Objective = LM_OBJECTIVE, d: Dist = Dist(), amp: bool = False, side: str = "right",
+        fingerprint: dict | None = None, on_step: Callable[[int], None] | None = None) -> FitResult:
+    """Train `params` (the only tensors that get gradients) on `train`; see the module docstring.
+
+    cfg: a TrainConfig (epochs, max_steps, batch_size, grad_accum, lr, weight_decay,
+    warmup_steps, max_grad_norm, eval_every, patience, save_every, log_every, resume, progress).
+    state_dir: where resumable checkpoints go (`state.pt`); log_path: the JSONL log (only
+    rank 0 writes either). With cfg.resume and a checkpoint in state_dir, training
+    continues from it; `fingerprint` (e.g. the resolved config) must then match the saved one.
+    on_step(step) runs after every optimizer step (and its checkpoint): for progress hooks,
+    benchmarks, and tests that interrupt a run.
+    Raises TrainingDiverged on a NaN/inf loss, before the step is applied.
+    """
+    from tqdm.auto import tqdm
+
+    device = next(iter(params.values())).device
+    n_micro, micro = cfg.grad_accum, cfg.batch_size
+    global_batch = micro * n_micro * d.world
+    per_epoch, total = planned_steps(len(train), global_batch, cfg.epochs, cfg.max_steps)
+    lengths = [len(it["input_ids"]) for it in train]
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = linear_schedule(optimizer, cfg.warmup_steps, total)
+
+    step, best_val, best_step, bad_evals, tokens_done, elapsed0 = 0, None, None, 0, 0, 0.0
+    best_params: dict[str, torch.Tensor] | None = None
+    state = load_checkpoint(state_dir) if cfg.resume else None
+    if state is not None:
+        if fingerprint is not None and state.get("fingerprint") != fingerprint:
+            old = state.get("fingerprint") or {}
+            diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+            raise UserError(f"task {name}: --resume with a different setting ({', '.join(diff)}) than "
+                            f"the checkpoint in {state_dir}; use --force to restart")
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(state["params"][k])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        step, best_val, best_step = state["step"], state["best_val"], state["best_step"]
+        bad_evals, tokens_done, elapsed0 = state["bad_evals"], state["tokens"], state["elapsed_s"]
+        best_params = state["best_params"]
+        if d.main and log_path.exists():  # drop log lines written after the checkpoint
+            with open(log_path, "r+b") as f:
+                f.truncate(state["log_offset"])
+    elif d.main and log_path.exists():
+        log_path.unlink()
+    if d.main:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(record: dict) -> None:
+        if d.main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"task": name, **record}) + "\n")
+
+    def checkpoint() -> None:
+        if d.main and cfg.save_every:
+            save_checkpoint(state_dir, {
+                "params": {k: p.detach().cpu().clone() for k, p in params.items()},
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                "step": step, "epoch": step // per_epoch, "batch_in_epoch": step % per_epoch,
+                "best_val": best_val, "best_step": best_step, "bad_evals": bad_evals, "best_params": best_params,
+                "tokens": tokens_done, "elapsed_s": elapsed0 + time.perf_counter() - t0,
+                "log_offset": log_path.stat().st_size if log_path.exists() else 0, "fingerprint": fingerprint})
+        barrier(d)
+
+    def validate() -> bool:
+        """Evaluate, keep the best tensors; True when patience is exhausted."""
+        nonlocal best_val, best_step, bad_evals, best_params, last_eval
+        last_eval = step
+        val_loss = evaluate_loss(model, val, objective, pad_id, device, micro * 2, d, amp, side)
+        if best_val is None or val_loss < best_val:
+            best_val, best_step, bad_evals = val_loss, step, 0
+            best_params = {k: p.detach().cpu().clone() for k, p in params.items()}
+        else:
+            bad_evals += 1
+        log({"step": step, "val_loss": val_loss, "best_val_loss": best_val, "bad_evals": bad_evals})
+        bar.set_postfix_str(f"{postfix} val {val_loss:.4f}")
+        return bool(cfg.patience) and bad_evals >= cfg.patience
+
+    bar = tqdm(total=total, initial=step, desc=name, unit="step", dynamic_ncols=True,
+               disable=not (cfg.progress and d.main), leave=True)
+    postfix, stopped_early, last_loss, last_eval = "", False, None, None
+    window_loss, window_tokens, window_t = 0.0, 0, time.perf_counter()
+    t0, start_step = time.perf_counter(), step
+    model.train()
+    while step < total and not stopped_early:
+        epoch, pos = divmod(step, per_epoch)
+        batches = global_batches(lengths, global_batch, seed, epoch)
+        for indices in batches[pos:]:
+            if step >= total:
+                break
+            micro_batches = [to_device(collate([train[i] for i in idx], pad_id, side), device)
+                             for idx in split_batch(indices, micro, n_micro, d.rank, d.world) if idx]
+            # global counts first: each micro-batch's loss is normalised by the whole step's
+            counts = {k: sum(b[key] for b in micro_batches) for k, (_, key) in objective.terms.items()}
+            counts = dict(zip(counts, _all_reduce(torch.tensor(list(counts.values()), dtype=torch.float64),
+                                                  d).tolist()))
+            sums = {k: 0.0 for k in objective.terms}
+            for batch in micro_batches:
+                with _autocast(device, amp):
+                    terms = objective.fn(model, batch)
+                loss = sum(w * terms[k] / max(counts[k], 1) for k, (w, _) in objective.terms.items())
+                loss.backward()
+                for k in terms:
+                    sums[k] += float(terms[k].detach())
+            flat = _all_reduce(torch.tensor([sums[k] for k in objective.terms] +
+                                            [float(sum(int(b["attention_mask"].sum()) for b in micro_batches))],
+                                            dtype=torch.float64), d).tolist()
+            step_loss = sum(w * flat[i] / max(counts[k], 1) for i, (k, (w, _)) in enumerate(objective.terms.items()))
+            if not math.isfinite(step_loss):
+                bar.close()
+                saved = state_dir / STATE_FILE
+                raise TrainingDiverged(
+                    f"task {name}: loss is {step_loss} at step {step + 1}; stopped. Last good checkpoint: "
+                    f"{saved if saved.exists() else 'none'}")
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
+            if d.world > 1:  # each share is already over the global counts: the sum is the gradient
+                flat_g = _all_reduce(torch.cat([g.reshape(-1) for g in grads]), d)
+                for p, g in zip(params.values(), flat_g.split([g.numel() for g in grads])):
+                    p.grad = g.view_as(p)
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            last_loss = step_loss
+            tokens_done += int(flat[-1])
+            window_loss += step_loss
+            window_tokens += int(flat[-1])
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total:
+                now = time.perf_counter()
+                n_steps = cfg.log_every if step % cfg.log_every == 0 else (step % cfg.log_every)
+                tok_s = window_tokens / max(now - window_t, 1e-9)
+                per_step = (now - t0) / max(step - start_step, 1)
+                postfix = f"loss {window_loss / n_steps:.4f} tok/s {tok_s:.0f}"
+                bar.set_postfix_str(postfix)
+                log({"step": step, "epoch": round(step / per_epoch, 4), "loss": window_loss / n_steps,
+                     "lr": scheduler.get_last_lr()[0], "tokens_per_s": tok_s,
+                     "elapsed_s": elapsed0 + now - t0, "eta_s": (total - step) * per_step})
+                window_loss, window_tokens, window_t = 0.0, 0, now
+            if val and cfg.eval_every and step % cfg.eval_every == 0 and validate():
+                stopped_early = True
+                log({"step": step, "event": "early_stop", "best_step": best_step})
+            if cfg.save_every and step % cfg.save_every == 0 and step < total and not stopped_early:
+                checkpoint()
+            if on_step is not None:
+                on_step(step)
+            if stopped_early:
+                break
+    if val and last_eval != step:
+        validate()  # the end of training is a candidate too
+    bar.close()
+    chosen = best_params if best_params is not None else {k: p.detach().cpu().clone() for k, p in params.items()}
+    return FitResult(step, best_val, best_step, stopped_early, last_loss, tokens_done,
+                     elapsed0 + time.perf_counter() - t0, chosen)
+
+
+def git_commit(repo: Path | None = None) -> str | None:
+    """The repository's HEAD commit (read-only `git rev-parse`), or None outside a checkout."""
+    import subprocess
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo or Path(__file__).resolve().parents[1],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions(*names: str) -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def remove_checkpoints(state_dir: Path, d: Dist = Dist()) -> None:
+    if d.main and state_dir.exists():
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+# ------------------------------------------------------------- Mixture-of-LoRAs routers
+
+def moa_objective(moa, eta: float = 1.0, lm_loss: bool = False, teacher_forcing: bool = True) -> Objective:
+    """L = L_LM + eta * L_cls for a MixtureOfLoRAs; teacher forcing: the gold task's LoRA is active.
+
+    Without teacher forcing every layer runs the expert its router picks (hard top-1, as at
+    inference); the routers' logits still get the cross-entropy.
+
+    L_cls: the routers' cross-entropy against the task label, averaged over routers (the
+    study), per sequence. L_LM: target-only LM loss per target token; under teacher forcing
+    and hard routing it reaches only the LoRAs (train_moa.py --joint). Without L_LM the
+    batches may hold the prompts alone: the routers read the last prompt token, which a
+    causal model computes from the prompt only.
+    """
+    def fn(model, batch):
+        labels = batch["task_ids"]
+        with moa.session(experts=labels if teacher_forcing else None, positions=batch["positions"]):
+            terms = {}
+            if lm_loss:
+                terms["lm"] = target_only_loss(model, batch)
+            else:
+                backbone_forward(model, batch)
+            terms["cls"] = moa.router_loss(labels) * batch["n_seqs"]  # mean over routers, summed over sequences
+        return terms
+    terms = {"cls": (eta, "n_seqs")}
+    if lm_loss:
+        terms["lm"] = (1.0, "n_tokens")
+    return Objective(fn, terms)
+
+
+@torch.no_grad()
+def routing_accuracy(moa, model: nn.Module, items: Sequence[dict], pad_id: int, batch_size: int = 16) -> dict:
+    """How often the routers pick the item's own task, from the prompt alone (no forcing).
+
+    Returns {"per_task": {task: accuracy}, "mean": mean over tasks, "n": {task: count},
+    "per_router": mean accuracy of each router's own argmax (over all items)}.
+    """
+    device = moa.routers[0].weight.device
+    hits, counts = [0] * len(moa.tasks), [0] * len(moa.tasks)
+    router_hits, total = None, 0
+    was_training = model.training
+    model.eval()
+    prompts = prompt_items(items)
+    for start in range(0, len(prompts), batch_size):
+        batch = to_device(collate(prompts[start:start + batch_size], pad_id), device)
+        with moa.session(positions=batch["positions"]):
+            backbone_forward(model, batch)
+            chosen = moa.chosen_experts().to(device)        # [batch]
+            per_router = moa.router_logits().argmax(-1)     # [n_routers, batch]
+        gold = batch["task_ids"]
+        for t, ok in zip(gold.tolist(), (chosen == gold).tolist()):
+            counts[t] += 1
+            hits[t] += int(ok)
+        r = (per_router == gold.to(per_router.device)).sum(1).double().cpu()
+        router_hits = r if router_hits is None else router_hits + r
+        total += len(gold)
+    model.train(was_training)
+    per_task = {t: hits[i] / counts[i] for i, t in enumerate(moa.tasks) if counts[i]}
+    return {"per_task": per_task, "mean": sum(per_task.values()) / max(len(per_task), 1),
+            "n": {t: counts[i] for i, t in enumerate(moa.tasks) if counts[i]},
+            "per_router": (router_hits / max(total, 1)).tolist() if router_hits is not None else []}

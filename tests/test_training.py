@@ -1,0 +1,199 @@
+"""src/training.py on tiny random Qwen2 / Llama models (CPU, seconds)."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from tiny import tiny_model
+from trainutil import write_task_data
+
+from src.config import DataConfig, TrainConfig
+from src.errors import UserError
+from src.lora import LoraConfig, add_lora
+from src.training import (IGNORE, Objective, TrainingDiverged, collate, encode_examples, fit,
+                          global_batches, load_data, planned_steps, split_batch, target_only_loss)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_task_data(tmp_path_factory.mktemp("data"), n_train=24, n_val=8)
+
+
+@pytest.fixture(scope="module")
+def items(data_dir, tokenizer):
+    cfg = DataConfig(tasks="sentiment", data_dir=str(data_dir), train_size=24, eval_size=8)
+    train, val = load_data(cfg, ["sentiment"], "train"), load_data(cfg, ["sentiment"], "validation")
+    return (encode_examples(tokenizer, train["sentiment"], 64, 8),
+            encode_examples(tokenizer, val["sentiment"], 64, 8))
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(batch_size=4, grad_accum=1, lr=5e-3, epochs=1.0, max_steps=6, eval_every=0, patience=0,
+                save_every=0, log_every=2, progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def _run(tmp_path, items, tokenizer, arch="qwen2", **kw):
+    """fit a fresh rank-4 LoRA on a fresh tiny model; (FitResult, model)."""
+    model = tiny_model(arch)
+    torch.manual_seed(0)
+    add_lora(model, LoraConfig(rank=4, alpha=8))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    fit_kw = {k: kw.pop(k) for k in ("objective", "on_step", "fingerprint") if k in kw}
+    result = fit(model, params, items[0], items[1], cfg=_cfg(**kw), seed=0, name="sentiment",
+                 pad_id=tokenizer.pad_token_id, state_dir=tmp_path / "ckpt", log_path=tmp_path / "log.jsonl",
+                 **fit_kw)
+    return result, model
+
+
+# ------------------------------------------------------------------------ the loss
+
+def test_target_only_loss_equals_full_logits_loss_and_grads(model, tokenizer, items):
+    add_lora(model, LoraConfig(rank=4))
+    with torch.no_grad():  # non-zero B so the LoRA factors get gradients of their own
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+    batch = collate(items[0][:5], tokenizer.pad_token_id)
+    ours = target_only_loss(model, batch) / batch["n_tokens"]
+    ours.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    full.backward()
+    assert torch.allclose(ours, full, atol=1e-5)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(grads[n], p.grad, atol=1e-5), n
+        else:
+            assert p.grad is None, f"frozen {n} got a gradient"
+
+
+def test_collate_pads_dynamically_and_marks_prompt_ends(items, tokenizer):
+    batch = collate(items[0][:3], tokenizer.pad_token_id)
+    lengths = [len(it["input_ids"]) for it in items[0][:3]]
+    assert batch["input_ids"].shape == (3, max(lengths))  # the batch's longest, not a fixed size
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    for i, it in enumerate(items[0][:3]):
+        assert batch["labels"][i, batch["positions"][i]] == IGNORE  # last prompt token
+        assert batch["labels"][i, batch["positions"][i] + 1] != IGNORE  # first target token
+    left = collate(items[0][:3], tokenizer.pad_token_id, side="left")
+    assert (left["positions"] == max(lengths) - 1).all() and left["attention_mask"][:, -1].all()
+
+
+def test_batches_cover_every_example_once_grouped_by_length():
+    lengths = [(i * 37) % 101 for i in range(200)]
+    batches = global_batches(lengths, 4, seed=1, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    assert batches == global_batches(lengths, 4, seed=1, epoch=0)
+    assert batches != global_batches(lengths, 4, seed=1, epoch=1)
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    rand = torch.randperm(200, generator=torch.Generator().manual_seed(0)).tolist()
+    padded_random = sum(4 * max(lengths[i] for i in rand[j:j + 4]) for j in range(0, 200, 4))
+    assert padded < 0.85 * padded_random
+    # two processes with micro-batch 2 see exactly what one process with batch 4 sees
+    assert split_batch([0, 1, 2, 3], 2, 1, 0, 2) + split_batch([0, 1, 2, 3], 2, 1, 1, 2) == [[0, 1], [2, 3]]
+    assert planned_steps(10, 4, 2.0, None) == (3, 6) and planned_steps(10, 4, 2.0, 4) == (3, 4)
+
+
+# ------------------------------------------------------------------------ the loop
+
+def test_a_few_steps_reduce_the_loss(tmp_path, items, tokenizer, arch):
+    result, _ = _run(tmp_path, items, tokenizer, arch, epochs=2.0, max_steps=12, eval_every=6)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    train = [r["loss"] for r in log if "loss" in r]
+    val = [r["val_loss"] for r in log if "val_loss" in r]
+    assert train[-1] < train[0] and val[-1] < val[0]
+    assert all({"lr", "tokens_per_s", "eta_s", "elapsed_s"} <= set(r) for r in log if "loss" in r)
+    assert result.steps == 12 and result.best_step == 12
+
+
+def test_grad_accumulation_equals_the_larger_batch(tmp_path, items, tokenizer):
+    a, _ = _run(tmp_path / "a", items, tokenizer, batch_size=4, grad_accum=1)
+    b, _ = _run(tmp_path / "b", items, tokenizer, batch_size=2, grad_accum=2)
+    for k in a.params:
+        assert torch.allclose(a.params[k], b.params[k], atol=1e-6), k
+
+
+def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(tmp_path, items, tokenizer):
+    full, _ = _run(tmp_path / "full", items, tokenizer, max_steps=6, save_every=2, eval_every=3)
+
+    def kill(step):
+        if step == 5:  # between checkpoints: step 5's work is lost, step 4's checkpoint stays
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "cut", items, tokenizer, max_steps=6, save_every=2, eval_every=3, on_step=kill)
+    assert (tmp_path / "cut" / "ckpt" / "state.pt").is_file()
+    resumed, _ = _run(tmp_path / "cut", items, tokenizer, max_steps=6, save_every=2, eval_every=3, resume=True)
+    assert resumed.steps == full.steps == 6
+    for k in full.params:
+        assert (full.params[k] - resumed.params[k]).abs().max() <= 1e-6, k
+    log = lambda p: [json.loads(x) for x in (p / "log.jsonl").read_text().splitlines()]  # noqa: E731
+    strip = lambda recs: [{k: v for k, v in r.items() if k in ("step", "val_loss")} for r in recs]  # noqa: E731
+    assert strip(log(tmp_path / "cut")) == strip(log(tmp_path / "full"))  # no duplicated lines
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, items, tokenizer):
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, items, tokenizer, save_every=2, fingerprint={"lr": 1},
+             on_step=lambda s: (_ for _ in ()).throw(KeyboardInterrupt) if s == 3 else None)
+    with pytest.raises(UserError, match="lr"):
+        _run(tmp_path, items, tokenizer, save_every=2, resume=True, fingerprint={"lr": 2})
+
+
+def test_nan_loss_stops_naming_task_and_step_and_keeps_the_checkpoint(tmp_path, items, tokenizer):
+    calls = {"n": 0}
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        loss = target_only_loss(model, batch)
+        return {"lm": loss * float("nan") if calls["n"] == 3 else loss}
+    with pytest.raises(TrainingDiverged, match=r"task sentiment: loss is nan at step 3"):
+        _run(tmp_path, items, tokenizer, save_every=2, objective=Objective(poisoned))
+    state = torch.load(tmp_path / "ckpt" / "state.pt", weights_only=False)
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["params"].values())
+
+
+def test_early_stopping_keeps_the_best_validation_state(tmp_path, items, tokenizer, monkeypatch):
+    import src.training as training
+    losses = iter([3.0, 2.0, 2.5, 2.6, 2.7, 9.0])  # best at the 2nd evaluation, then 3 worse ones
+    monkeypatch.setattr(training, "evaluate_loss", lambda *a, **k: next(losses))
+    result, _ = _run(tmp_path, items, tokenizer, max_steps=20, eval_every=1, patience=3)
+    assert result.stopped_early and result.steps == 5 and result.best_step == 2 and result.best_val_loss == 2.0
+
+
+def test_frozen_base_is_untouched(tmp_path, items, tokenizer):
+    before = {n: p.clone() for n, p in tiny_model("qwen2").named_parameters()}
+    _, model = _run(tmp_path, items, tokenizer, max_steps=2)
+    for n, p in model.named_parameters():
+        key = n.replace(".linear.", ".")
+        if "lora_" not in n:
+            assert torch.equal(p, before[key]) and p.grad is None, n
+
+
+def test_config_validation():
+    with pytest.raises(UserError, match="batch-size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(UserError, match="rank"):
+        LoraConfig(rank=0)
+    with pytest.raises(UserError, match="max-target-len"):
+        DataConfig(max_len=64, max_target_len=64)
+    assert DataConfig(data_dir="x").data == "dir"
+    assert replace(TrainConfig(), lr=1.0).lr == 1.0
+
+
+def test_presets_and_flags():
+    from src.cli import parse_configs
+    from src.config import MOA_PRESETS, PRESETS, RouterConfig
+    (data, train, lora), _ = parse_configs(["--preset", "paper", "--lr", "1e-4"], "t", "", DataConfig, TrainConfig,
+                                           LoraConfig, presets=PRESETS)
+    assert (lora.rank, lora.alpha, train.batch_size, train.epochs, train.patience, train.eval_every) == (8, 16, 2, 10, 3, 100)
+    assert (data.train_size, data.max_len, data.max_target_len, train.lr) == (5000, 512, 128, 1e-4)  # the flag wins
+    (data, train, router), _ = parse_configs(["--preset", "demo", "--eta", "2", "--joint", "--lm-loss"], "t", "",
+                                             DataConfig, TrainConfig, RouterConfig, presets=MOA_PRESETS)
+    assert (router.eta, router.joint, router.lm_loss, router.teacher_forcing, router.router) == (2.0, True, True, True, "study")
+    assert train.model == "smollm2-135m" and data.data == "sample"
+    with pytest.raises(UserError, match="nothing to train"):
+        RouterConfig(eta=0.0)
