@@ -1,0 +1,113 @@
+"""The whole pipeline as a user runs it, on a tiny random model and real data.
+
+train_all_tasks.sh -> train_moa.sh -> run_all_evaluation.sh (every merge, plots) -> the
+notebook, all seven tasks, a handful of examples each from ../shared/data. Also checks
+that the README's commands are the ones CI and the demo run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tiny import save_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = "7tasks"
+SEVEN = ["summarization", "translation", "qa", "sentiment", "nli", "paraphrasing", "commonsense"]
+
+
+def _run(cmd, env, cwd, timeout=600):
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{cmd[:3]} exited {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, shared_data):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    model = save_tiny(tmp / "tiny-qwen2", "qwen2")
+    run = tmp / "run"
+    env = dict(os.environ, MODEL=str(model), TASKS=TASKS, RUN=str(run), DATA=str(shared_data),
+               PYTHON=sys.executable, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
+               METHODS="all", MPLBACKEND="Agg")
+    small = ["--train-size", "4", "--eval-size", "2", "--max-len", "160", "--max-target-len", "24",
+             "--batch-size", "2", "--no-progress"]
+    _run(["bash", str(ROOT / "train_all_tasks.sh"), *small, "--max-steps", "2", "--lr", "1e-3",
+          "--eval-every", "1", "--save-every", "1"], env, tmp)
+    _run(["bash", str(ROOT / "train_moa.sh"), *small, "--max-steps", "3", "--lr", "1e-2",
+          "--eval-every", "3", "--save-every", "3"], env, tmp)
+    _run(["bash", str(ROOT / "run_all_evaluation.sh"), "--eval-size", "2", "--batch-size", "4",
+          "--max-new-tokens", "4", "--max-prompt-len", "128"], env, tmp)
+    return run
+
+
+def test_training_writes_a_peft_adapter_per_task(pipeline):
+    for task in SEVEN:
+        folder = pipeline / "adapters" / task
+        names = {p.name for p in folder.iterdir()}
+        assert {"adapter_config.json", "adapter_model.safetensors", "training_config.json"} <= names
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        assert cfg["peft_type"] == "LORA" and cfg["r"] == 8
+    assert not any((pipeline / "checkpoints").glob("*/*")), "finished tasks leave no checkpoint behind"
+    moa = json.loads((pipeline / "moa" / "moa_config.json").read_text())
+    assert set(moa["tasks"]) == set(SEVEN)
+    assert (pipeline / "moa" / "routing_accuracy.json").is_file()
+
+
+def test_every_method_is_scored_on_every_task(pipeline):
+    from src.merging import MERGES, VARIANTS
+    summary = json.loads((pipeline / "eval" / "summary.json").read_text())
+    expected = {"base", "oracle", "moa", *MERGES, *VARIANTS}
+    assert set(summary["methods"]) == expected
+    assert summary["tasks"] == SEVEN
+    for method, res in summary["methods"].items():
+        assert set(res["per_task"]) == set(SEVEN), method
+        for task, cell in res["per_task"].items():
+            assert isinstance(cell["score"], float) and cell["primary"], (method, task)
+            preds = pipeline / "eval" / "predictions" / method / f"{task}.jsonl"
+            assert len(preds.read_text().splitlines()) == 2
+    for name in [*MERGES, *VARIANTS]:
+        assert (pipeline / "merged" / name / "adapter_model.safetensors").is_file(), name
+    table = (pipeline / "eval" / "results.md").read_text()
+    assert all(m in table for m in expected)
+    assert summary["meta"]["data_hash"] and "git_commit" in summary["meta"]
+
+
+def test_plots_and_the_notebook(pipeline):
+    pngs = {p.name for p in (pipeline / "plots").glob("*.png")}
+    assert any("cosine" in p for p in pngs) and any("multitask" in p for p in pngs), pngs
+    import nbformat
+    from nbclient import NotebookClient
+    nb = nbformat.read(ROOT / "visualize_lora.ipynb", as_version=4)
+    os.environ["RUN_DIR"] = str(pipeline)
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    finally:
+        del os.environ["RUN_DIR"]
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    assert not errors
+
+
+def _readme_block(heading: str) -> list[str]:
+    """The commands in the first ```bash block after a README heading."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split(heading, 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    return [line.split("#")[0].strip() for line in block.splitlines() if line.split("#")[0].strip()]
+
+
+def test_readme_commands_exist_and_ci_runs_them():
+    quick = _readme_block("## Quick start")
+    assert "bash setup.sh" in quick and "bash run_demo.sh" in quick
+    test_cmd = next(c for c in _readme_block("## Tests") if "pytest" in c)
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "bash setup.sh" in ci and test_cmd in ci, test_cmd
+    for script in ("setup.sh", "run_demo.sh", "train_all_tasks.sh", "train_moa.sh", "run_all_evaluation.sh"):
+        assert (ROOT / script).is_file(), script
+        assert subprocess.run(["bash", "-n", str(ROOT / script)]).returncode == 0, script
