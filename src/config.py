@@ -124,7 +124,7 @@ INFERENCE_RULES = ("layer", "last", "vote")
 
 @dataclass
 class RouterConfig:
-    """train_moa.py: the router and its loss L = lm_weight * L_LM + eta * L_cls.
+    """train_moa.py: the router and its loss L = L_LM (with --lm-loss) + eta * L_cls.
 
     The study's setting (the default) is router-only cross-entropy with teacher forcing:
     the gold task's LoRA is active, `--no-lm-loss`, LoRAs frozen. Under teacher forcing
@@ -142,7 +142,7 @@ class RouterConfig:
     eta: float = field(default=1.0, metadata={"help": "weight of the routing cross-entropy L_cls"})
     lm_loss: bool = field(default=False, metadata={
         "help": "add the target-only LM loss L_LM (teacher-forced; trains the LoRAs, so use with --joint)"})
-    joint: bool = field(default=False, metadata={"help": "also tune the task LoRAs (default: frozen)"})
+    joint: bool = field(default=False, metadata={"help": "also tune the task LoRAs (otherwise they stay frozen)"})
     teacher_forcing: bool = field(default=True, metadata={
         "help": "run the gold task's LoRA while training (the study); --no-teacher-forcing runs the "
                 "experts the routers pick, as at inference (deeper routers then cannot read the gold "
