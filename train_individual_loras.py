@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import zlib
 from pathlib import Path
 
 import torch
@@ -42,6 +43,11 @@ from src.training import (TrainingDiverged, barrier, encode_examples, finish_dis
 COMPLETE = (CONFIG_NAME, WEIGHTS_NAME, "training_config.json")
 # Settings that may change between a run and its --resume (the rest must match the checkpoint).
 RESUMABLE = {"output_dir", "resume", "force", "progress", "device", "log_every"}
+
+
+def init_seed(seed: int, task: str, shared: bool) -> int:
+    """The LoRA-init seed of a task: `seed`, offset by a stable hash of the task name."""
+    return seed if shared else seed + zlib.crc32(task.encode())
 
 
 def adapter_complete(folder: Path) -> bool:
@@ -97,7 +103,9 @@ def main(argv=None) -> None:
                        if k not in RESUMABLE and k != "tasks"}
         fingerprint.update(task=task, data_hash=hashes["train"], global_batch=global_batch)
 
-        torch.manual_seed(data_cfg.seed)  # the same LoRA init in every process and every rerun
+        # The same init in every process and every rerun; a different one per task unless
+        # --shared-init, so that tasks' A matrices do not start (and stay) alike.
+        torch.manual_seed(init_seed(data_cfg.seed, task, train_cfg.shared_init))
         add_lora(model, lora_cfg)
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         try:

@@ -97,6 +97,9 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"help": "auto (CUDA if available), cpu, cuda, cuda:N"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, else float32), float32, bfloat16, float16"})
     progress: bool = field(default=True, metadata={"help": "show a tqdm progress bar"})
+    shared_init: bool = field(default=False, metadata={
+        "help": "start every task's LoRA from the same random A (default: a per-task init seed, "
+                "seed + crc32(task name))"})
 
     def __post_init__(self):
         _positive("epochs", self.epochs)

@@ -274,7 +274,9 @@ def make_adapter(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], scales: 
 
 def _atomic_dir(folder: Path):
     folder.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the finished folder should read like any other
+    return tmp
 
 
 def replace_dir(tmp: Path, folder: Path) -> None:

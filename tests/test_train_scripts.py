@@ -89,6 +89,20 @@ def test_trains_each_task_skips_finished_ones_and_force_retrains(tiny_dir, tmp_p
     assert peft_model.peft_config["default"].r == 8
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_each_task_starts_from_its_own_init_unless_shared(tiny_dir, tmp_path, shared):
+    run = tmp_path / "run"
+    extra = ["--lr", "1e-6", "--max-steps", "1"] + (["--shared-init"] if shared else [])
+    assert run_main(train_loras.main, _args(tiny_dir, run, *extra)) == 0
+    a1 = load_adapter(run / "adapters" / "sentiment").factors
+    a2 = load_adapter(run / "adapters" / "nli").factors
+    cos = [float(torch.nn.functional.cosine_similarity(a1[n][0].flatten(), a2[n][0].flatten(), dim=0)) for n in a1]
+    if shared:
+        assert min(cos) > 0.99
+    else:
+        assert max(abs(c) for c in cos) < 0.5
+
+
 def test_kill_and_resume_gives_the_uninterrupted_adapter(tiny_dir, tmp_path, monkeypatch, capsys):
     args = ["--max-steps", "6", "--tasks", "sentiment"]
     assert run_main(train_loras.main, _args(tiny_dir, tmp_path / "full", *args)) == 0
