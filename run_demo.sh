@@ -17,7 +17,7 @@ export MODEL=${MODEL:-smollm2-135m}
 export TASKS=${TASKS:-5tasks}
 export RUN=${RUN:-runs/demo}
 export DATA=${DATA:-sample}
-export METHODS=${METHODS:-moa,concat,weight_sum,svd,svd_sum,task_arithmetic,ties,dare_linear,dare_ties}
+export METHODS=${METHODS:-moa,concat,weight_sum,svd,svd_sum,ties,dare_ties}
 [[ -x "$PYTHON" ]] || { echo "error: $PYTHON not found: run 'bash setup.sh' first (or set PYTHON)" >&2; exit 2; }
 
 start=$SECONDS
@@ -26,7 +26,7 @@ bash train_all_tasks.sh --preset demo
 echo "== 2/3 training the MoA routers"
 bash train_moa.sh --preset demo
 echo "== 3/3 evaluating base, oracle and $METHODS"
-bash run_all_evaluation.sh --eval-size 16 --batch-size 16 --max-new-tokens 48
+bash run_all_evaluation.sh --eval-size 12 --batch-size 12 --max-new-tokens 32
 echo
 cat "$RUN/eval/results.md"
 echo

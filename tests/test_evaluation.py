@@ -91,17 +91,8 @@ def evaluate(argv) -> int:
     return run_main(full_evaluation.main, argv)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the 2-core CI machine is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, one_thread):
+def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_run")
     run, data = root / "run", write_data(root / "data")
     model_dir = save_tiny(root / "model")

@@ -15,15 +15,6 @@ from tiny import tiny_model
 TASKS = ["a", "b", "c"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: one thread is faster, and much faster on a busy machine (no spin-waiting)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def random_adapter(model, seed, rank=4, alpha=8.0, targets=DEFAULT_TARGETS, name="", std=0.3):
     """A LoRA with random A and B (B non-zero, so the expert changes the outputs)."""
     g = torch.Generator().manual_seed(seed)
