@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from src.errors import UserError
+from src.moa import INFERENCE, ROUTERS, MoAConfig
 from src.tasks import DATA_SOURCES
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -121,8 +122,6 @@ class TrainConfig:
             raise UserError("--model is empty")
 
 
-ROUTER_KINDS = ("study", "block")
-INFERENCE_RULES = ("layer", "last", "vote")
 
 
 @dataclass
@@ -137,11 +136,11 @@ class RouterConfig:
 
     router: str = field(default="study", metadata={
         "help": "study: one router per adapted linear layer; block: one per transformer block",
-        "choices": ROUTER_KINDS})
+        "choices": ROUTERS})
     inference: str = field(default="layer", metadata={
         "help": "how routers decide at inference (and for the routing accuracy): layer (each router for "
                 "its own layers, the study), last (the last router), vote (majority)",
-        "choices": INFERENCE_RULES})
+        "choices": INFERENCE})
     eta: float = field(default=1.0, metadata={"help": "weight of the routing cross-entropy L_cls"})
     lm_loss: bool = field(default=False, metadata={
         "help": "add the target-only LM loss L_LM (teacher-forced; trains the LoRAs, so use with --joint)"})
@@ -152,10 +151,7 @@ class RouterConfig:
                 "LoRA's trace in their inputs)"})
 
     def __post_init__(self):
-        if self.router not in ROUTER_KINDS:
-            raise UserError(f"--router must be one of {', '.join(ROUTER_KINDS)}, got {self.router!r}")
-        if self.inference not in INFERENCE_RULES:
-            raise UserError(f"--inference must be one of {', '.join(INFERENCE_RULES)}, got {self.inference!r}")
+        MoAConfig(router=self.router, inference=self.inference)  # one place validates both
         if self.eta < 0:
             raise UserError(f"--eta must not be negative, got {self.eta}")
         if self.eta == 0 and not self.lm_loss:

@@ -24,7 +24,7 @@ from src.errors import run_main
 from src.lora import (LoraConfig, add_lora, adapter_from_model, apply_adapter, lora_layers,
                       save_adapter, unload_lora)
 from src.moa import MixtureOfLoRAs
-from tiny import save_tiny, tiny_model, tiny_tokenizer
+from tiny import trained_like_adapter, save_tiny, tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["sentiment", "nli", "qa"]
@@ -207,14 +207,7 @@ def test_changed_setting_recomputes_only_affected_cells(tiny_run, monkeypatch, t
 # --------------------------------------------------------------------------- generation
 
 def random_lora(model, seed, rank=4):
-    torch.manual_seed(seed)
-    layers = add_lora(model, LoraConfig(rank=rank, alpha=2.0 * rank))
-    with torch.no_grad():
-        for m in layers.values():
-            m.lora_B.normal_(0, 0.3)
-    adapter = adapter_from_model(model)
-    unload_lora(model)
-    return adapter
+    return trained_like_adapter(model, seed, rank, std=0.3)
 
 
 def prompt_ids(tok, examples_by_task):

@@ -7,10 +7,9 @@ import torch
 import torch.nn as nn
 
 from src.errors import UserError
-from src.lora import (DEFAULT_TARGETS, LoraConfig, _matches, add_lora, adapter_from_model, apply_adapter,
-                      load_adapter, make_adapter, save_adapter, unload_lora)
+from src.lora import DEFAULT_TARGETS, _matches, apply_adapter, load_adapter, make_adapter, save_adapter, unload_lora
 from src.moa import MixtureOfLoRAs, MoAConfig, MoALinear, decide, vote
-from tiny import tiny_model
+from tiny import tiny_model, trained_like_adapter
 
 TASKS = ["a", "b", "c"]
 
@@ -27,20 +26,8 @@ def random_adapter(model, seed, rank=4, alpha=8.0, targets=DEFAULT_TARGETS, name
     return make_adapter(factors, scales, None, name=name)
 
 
-def trained_like_adapter(model, seed, rank=4):
-    """The other way in: add_lora, random B (A is Kaiming already), adapter_from_model."""
-    torch.manual_seed(seed)
-    layers = add_lora(model, LoraConfig(rank=rank, alpha=2.0 * rank))
-    with torch.no_grad():
-        for m in layers.values():
-            m.lora_B.normal_(0, 0.5)
-    adapter = adapter_from_model(model)
-    unload_lora(model)
-    return adapter
-
-
 def make_adapters(model, ranks=(4, 4, 4)):
-    ads = {"a": trained_like_adapter(model, 0, ranks[0])}
+    ads = {"a": trained_like_adapter(model, 0, ranks[0], std=0.5)}
     for i, (t, r) in enumerate(zip(TASKS[1:], ranks[1:]), 1):
         ads[t] = random_adapter(model, i, rank=r)
     return ads

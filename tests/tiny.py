@@ -52,3 +52,16 @@ def save_tiny(path: str | Path, arch: str = "qwen2", **kw) -> Path:
     tiny_model(arch, **kw).save_pretrained(str(path))
     tiny_tokenizer().save_pretrained(str(path))
     return path
+
+
+def trained_like_adapter(model: torch.nn.Module, seed: int, rank: int = 4, std: float = 0.3):
+    """An Adapter as training would leave it: add_lora (Kaiming A), random B, read back, unload."""
+    from src.lora import LoraConfig, adapter_from_model, add_lora, unload_lora
+    torch.manual_seed(seed)
+    layers = add_lora(model, LoraConfig(rank=rank, alpha=2.0 * rank))
+    with torch.no_grad():
+        for m in layers.values():
+            m.lora_B.normal_(0, std)
+    adapter = adapter_from_model(model)
+    unload_lora(model)
+    return adapter
