@@ -5,6 +5,7 @@ Usage:
         --methods moa,concat,weight_sum,svd [--data sample | --data hub | --data-dir DIR] \
         [--eval-size 500] [--batch-size 16] [--max-new-tokens 128] [--max-prompt-len 400] \
         [--score-by generate|likelihood] [--density 0.5] [--rank 8] [--seed 0] [--force]
+        [--reuse-from OTHER_RUN ...]
 
 Methods: base, oracle (each task's own adapter), moa (RUN/moa), every merge of
 src/merging.py (concat, weight_sum, svd, task_arithmetic, ties, dare_linear, dare_ties) and
@@ -18,11 +19,15 @@ Reads RUN/adapters/<task>/ and RUN/moa/; writes
     RUN/eval/summary.json, results.csv, results.md
 A rerun recomputes only missing or stale cells (another model, data, adapter, option or
 generation setting); --force recomputes everything. An interrupted run resumes.
+Several processes given the same command share the cells (a lock per cell); --reuse-from
+takes matching finished cells from other run folders (the 5-task table's base and oracle
+from the 7-task run on the same adapters).
 """
 from __future__ import annotations
 
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +66,9 @@ class EvalConfig:
     score_by: str = field(default="generate", metadata={
         "help": "generate, or likelihood: classification tasks pick the most likely label", "choices": list(ev.SCORE_BY)})
     seed: int = field(default=0, metadata={"help": "seed of the data subset and of the random merges (dare)"})
+    reuse_from: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "other run folders whose finished cells are taken when their fingerprint matches "
+                "(e.g. the 7-task run's base and oracle cells for a 5-task table on the same adapters)"})
     force: bool = field(default=False, metadata={"help": "recompute every cell and merge"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
     dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16, float16"})
@@ -144,11 +152,19 @@ def main(argv=None):
                            "adapters": [digests[t] for t in tasks]}
         return fp
 
+    reuse_from = [Path(p) for p in cfg.reuse_from or ()]
+    for p in reuse_from:
+        if not (p / "eval").is_dir():
+            raise UserError(f"--reuse-from {p}: no evaluated run there (no {p / 'eval'})")
+
+    def find(m: str, t: str) -> dict | None:
+        return None if cfg.force else ev.find_cell(run_dir, m, t, fingerprint(m, t), reuse_from)
+
     cells: dict[tuple[str, str], dict] = {}
     pending: dict[str, list[str]] = {}
     for m in methods:
         for t in tasks:
-            cell = None if cfg.force else ev.load_cell(run_dir, m, t, fingerprint(m, t))
+            cell = find(m, t)
             if cell is None:
                 pending.setdefault(m, []).append(t)
             else:
@@ -156,8 +172,9 @@ def main(argv=None):
 
     # ------------------------------------------------------------------ merges (before any generation:
     # a merge that cannot be built, e.g. ties without --density, fails the run here)
-    merged = ev.build_merges(run_dir, [m for m in pending if m not in ev.FIXED_METHODS], tasks, adapters,
-                             digests, merge_opts, mcfg.weights, force=cfg.force)
+    with ev.file_lock(run_dir):   # processes sharing RUN build each merge once
+        merged = ev.build_merges(run_dir, [m for m in pending if m not in ev.FIXED_METHODS], tasks, adapters,
+                                 digests, merge_opts, mcfg.weights, force=cfg.force)
     n_todo = sum(len(v) for v in pending.values())
     print(f"evaluating {len(methods)} methods x {len(tasks)} tasks on {cfg.model}: "
           f"{len(cells)} cells reused, {n_todo} to compute", file=sys.stderr)
@@ -184,27 +201,42 @@ def main(argv=None):
               f"({body['n']} ex, {body['seconds']:.1f} s{speed})", file=sys.stderr)
 
     # ------------------------------------------------------------------ run
-    # moa goes last: it injects its layers into the model, the others need it plain.
-    for method in sorted(pending, key=lambda m: m == "moa"):
-        todo = pending[method]
-        if method == "base":
-            for task in todo:
-                run_cell(method, task)
-        elif method == "oracle":
-            for task in todo:
-                with ev.folded(model, adapters[task]):
-                    run_cell(method, task)
-        elif method == "moa":
+    # Several processes may evaluate one run folder (one per GPU, or per CPU core): each
+    # cell is claimed by a lock, a claimed cell is left to its holder and waited for at
+    # the end, and a cell finished meanwhile is read, not recomputed.
+    @contextmanager
+    def prepared(method: str):
+        if method == "moa":   # injects its layers: moa goes last, the others need the model plain
             moa = ev.load_moa(model, run_dir, adapters)
             try:
-                for task in todo:
-                    run_cell(method, task, moa=moa)
+                yield moa
             finally:
                 moa.remove()
         else:
-            with ev.folded(model, merged[method][0]):
-                for task in todo:
-                    run_cell(method, task)
+            with ev.folded(model, merged[method][0]) if method in merged else nullcontext():
+                yield None
+
+    def compute(method: str, todo: list[str], wait: bool) -> list[str]:
+        """Evaluates `todo`'s cells of one method; returns the tasks another process holds."""
+        held = []
+        with prepared(method) as moa:
+            for task in todo:
+                with ev.file_lock(ev.cell_lock(run_dir, method, task), wait) as mine:
+                    if not mine:
+                        held.append(task)
+                        continue
+                    cell = ev.find_cell(run_dir, method, task, fingerprint(method, task), reuse_from)
+                    if cell is not None and not cfg.force:
+                        cells[(method, task)] = cell
+                        continue
+                    with ev.folded(model, adapters[task]) if method == "oracle" else nullcontext():
+                        run_cell(method, task, moa)
+        return held
+
+    order = sorted(pending, key=lambda m: m == "moa")
+    held = {m: left for m in order if (left := compute(m, pending[m], wait=False))}
+    for method, todo in held.items():
+        compute(method, todo, wait=True)
 
     # ------------------------------------------------------------------ save
     meta["seconds"] = round(time.perf_counter() - t_start, 2)

@@ -30,6 +30,7 @@ settings). `load_cell` returns a finished cell only if its fingerprint still mat
 from __future__ import annotations
 
 import csv
+import fcntl
 import hashlib
 import inspect
 import io
@@ -520,6 +521,51 @@ def load_cell(run_dir: Path, method: str, task: str, fingerprint: dict) -> dict 
     if not predictions_path(run_dir, method, task).is_file():
         write_predictions(run_dir, method, task, cell["records"])
     return cell
+
+
+def find_cell(run_dir: Path, method: str, task: str, fingerprint: dict,
+              reuse_from: Sequence[Path] = ()) -> dict | None:
+    """The finished cell from RUN, or else from another run folder in `reuse_from` (copied
+    into RUN with its own provenance): a cell is only ever taken with the same fingerprint."""
+    cell = load_cell(run_dir, method, task, fingerprint)
+    for other in reuse_from:
+        if cell is not None:
+            break
+        cell = load_cell(Path(other), method, task, fingerprint)
+        if cell is not None:
+            write_predictions(run_dir, method, task, cell["records"])
+            write_json_atomic(cell_path(run_dir, method, task), cell)
+    return cell
+
+
+@contextmanager
+def file_lock(path: Path, wait: bool = True) -> Iterator[bool]:
+    """An exclusive advisory lock (flock) on `path`, held for the block; yields False at once
+    when another process holds it and `wait` is False. The kernel drops it when its holder
+    exits, so a crashed run never leaves a stale lock. A file is created and stays; a folder
+    (locked as it is) gets nothing written into it."""
+    folder = Path(path).is_dir()
+    if not folder:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY if folder else os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def cell_lock(run_dir: Path, method: str, task: str) -> Path:
+    """The lock file by which processes evaluating one run folder share out its cells."""
+    path = cell_path(run_dir, method, task)
+    return path.with_name(f".{path.stem}.lock")
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -204,6 +204,56 @@ def test_changed_setting_recomputes_only_affected_cells(tiny_run, monkeypatch, t
     assert json.loads((run / "merged" / "ties" / "merge_info.json").read_text())["recipe"]["options"]["density"] == 0.7
 
 
+def test_cells_held_by_another_process_are_waited_for_not_recomputed(tiny_run, monkeypatch, tmp_path):
+    """Two processes on one run folder share its cells: a cell whose lock another holds is
+    left to it, and read once that one has finished it."""
+    import threading
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run)
+    finished = json.loads(ev.cell_path(run, "concat", "nli").read_text())
+    ev.cell_path(run, "concat", "nli").unlink()
+    calls = []
+    real = ev.evaluate_task
+    monkeypatch.setattr(ev, "evaluate_task", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    other = ev.file_lock(ev.cell_lock(run, "concat", "nli"))   # "the other process"
+    assert other.__enter__() is True
+
+    def the_other_finishes():
+        ev.save_cell(run, "concat", "nli", finished["fingerprint"], {k: finished[k] for k in finished
+                     if k not in ("method", "task", "fingerprint", "meta")}, finished["meta"])
+        other.__exit__(None, None, None)
+
+    timer = threading.Timer(1.0, the_other_finishes)
+    timer.start()
+    assert evaluate([*tiny_run["argv"], "--output-dir", str(run)]) == 0
+    timer.join()
+    assert calls == []                                       # waited for, then read
+    assert summary_of(run)["methods"]["concat"]["per_task"]["nli"]["metrics"] == finished["result"]["metrics"]
+    with ev.file_lock(ev.cell_lock(run, "concat", "nli"), wait=False) as free:
+        assert free                                          # nothing left locked
+
+
+def test_reuse_from_takes_matching_cells_of_another_run(tiny_run, monkeypatch, tmp_path):
+    """A 2-task table on the same adapters takes base and oracle from the 3-task run; its
+    merges (over other adapters) are computed."""
+    run = tmp_path / "run2"
+    for t in TASKS[:2]:
+        shutil.copytree(tiny_run["run"] / "adapters" / t, run / "adapters" / t)
+    calls = []
+    real = ev.evaluate_task
+    monkeypatch.setattr(ev, "evaluate_task", lambda *a, **k: calls.append(a[1:3]) or real(*a, **k))
+    argv = [*tiny_run["argv"], "--output-dir", str(run), "--tasks", ",".join(TASKS[:2]), "--methods", "concat",
+            "--reuse-from", str(tiny_run["run"])]
+    assert evaluate(argv) == 0
+    assert sorted(t for _, t in calls) == sorted(TASKS[:2])  # concat only
+    s, ref = summary_of(run), summary_of(tiny_run["run"])
+    for m in ("base", "oracle"):
+        for t in TASKS[:2]:
+            assert s["methods"][m]["per_task"][t]["metrics"] == ref["methods"][m]["per_task"][t]["metrics"]
+            assert ev.predictions_path(run, m, t).read_text() == ev.predictions_path(tiny_run["run"], m, t).read_text()
+    assert evaluate([*argv[:-1], str(tmp_path / "nowhere")]) == 2
+
+
 # --------------------------------------------------------------------------- generation
 
 def random_lora(model, seed, rank=4):
