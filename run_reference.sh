@@ -4,36 +4,40 @@
 #
 #   bash run_reference.sh                          # about 2 h on 2 CPU cores; DATA=../shared/data
 #   DATA=/my/data RUN=runs/ref WORKERS=1 bash run_reference.sh
+#   MODEL=HF_FOLDER TRAIN_SIZE=500 EVAL_SIZE=200 bash run_reference.sh
 #
 # DATA is any folder of <task>/{train,validation}.jsonl. WORKERS processes (default 2, one
 # CPU thread each) share every stage: the tasks' trainings, the two MoAs, and the cells of
 # each evaluation (full_evaluation.py processes on one run folder split its cells). Writes
-# $RUN (7 tasks) and $RUN-5tasks; each has eval/results.md and plots/. Rerunning reuses
-# whatever is finished.
+# $RUN (7 tasks) and $RUN-5tasks, each with eval/results.md, plots/ and logs/ (appended to).
+# Rerunning reuses whatever is finished.
 set -euo pipefail
 cd "$(dirname "$0")"
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
 
 PYTHON=${PYTHON:-.venv/bin/python}
 DATA=${DATA:-../shared/data}
 RUN=${RUN:-runs/reference}
 RUN5=${RUN5:-$RUN-5tasks}
 WORKERS=${WORKERS:-2}
+MODEL=${MODEL:-smollm2-135m}
+TRAIN_SIZE=${TRAIN_SIZE:-300}   # training examples per task
+EVAL_SIZE=${EVAL_SIZE:-100}     # validation examples per task evaluated
 [[ -x "$PYTHON" ]] || { echo "error: $PYTHON not found: run 'bash setup.sh' first (or set PYTHON)" >&2; exit 2; }
 [[ -d "$DATA" ]] || { echo "error: DATA=$DATA is not a folder of <task>/{train,validation}.jsonl" >&2; exit 2; }
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( WORKERS > 1 ? 1 : 2 ))}
 mkdir -p "$RUN/logs" "$RUN5/logs"
 
-# Sizes (README "Results" states them): 300 training examples per task, one epoch with
-# early stopping on 32 validation examples; 100 validation examples per task evaluated.
-TRAIN=(--model smollm2-135m --output-dir "$RUN" --data-dir "$DATA" --train-size 300 --eval-size 32
+# Sizes (README "Results" states them): TRAIN_SIZE examples per task, one epoch, the adapter
+# kept at its best validation loss (32 validation examples, every 25 steps).
+TRAIN=(--model "$MODEL" --output-dir "$RUN" --data-dir "$DATA" --train-size "$TRAIN_SIZE" --eval-size 32
        --max-len 320 --max-target-len 96 --epochs 1 --batch-size 4 --lr 3e-4 --warmup-steps 5
        --eval-every 25 --patience 2 --save-every 25 --seed 0 --no-progress)
-MOA=(--model smollm2-135m --data-dir "$DATA" --train-size 300 --eval-size 32 --max-len 320
+MOA=(--model "$MODEL" --data-dir "$DATA" --train-size "$TRAIN_SIZE" --eval-size 32 --max-len 320
      --max-steps 60 --batch-size 8 --lr 1e-2 --eval-every 30 --save-every 30 --seed 0 --no-progress)
-EVAL=(--model smollm2-135m --data-dir "$DATA" --eval-size 100 --batch-size 16 --max-new-tokens 64
+EVAL=(--model "$MODEL" --data-dir "$DATA" --eval-size "$EVAL_SIZE" --batch-size 16 --max-new-tokens 96
       --max-prompt-len 320 --density 0.5 --seed 0)
-METHODS=moa,concat,weight_sum,svd,svd_sum,ties,dare_linear,dare_ties
+METHODS=${METHODS:-moa,concat,weight_sum,svd,svd_sum,ties,dare_linear,dare_ties,concat_unscaled,weight_avg}
 TASKS5=summarization,translation,qa,sentiment,nli
 
 # in_parallel LOG CMD1 -- CMD2 -- ...: the commands WORKERS at a time, each logging to LOG.k
@@ -45,7 +49,7 @@ in_parallel() {
     while (($#)) && [[ $1 != -- ]]; do cmd+=("$1"); shift; done
     (($#)) && shift
     k=$((k + 1))
-    "${cmd[@]}" >"$log.$k.log" 2>&1 &
+    "${cmd[@]}" >>"$log.$k.log" 2>&1 &
     pids+=($!)
     if ((${#pids[@]} >= WORKERS)); then wait "${pids[0]}" || { echo "error: see $log.*.log" >&2; exit 1; }; pids=("${pids[@]:1}"); fi
   done

@@ -111,3 +111,30 @@ def test_readme_commands_exist_and_ci_runs_them():
     for script in ("setup.sh", "run_demo.sh", "train_all_tasks.sh", "train_moa.sh", "run_all_evaluation.sh"):
         assert (ROOT / script).is_file(), script
         assert subprocess.run(["bash", "-n", str(ROOT / script)]).returncode == 0, script
+
+
+def test_reference_script_shares_cells_between_workers_and_reuses_base_and_oracle(tmp_path, shared_data):
+    """run_reference.sh end to end on a tiny model: two workers, each cell computed once."""
+    model = save_tiny(tmp_path / "tiny-qwen2", "qwen2")
+    run = tmp_path / "ref"
+    env = dict(os.environ, MODEL=str(model), RUN=str(run), DATA=str(shared_data), PYTHON=sys.executable,
+               TRAIN_SIZE="4", EVAL_SIZE="2", WORKERS="2", METHODS="moa,concat,svd", MPLBACKEND="Agg")
+    _run(["bash", str(ROOT / "run_reference.sh")], env, tmp_path, timeout=900)
+    five = run.parent / "ref-5tasks"
+    for folder, tasks in ((run, SEVEN), (five, SEVEN[:5])):
+        summary = json.loads((folder / "eval" / "summary.json").read_text())
+        assert summary["tasks"] == tasks and list(summary["methods"]) == ["oracle", "moa", "concat", "svd", "base"]
+        logs = "".join(p.read_text() for p in (folder / "logs").glob("eval.*.log"))
+        done = re.findall(r"^\s+(\w+) / (\w+)\s", logs, flags=re.M)
+        computed = {"oracle", "moa", "concat", "svd", "base"} if folder == run else {"moa", "concat", "svd"}
+        assert sorted(done) == sorted((m, t) for m in computed for t in tasks)   # each cell once, by one worker
+        if folder == run:   # 35 cells: both workers get some
+            assert re.search(r"^\s+\w+ / \w+\s", (folder / "logs" / "eval.2.log").read_text(), flags=re.M)
+        assert (folder / "plots" / "multitask_score.png").is_file()
+    seven = json.loads((run / "eval" / "summary.json").read_text())["methods"]
+    for m in ("base", "oracle"):
+        for t in SEVEN[:5]:
+            assert summary["methods"][m]["per_task"][t]["metrics"] == seven[m]["per_task"][t]["metrics"]
+    bad = subprocess.run(["bash", str(ROOT / "run_reference.sh")], env=dict(env, DATA=str(tmp_path / "nope")),
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "DATA=" in bad.stderr
