@@ -40,7 +40,6 @@ import os
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -57,7 +56,7 @@ from src import tasks as task_registry
 from src.errors import UserError
 from src.metrics import multitask_score
 from src.moa import MixtureOfLoRAs
-from src.lora import (Adapter, apply_adapter, check_adapter_fits, load_adapter, save_adapter,
+from src.lora import (Adapter, apply_adapter, atomic_tmp, check_adapter_fits, load_adapter, save_adapter,
                       unload_lora, write_json_atomic)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -570,7 +569,7 @@ def cell_lock(run_dir: Path, method: str, task: str) -> Path:
 
 def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = atomic_tmp(path)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)

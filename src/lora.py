@@ -290,11 +290,25 @@ def replace_dir(tmp: Path, folder: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_tmp(path: Path) -> tuple[int, str]:
+    """A temporary file beside `path` to be renamed onto it, with the permissions an ordinary
+    new file gets (mkstemp makes it private, 0600)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.chmod(tmp, 0o666 & ~_umask())
+    return fd, tmp
+
+
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
     """Write JSON to a temporary file beside `path`, then rename: never half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = atomic_tmp(path)
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=False, default=str)
         f.write("\n")

@@ -43,7 +43,6 @@ import hashlib
 import inspect
 import json
 import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +55,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from src.errors import UserError
-from src.lora import (Adapter, LoRALinear, _set_module, check_adapter_fits, load_adapter, lora_layers,
+from src.lora import (Adapter, LoRALinear, _set_module, atomic_tmp, check_adapter_fits, load_adapter, lora_layers,
                       save_adapter, write_json_atomic)
 
 ROUTERS = ("study", "block")
@@ -576,7 +575,7 @@ class MixtureOfLoRAs(nn.Module):
         for i, r in enumerate(self.routers):
             tensors[f"routers.{i}.weight"] = r.weight.detach().cpu().contiguous()
             tensors[f"routers.{i}.bias"] = r.bias.detach().cpu().contiguous()
-        fd, tmp = tempfile.mkstemp(prefix=f".{ROUTERS_NAME}.", dir=folder)
+        fd, tmp = atomic_tmp(Path(folder) / ROUTERS_NAME)
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata={"format": "pt"})

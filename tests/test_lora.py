@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -303,3 +304,17 @@ def test_export_failure_restores_the_model_and_writes_nothing(model, tmp_path, m
     assert not lora_layers(model) and list(tmp_path.iterdir()) == []
     for n, p in model.state_dict().items():
         assert torch.equal(p, w0[n]), n
+
+
+def test_atomic_writes_give_ordinary_file_permissions(tmp_path):
+    from src.evaluation import write_text_atomic
+    from src.lora import write_json_atomic
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "a.json", {"x": 1})
+        write_text_atomic(tmp_path / "b.txt", "y")
+    finally:
+        os.umask(old)
+    for name in ("a.json", "b.txt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644   # not mkstemp's private 0600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.txt"]
