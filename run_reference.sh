@@ -2,7 +2,7 @@
 # The reference experiment (README "Results"): SmolLM2-135M-Instruct on the real data subsets,
 # 7 tasks, and the 5-task set on the same adapters with its own MoA and merges (as the study).
 #
-#   bash run_reference.sh                          # about 2 h on 2 CPU cores; DATA=../shared/data
+#   bash run_reference.sh                          # about 2.5 h on 2 CPU cores; DATA=../shared/data
 #   DATA=/my/data RUN=runs/ref WORKERS=1 bash run_reference.sh
 #   MODEL=HF_FOLDER TRAIN_SIZE=500 EVAL_SIZE=200 bash run_reference.sh
 #
