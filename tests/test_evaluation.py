@@ -149,6 +149,10 @@ def test_result_files_record_their_provenance(tiny_run):
     assert s["model"] == str(tiny_run["model_dir"]) and s["tasks"] == TASKS
     meta = s["meta"]
     assert meta["seed"] == 0 and len(meta["data_hash"]) == 64 and "git_commit" in meta
+    import transformers
+    assert meta["versions"]["transformers"] == transformers.__version__
+    assert {"python", "torch", "transformers", "tokenizers", "peft", "safetensors"} <= set(meta["versions"])
+    assert meta["versions"]["peft"]                      # installed for the tests
     assert "--methods" in meta["command"] and meta["config"]["EvalConfig"]["max_new_tokens"] == 10
     assert meta["command"].startswith("python full_evaluation.py --model")
     md = (run / "eval" / "results.md").read_text()

@@ -195,6 +195,34 @@ def test_generation_decides_once(router, inference):
         assert torch.equal(alone[0, -4:], out[i, -4:])
 
 
+@pytest.mark.parametrize("router,inference", [("study", "layer"), ("study", "vote"), ("block", "last"),
+                                              ("block", "vote")])
+def test_generation_cache_holds_prompt_and_new_tokens(router, inference):
+    """The routing pass of last/vote never reads or extends the generation's cache, whatever
+    transformers calls it (`past_key_values` up to 5.23, `cache` from 5.24)."""
+    model = tiny_model("qwen2")
+    moa = MixtureOfLoRAs(model, make_adapters(model), MoAConfig(router=router, inference=inference))
+    randomize_routers(moa, seed=5)
+    ids, mask = left_pad(PROMPTS)
+    n = 4
+    with torch.no_grad(), moa.session():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=1, return_dict_in_generate=True)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    assert cache is not None
+    # the last new token is returned, not fed back: the cache holds prompt + n - 1 positions
+    assert cache.get_seq_length() == ids.shape[1] + n - 1
+    assert out.sequences.shape == (len(PROMPTS), ids.shape[1] + n)
+
+
+def test_without_cache_drops_every_cache_object():
+    from transformers import DynamicCache
+    from src.moa import without_cache
+    c = DynamicCache()
+    kw = {"input_ids": 1, "cache": c, "past_key_values": None, "my_state": c, "use_cache": True}
+    assert without_cache(kw) == {"input_ids": 1, "use_cache": True}
+
+
 def test_redecide_every_step_reroutes():
     model = tiny_model("qwen2")
     moa = MixtureOfLoRAs(model, make_adapters(model), MoAConfig(redecide_every_step=True))
