@@ -30,7 +30,7 @@ else
 fi
 PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
 if [[ "$LATEST" == 1 ]]; then
-  PINS=(--upgrade --upgrade-strategy eager)    # the newest versions the ranges allow
+  PINS=(--upgrade)                             # the newest versions the ranges allow
   echo "setup: LATEST=1: newest allowed versions, constraints.txt ignored"
 else
   PINS=(--constraint constraints.txt)          # exactly the tested versions
@@ -40,9 +40,13 @@ if [[ "${TORCH[*]-}" == "torch==2.13.0" && "$LATEST" != 1 ]]; then
 elif ((${#TORCH[@]})); then
   "${PIP[@]}" "${TORCH[@]}"          # a CUDA build: its own dependencies, not our pins
 fi
-# Everything but torch (installed or kept above, so pip never swaps it for another build).
+# Everything but torch: the torch installed or kept above is pinned for the rest, so pip never
+# swaps it for another build (a newer torch from PyPI is a multi-gigabyte CUDA build).
 reqs=$(mktemp)
-trap 'rm -f "$reqs"' EXIT
+keep=$(mktemp)
+trap 'rm -f "$reqs" "$keep"' EXIT
+"$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__)" >"$keep"
+PINS+=(--constraint "$keep")
 files=(requirements.txt)
 if [[ "$DEV" == 1 ]]; then files+=(requirements-dev.txt); fi
 grep -hvE '^(torch([<>=!~ ]|$)|-r )' "${files[@]}" >"$reqs"

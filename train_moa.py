@@ -37,7 +37,8 @@ from src import runs
 from src.cli import config_dict, parse_configs
 from src.config import MOA_PRESETS, DataConfig, RouterConfig, TrainConfig
 from src.errors import UserError, run_main
-from src.lora import load_adapter, replace_dir, write_json_atomic
+from src.lora import load_adapter
+from src.runs import replace_dir, write_json_atomic
 from src.models import load_base_model, resolve_model_path
 from src.moa import CONFIG_NAME as MOA_CONFIG, ROUTERS_NAME, MixtureOfLoRAs, MoAConfig
 from src.tasks import data_hash, resolve_tasks

@@ -110,7 +110,8 @@ def cosine_matrices(adapters: Mapping[str, object]) -> dict:
 def run_cosines(run_dir: Path) -> dict:
     """cosine_matrices of RUN/adapters/* (every task folder holding an adapter), saved to
     RUN/analysis/cosine.json."""
-    from src.lora import load_adapter, write_json_atomic
+    from src.lora import load_adapter
+    from src.runs import write_json_atomic
 
     folder = Path(run_dir) / "adapters"
     tasks = _task_order(run_dir, sorted(p.name for p in folder.glob("*") if (p / "adapter_config.json").is_file()))

@@ -30,15 +30,10 @@ settings). `load_cell` returns a finished cell only if its fingerprint still mat
 from __future__ import annotations
 
 import csv
-import fcntl
-import hashlib
 import inspect
 import io
 import json
 import math
-import os
-import shlex
-import subprocess
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -50,13 +45,15 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig
 
-from src import merging, runs
+from src import merging
+from src.runs import (adapter_dir, adapter_digest, cell_lock, cell_path, eval_dir, file_digest, file_lock,  # noqa: F401
+                      find_cell, git_commit, load_cell, moa_digest, moa_dir, predictions_path, run_meta, save_cell,
+                      write_json_atomic, write_predictions, write_text_atomic)
 from src import tasks as task_registry
 from src.errors import UserError
 from src.metrics import multitask_score
 from src.moa import MixtureOfLoRAs
-from src.lora import (Adapter, apply_adapter, atomic_tmp, check_adapter_fits, load_adapter, save_adapter,
-                      unload_lora, write_json_atomic)
+from src.lora import Adapter, apply_adapter, check_adapter_fits, load_adapter, save_adapter, unload_lora
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXED_METHODS = ("base", "oracle", "moa")
@@ -109,14 +106,6 @@ def merge_options(method: str, options: dict) -> dict:
 
 
 # ------------------------------------------------------------------------- inputs
-
-def adapter_dir(run_dir: Path, task: str) -> Path:
-    return Path(run_dir) / "adapters" / task
-
-
-def moa_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "moa"
-
 
 def check_inputs(run_dir: Path, tasks: Sequence[str], methods: Sequence[str]) -> None:
     """Every file a method needs exists, else one UserError naming what is missing.
@@ -173,28 +162,6 @@ def load_moa(model, run_dir: Path, adapters: dict[str, Adapter]):
     """RUN/moa injected into `model`, its experts from RUN/adapters (or its own saved experts)."""
     needed = moa_adapter_tasks(run_dir)
     return MixtureOfLoRAs.load(model, moa_dir(run_dir), {t: adapters[t] for t in needed} if needed else None)
-
-
-def file_digest(*paths: Path) -> str:
-    """sha256 of the files' bytes, in order (identifies an adapter or router version)."""
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def adapter_digest(folder: Path) -> str:
-    return file_digest(Path(folder) / "adapter_config.json", Path(folder) / "adapter_model.safetensors")
-
-
-def moa_digest(folder: Path) -> str:
-    """sha256 of a saved MoA: its config, routers and (joint training) its own experts."""
-    folder = Path(folder)
-    files = [folder / "moa_config.json", folder / "routers.safetensors",
-             *sorted((folder / "experts").glob("*/adapter_model.safetensors"))]
-    return file_digest(*files)
 
 
 def load_eval_data(tasks: Sequence[str], split: str, data: str, data_dir: str | None, size: int | None,
@@ -492,120 +459,7 @@ def evaluate_task(model, tokenizer, task: str, examples: Sequence, settings: Set
 
 # ------------------------------------------------------------------------- cells on disk
 
-def eval_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "eval"
-
-
-def cell_path(run_dir: Path, method: str, task: str) -> Path:
-    return eval_dir(run_dir) / "cells" / method / f"{task}.json"
-
-
-def predictions_path(run_dir: Path, method: str, task: str) -> Path:
-    return eval_dir(run_dir) / "predictions" / method / f"{task}.jsonl"
-
-
-def load_cell(run_dir: Path, method: str, task: str, fingerprint: dict) -> dict | None:
-    """The finished cell for (method, task) if it exists and was computed with exactly
-    `fingerprint`; None otherwise (missing, unreadable or stale)."""
-    path = cell_path(run_dir, method, task)
-    if not path.is_file():
-        return None
-    try:
-        cell = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    if cell.get("fingerprint") != json.loads(json.dumps(fingerprint)):
-        return None
-    if not predictions_path(run_dir, method, task).is_file():
-        write_predictions(run_dir, method, task, cell["records"])
-    return cell
-
-
-def find_cell(run_dir: Path, method: str, task: str, fingerprint: dict,
-              reuse_from: Sequence[Path] = ()) -> dict | None:
-    """The finished cell from RUN, or else from another run folder in `reuse_from` (copied
-    into RUN with its own provenance): a cell is only ever taken with the same fingerprint."""
-    cell = load_cell(run_dir, method, task, fingerprint)
-    for other in reuse_from:
-        if cell is not None:
-            break
-        cell = load_cell(Path(other), method, task, fingerprint)
-        if cell is not None:
-            write_predictions(run_dir, method, task, cell["records"])
-            write_json_atomic(cell_path(run_dir, method, task), cell)
-    return cell
-
-
-@contextmanager
-def file_lock(path: Path, wait: bool = True) -> Iterator[bool]:
-    """An exclusive advisory lock (flock) on `path`, held for the block; yields False at once
-    when another process holds it and `wait` is False. The kernel drops it when its holder
-    exits, so a crashed run never leaves a stale lock. A file is created and stays; a folder
-    (locked as it is) gets nothing written into it."""
-    folder = Path(path).is_dir()
-    if not folder:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDONLY if folder else os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
-
-
-def cell_lock(run_dir: Path, method: str, task: str) -> Path:
-    """The lock file by which processes evaluating one run folder share out its cells."""
-    path = cell_path(run_dir, method, task)
-    return path.with_name(f".{path.stem}.lock")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = atomic_tmp(path)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def write_predictions(run_dir: Path, method: str, task: str, records: Sequence[dict]) -> Path:
-    path = predictions_path(run_dir, method, task)
-    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    return path
-
-
-def save_cell(run_dir: Path, method: str, task: str, fingerprint: dict, body: dict, meta: dict) -> dict:
-    """Predictions JSONL first, then the cell file (its presence marks the cell finished)."""
-    cell = {"method": method, "task": task, "fingerprint": fingerprint, **body, "meta": meta}
-    write_predictions(run_dir, method, task, body["records"])
-    write_json_atomic(cell_path(run_dir, method, task), cell)
-    return cell
-
-
 # ------------------------------------------------------------------------- summary
-
-def run_meta(prog: str, argv: Sequence[str] | None, config: dict, seed: int, data_hash: str) -> dict:
-    """What every result file records: command, config, seed, git commit, data hash."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return {"command": shlex.join(["python", prog, *argv]),
-            "config": config, "seed": seed, "git_commit": git_commit(), "data_hash": data_hash,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "versions": runs.versions()}
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (out.stdout.strip() or None) if out.returncode == 0 else None
-
 
 def summarize(model: str, tasks: Sequence[str], methods: Sequence[str], cells: dict[tuple[str, str], dict],
               meta: dict) -> dict:

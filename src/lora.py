@@ -18,7 +18,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from src.errors import UserError
+from src.runs import atomic_dir, replace_dir
 
 # The study's targets: attention q/k/v and the MLP's gate/up/down in every block.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
@@ -272,54 +272,11 @@ def make_adapter(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], scales: 
     return Adapter(dict(factors), dict(scales), cfg, name)
 
 
-def _atomic_dir(folder: Path):
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the finished folder should read like any other
-    return tmp
-
-
-def replace_dir(tmp: Path, folder: Path) -> None:
-    """Move a finished temporary folder into place; an old folder is removed only after."""
-    old = None
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_tmp(path: Path) -> tuple[int, str]:
-    """A temporary file beside `path` to be renamed onto it, with the permissions an ordinary
-    new file gets (mkstemp makes it private, 0600)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.chmod(tmp, 0o666 & ~_umask())
-    return fd, tmp
-
-
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """Write JSON to a temporary file beside `path`, then rename: never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = atomic_tmp(path)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def save_adapter(adapter: Adapter, folder: str | os.PathLike,
                  extra_json: dict[str, dict] | None = None) -> Path:
     """Write PEFT's two files (plus e.g. `training_config.json`) atomically into `folder`."""
     folder = Path(folder)
-    tmp = _atomic_dir(folder)
+    tmp = atomic_dir(folder)
     try:
         tensors = {}
         for n, (a, b) in adapter.factors.items():
@@ -435,7 +392,7 @@ def export_merged_model(model: nn.Module, adapter: Adapter, out_dir: str | os.Pa
     out_dir = Path(out_dir)
     apply_adapter(model, adapter)
     originals = {n: m.linear.weight.detach().to("cpu", copy=True) for n, m in lora_layers(model).items()}
-    tmp = _atomic_dir(out_dir)
+    tmp = atomic_dir(out_dir)
     try:
         merge_lora(model)
         saved = {n: m for n, m in lora_layers(model).items()}

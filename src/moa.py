@@ -39,7 +39,6 @@ experts were trained too.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
 import json
 import os
@@ -56,8 +55,8 @@ from safetensors.torch import load_file, save_file
 from transformers.cache_utils import Cache
 
 from src.errors import UserError
-from src.lora import (Adapter, _set_module, atomic_tmp, check_adapter_fits, load_adapter, lora_layers,
-                      save_adapter, write_json_atomic)
+from src.lora import Adapter, _set_module, check_adapter_fits, load_adapter, lora_layers, save_adapter
+from src.runs import atomic_path, file_digest, write_json_atomic
 
 ROUTERS = ("study", "block")
 INFERENCE = ("layer", "last", "vote")
@@ -304,10 +303,6 @@ def without_cache(kwargs: dict) -> dict:
     and the known cache keywords (whatever they hold), so a forward run with them neither reads
     nor extends the caller's cache."""
     return {k: v for k, v in kwargs.items() if not (isinstance(v, Cache) or k in CACHE_KEYWORDS)}
-
-
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # --------------------------------------------------------------------------- the mixture
@@ -594,14 +589,8 @@ class MixtureOfLoRAs(nn.Module):
         for i, r in enumerate(self.routers):
             tensors[f"routers.{i}.weight"] = r.weight.detach().cpu().contiguous()
             tensors[f"routers.{i}.bias"] = r.bias.detach().cpu().contiguous()
-        fd, tmp = atomic_tmp(Path(folder) / ROUTERS_NAME)
-        os.close(fd)
-        try:
+        with atomic_path(folder / ROUTERS_NAME) as tmp:
             save_file(tensors, tmp, metadata={"format": "pt"})
-            os.replace(tmp, folder / ROUTERS_NAME)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         if save_experts:
             for t in self.tasks:
                 save_adapter(self.expert_adapter(t), folder / EXPERTS_DIR / t)
@@ -613,7 +602,7 @@ class MixtureOfLoRAs(nn.Module):
                              "base_model": self._adapter_configs[t].get("base_model_name_or_path")}
                          for t in self.tasks},
             "experts_saved": bool(save_experts),
-            "routers_sha256": _file_sha256(folder / ROUTERS_NAME),
+            "routers_sha256": file_digest(folder / ROUTERS_NAME),
         }
         write_json_atomic(folder / CONFIG_NAME, meta)
         return folder
@@ -633,7 +622,7 @@ class MixtureOfLoRAs(nn.Module):
             tasks = list(meta["tasks"])
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise UserError(f"{cfg_path}: not a MoA config ({e})") from None
-        if meta.get("routers_sha256") and meta["routers_sha256"] != _file_sha256(w_path):
+        if meta.get("routers_sha256") and meta["routers_sha256"] != file_digest(w_path):
             raise UserError(f"{w_path} does not match {cfg_path.name} (an interrupted save?)")
         recorded = {t: (meta.get("adapters", {}).get(t) or {}).get("source") for t in tasks}
         if adapters is None:

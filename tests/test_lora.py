@@ -308,7 +308,7 @@ def test_export_failure_restores_the_model_and_writes_nothing(model, tmp_path, m
 
 def test_atomic_writes_give_ordinary_file_permissions(tmp_path):
     from src.evaluation import write_text_atomic
-    from src.lora import write_json_atomic
+    from src.runs import write_json_atomic
     old = os.umask(0o022)
     try:
         write_json_atomic(tmp_path / "a.json", {"x": 1})
