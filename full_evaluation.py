@@ -1,16 +1,18 @@
-"""Evaluate every method on every task: the study's table (SPEC sections 5 and 6).
+"""Evaluate every composition method on every task: the study's table, against the oracle.
 
 Usage:
     python full_evaluation.py --model MODEL --output-dir RUN --tasks 5tasks \
-        --methods moa,concat,weight_sum,svd [--data sample | --data hub | --data-dir DIR] \
+        --methods moa,arrow,concat,weight_sum,svd [--data sample | --data hub | --data-dir DIR] \
         [--eval-size 500] [--batch-size 16] [--max-new-tokens 128] [--max-prompt-len 400] \
-        [--score-by generate|likelihood] [--density 0.5] [--rank 8] [--seed 0] [--force]
+        [--score-by generate|likelihood] [--density 0.5] [--rank 8] [--seed 0] [--force] \
+        [--arrow-top-k 3] [--arrow-temperature 1.0] [--arrow-general DIR ...] \
         [--reuse-from OTHER_RUN ...]
+    python full_evaluation.py --methods list        # every method, its kind and what it is
 
-Methods: base, oracle (each task's own adapter), moa (RUN/moa), every merge of
-src/merging.py (concat, weight_sum, svd, task_arithmetic, ties, dare_linear, dare_ties) and
-its named variants (svd_sum, svd_full, concat_unscaled, weight_avg); "merges" and "all"
-expand. base and oracle are always evaluated (the score is relative to the oracle).
+Methods come from the registry in src/compose.py: base, oracle (each task's own adapter),
+moa (RUN/moa), arrow (zero-shot routing over RUN/adapters), every merge of src/merging.py
+and its named variants; "merges" and "all" expand. base and oracle are always evaluated
+(the score is relative to the oracle). Each method's options are flags of their own group.
 
 Reads RUN/adapters/<task>/ and RUN/moa/; writes
     RUN/merged/<method>/                 each merge, built once and reused
@@ -27,12 +29,12 @@ from __future__ import annotations
 
 import sys
 import time
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from src import compose, runs
 from src import evaluation as ev
 from src import tasks as task_registry
 from src.cli import config_dict, parse_configs
@@ -74,7 +76,7 @@ class EvalConfig:
     dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16, float16"})
 
     def __post_init__(self):
-        if not self.output_dir:
+        if not self.output_dir and self.methods != "list":
             raise UserError("--output-dir RUN is required")
         if self.data_dir is not None and self.data == "sample":
             self.data = "dir"  # --data-dir alone means local files from that folder
@@ -91,74 +93,41 @@ class EvalConfig:
             raise UserError(f"--eval-size must be a positive integer, got {self.eval_size}")
 
 
-@dataclass
-class MergeConfig:
-    """Options of the merge methods; each method gets only those it takes."""
-
-    density: float | None = field(default=None, metadata={"help": "ties / dare: share of entries kept"})
-    rank: str | None = field(default=None, metadata={"help": "svd (and ties/dare in delta space): rank, or 'full'"})
-    majority_sign: str | None = field(default=None, metadata={"help": "ties / dare_ties: total or frequency"})
-    space: str | None = field(default=None, metadata={"help": "ties / dare: ab (PEFT) or delta"})
-    weights: tuple[float, ...] | None = field(default=None, metadata={"help": "one weight per task (default 1 each)"})
-
-    def __post_init__(self):
-        if self.rank is not None and self.rank != "full":
-            try:
-                self.rank = int(self.rank)
-            except ValueError:
-                raise UserError(f"--rank must be a positive integer or 'full', got {self.rank!r}") from None
-            if self.rank < 1:
-                raise UserError(f"--rank must be a positive integer or 'full', got {self.rank}")
-        if self.density is not None and not 0 < self.density <= 1:
-            raise UserError(f"--density must be in (0, 1], got {self.density}")
-
-
 def main(argv=None):
-    (cfg, mcfg), _ = parse_configs(argv, "full_evaluation.py", __doc__.split("\n\n")[0], EvalConfig, MergeConfig)
+    configs = compose.option_configs()
+    (cfg, *opts), _ = parse_configs(argv, "full_evaluation.py", __doc__.split("\n\n")[0], EvalConfig, *configs)
+    if cfg.methods == "list":
+        print(compose.describe())
+        return
     run_dir = Path(cfg.output_dir)
     t_start = time.perf_counter()
 
     # ------------------------------------------------------------------ inputs, checked first
     tasks = task_registry.resolve_tasks(cfg.tasks)
-    methods = ev.resolve_methods(cfg.methods)
-    if mcfg.weights is not None and len(mcfg.weights) != len(tasks):
-        raise UserError(f"--weights has {len(mcfg.weights)} values for {len(tasks)} tasks")
-    ev.check_inputs(run_dir, tasks, methods)
+    methods = compose.resolve_methods(cfg.methods)
+    env = compose.Env(run_dir, list(tasks), {type(o): o for o in opts}, cfg.seed, cfg.force)
+    compose.check_all(methods, env)        # every method's inputs; loads the adapters they read
     data = ev.load_eval_data(tasks, cfg.split, cfg.data, cfg.data_dir, cfg.eval_size, cfg.seed, cfg.nli_source)
-    needed = [*tasks, *(ev.moa_adapter_tasks(run_dir) if "moa" in methods else [])]   # oracle needs every task's
-    adapters, digests = ev.load_run_adapters(run_dir, list(dict.fromkeys(needed)))
-    merge_opts = {m: ev.merge_options(m, {"density": mcfg.density, "rank": mcfg.rank, "seed": cfg.seed,
-                                          "majority_sign": mcfg.majority_sign, "space": mcfg.space})
-                  for m in methods if m not in ev.FIXED_METHODS}
-    config = config_dict(cfg, mcfg)
+    config = config_dict(cfg, *opts)
     sizes = sorted({len(v) for v in data.values()})
     per_task = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
     config["data_desc"] = f"{cfg.data_dir or cfg.data} ({cfg.split}, {per_task} examples per task, seed {cfg.seed})"
-    meta = ev.run_meta("full_evaluation.py", argv, config, cfg.seed, task_registry.data_hash(data))
+    meta = runs.run_meta("full_evaluation.py", argv, config, cfg.seed, task_registry.data_hash(data))
 
     dtype = str(resolve_dtype(cfg.dtype, resolve_device(cfg.device))).removeprefix("torch.")
 
     def fingerprint(method: str, task: str) -> dict:
-        fp = {"method": method, "task": task, "model": cfg.model, "dtype": dtype,
-              "data_hash": task_registry.data_hash({task: data[task]}), **ev.Settings(
-                  cfg.max_new_tokens, cfg.max_prompt_len, cfg.score_by).fingerprint()}
-        if method == "oracle":
-            fp["adapter"] = digests[task]
-        elif method == "moa":
-            fp["moa"] = {"files": ev.moa_digest(ev.moa_dir(run_dir)),
-                         "adapters": [digests[t] for t in ev.moa_adapter_tasks(run_dir)]}
-        elif method != "base":
-            fp["merge"] = {"options": merge_opts[method], "weights": mcfg.weights,
-                           "adapters": [digests[t] for t in tasks]}
-        return fp
+        common = {"model": cfg.model, "dtype": dtype, "data_hash": task_registry.data_hash({task: data[task]}),
+                  **ev.Settings(cfg.max_new_tokens, cfg.max_prompt_len, cfg.score_by).fingerprint()}
+        return compose.fingerprint(method, task, env, common)
 
     reuse_from = [Path(p) for p in cfg.reuse_from or ()]
     for p in reuse_from:
-        if not (p / "eval").is_dir():
-            raise UserError(f"--reuse-from {p}: no evaluated run there (no {p / 'eval'})")
+        if not runs.eval_dir(p).is_dir():
+            raise UserError(f"--reuse-from {p}: no evaluated run there (no {runs.eval_dir(p)})")
 
     def find(m: str, t: str) -> dict | None:
-        return None if cfg.force else ev.find_cell(run_dir, m, t, fingerprint(m, t), reuse_from)
+        return None if cfg.force else runs.find_cell(run_dir, m, t, fingerprint(m, t), reuse_from)
 
     cells: dict[tuple[str, str], dict] = {}
     pending: dict[str, list[str]] = {}
@@ -170,31 +139,33 @@ def main(argv=None):
             else:
                 cells[(m, t)] = cell
 
-    # ------------------------------------------------------------------ merges (before any generation:
-    # a merge that cannot be built, e.g. ties without --density, fails the run here)
-    with ev.file_lock(run_dir):   # processes sharing RUN build each merge once
-        merged = ev.build_merges(run_dir, [m for m in pending if m not in ev.FIXED_METHODS], tasks, adapters,
-                                 digests, merge_opts, mcfg.weights, force=cfg.force)
+    # ------------------------------------------------------------------ build steps (before any
+    # generation: a merge that cannot be built, e.g. ties without --density, fails the run here)
+    with runs.file_lock(run_dir):   # processes sharing RUN build each result once
+        built = compose.build_all(list(pending), env)
     n_todo = sum(len(v) for v in pending.values())
     print(f"evaluating {len(methods)} methods x {len(tasks)} tasks on {cfg.model}: "
           f"{len(cells)} cells reused, {n_todo} to compute", file=sys.stderr)
-    for method, (_, reused) in merged.items():
-        print(f"  merge {method}: {'reused' if reused else 'built'} {run_dir / 'merged' / method}", file=sys.stderr)
+    for method, b in built.items():
+        print(f"  {method}: {'reused' if b.reused else 'built'} {b.where or ''}".rstrip(), file=sys.stderr)
 
     # ------------------------------------------------------------------ model
     model = tokenizer = None
     if n_todo:
         model, tokenizer = load_base_model(cfg.model, cfg.device, cfg.dtype)
-        for ad in adapters.values():
+        for ad in env.adapters.values():
             check_adapter_fits(model, ad)   # a wrong base model fails here, before any generation
+        for m in pending:
+            compose.REGISTRY[m].check_model(model, env)
     settings = ev.Settings(cfg.max_new_tokens, cfg.max_prompt_len, cfg.score_by, cfg.batch_size)
 
-    def run_cell(method: str, task: str, moa=None) -> None:
+    def run_cell(method: str, task: str) -> None:
         bar = tqdm(total=len(data[task]), desc=f"{method}/{task}", unit="ex", leave=False,
                    disable=not sys.stderr.isatty())
-        body = ev.evaluate_task(model, tokenizer, task, data[task], settings, moa=moa, progress=bar.update)
+        with compose.REGISTRY[method].prepare(model, env, task) as router:
+            body = ev.evaluate_task(model, tokenizer, task, data[task], settings, router=router, progress=bar.update)
         bar.close()
-        cells[(method, task)] = ev.save_cell(run_dir, method, task, fingerprint(method, task), body, meta)
+        cells[(method, task)] = runs.save_cell(run_dir, method, task, fingerprint(method, task), body, meta)
         r = body["result"]
         speed = f", {body['tokens_per_s']:.0f} tok/s" if body["tokens_per_s"] else ""
         print(f"  {method:>16} / {task:<14} {r['primary']} {r['score']:.4f}  "
@@ -203,38 +174,24 @@ def main(argv=None):
     # ------------------------------------------------------------------ run
     # Several processes may evaluate one run folder (one per GPU, or per CPU core): each
     # cell is claimed by a lock, a claimed cell is left to its holder and waited for at
-    # the end, and a cell finished meanwhile is read, not recomputed.
-    @contextmanager
-    def prepared(method: str):
-        if method == "moa":   # injects its layers: moa goes last, the others need the model plain
-            moa = ev.load_moa(model, run_dir, adapters)
-            try:
-                yield moa
-            finally:
-                moa.remove()
-        else:
-            with ev.folded(model, merged[method][0]) if method in merged else nullcontext():
-                yield None
-
+    # the end, and a cell finished meanwhile is read, not recomputed. Each method's prepare()
+    # restores the model on exit, so methods run in any order.
     def compute(method: str, todo: list[str], wait: bool) -> list[str]:
         """Evaluates `todo`'s cells of one method; returns the tasks another process holds."""
         held = []
-        with prepared(method) as moa:
-            for task in todo:
-                with ev.file_lock(ev.cell_lock(run_dir, method, task), wait) as mine:
-                    if not mine:
-                        held.append(task)
-                        continue
-                    cell = ev.find_cell(run_dir, method, task, fingerprint(method, task), reuse_from)
-                    if cell is not None and not cfg.force:
-                        cells[(method, task)] = cell
-                        continue
-                    with ev.folded(model, adapters[task]) if method == "oracle" else nullcontext():
-                        run_cell(method, task, moa)
+        for task in todo:
+            with runs.file_lock(runs.cell_lock(run_dir, method, task), wait) as mine:
+                if not mine:
+                    held.append(task)
+                    continue
+                cell = runs.find_cell(run_dir, method, task, fingerprint(method, task), reuse_from)
+                if cell is not None and not cfg.force:
+                    cells[(method, task)] = cell
+                    continue
+                run_cell(method, task)
         return held
 
-    order = sorted(pending, key=lambda m: m == "moa")
-    held = {m: left for m in order if (left := compute(m, pending[m], wait=False))}
+    held = {m: left for m in pending if (left := compute(m, pending[m], wait=False))}
     for method, todo in held.items():
         compute(method, todo, wait=True)
 

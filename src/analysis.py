@@ -7,7 +7,9 @@ For each RUN, writes RUN/analysis/cosine.json (from RUN/adapters/*) and, under R
     cosine_per_layer.png    the same per decoder layer, one row per task pair
     multitask_score.png     oracle-normalised multitask score per method (RUN/eval/summary.json)
     per_task_metrics.png    each task's raw primary metric per method
-    routing_confusion.png   MoA: true task x routed task (RUN/eval/predictions/moa/*.jsonl)
+    routing_<method>.png    each dynamic method (MoA, Arrow): true task x expert, from its
+                            predictions (RUN/eval/predictions/<method>/*.jsonl)
+    routing_<method>_per_layer.png   per-token routers: expert share per layer
 With several RUNs (model sizes, task counts: the study's figures 3 and 4) also
     comparison_multitask.png, comparison_per_task.png   under --out (default: the first RUN/plots)
 
@@ -128,11 +130,8 @@ def _task_order(run_dir: Path, names: list[str]) -> list[str]:
     summary = Path(run_dir) / "eval" / "summary.json"
     if summary.is_file():
         order = json.loads(summary.read_text()).get("tasks", [])
-    try:
-        from src.tasks import TASKS
-        order = [*order, *TASKS]
-    except ImportError:  # pragma: no cover
-        pass
+    from src.tasks import TASKS
+    order = [*order, *TASKS]
     rank = {t: i for i, t in enumerate(dict.fromkeys(order))}
     return sorted(names, key=lambda t: (rank.get(t, len(rank)), t))
 
@@ -151,24 +150,59 @@ def load_cosines(run_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def routing_confusion(run_dir: Path, tasks: Sequence[str] | None = None) -> dict | None:
-    """{"true": [...], "routed": [...], "counts": [[n]]} from RUN/eval/predictions/moa/*.jsonl."""
-    folder = Path(run_dir) / "eval" / "predictions" / "moa"
+def routing_methods(run_dir: Path) -> list[str]:
+    """The methods of RUN/eval/predictions whose records carry a router's decisions."""
+    folder = Path(run_dir) / "eval" / "predictions"
+    out = []
+    for d in sorted(p for p in folder.glob("*") if p.is_dir()):
+        first = next((ln for f in sorted(d.glob("*.jsonl")) for ln in f.read_text(encoding="utf-8").splitlines()
+                      if ln.strip()), None)
+        if first and ({"routed_task", "expert_share"} & set(json.loads(first))):
+            out.append(d.name)
+    return out
+
+
+def routing_confusion(run_dir: Path, tasks: Sequence[str] | None, method: str) -> dict | None:
+    """How `method` routed each task's examples, from RUN/eval/predictions/<method>/*.jsonl.
+
+    Per-sequence routers (records with "routed_task"): {"true", "routed", "counts": [[n]]}.
+    Per-token routers ("expert_share"): {"true", "routed" (the experts), "share": [[mean share]],
+    "counts": [[examples]]}. None when the method did not route.
+    """
+    folder = Path(run_dir) / "eval" / "predictions" / method
     if not folder.is_dir():
         return None
-    rows: dict[str, dict[str, int]] = {}
+    rows: dict[str, dict[str, float]] = {}
+    n: dict[str, int] = {}
+    token = False
     for path in sorted(folder.glob("*.jsonl")):
         for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                if "routed_task" in rec:
-                    row = rows.setdefault(rec["task"], {})
-                    row[rec["routed_task"]] = row.get(rec["routed_task"], 0) + 1
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            row = rows.setdefault(rec["task"], {})
+            if "routed_task" in rec:
+                row[rec["routed_task"]] = row.get(rec["routed_task"], 0) + 1
+            elif "expert_share" in rec:
+                token = True
+                for e, v in rec["expert_share"].items():
+                    row[e] = row.get(e, 0.0) + v
+            else:
+                continue
+            n[rec["task"]] = n.get(rec["task"], 0) + 1
+    rows = {t: r for t, r in rows.items() if r}
     if not rows:
         return None
     true = [t for t in (tasks or []) if t in rows] + sorted(t for t in rows if t not in (tasks or []))
-    routed = list(dict.fromkeys([*true, *sorted({r for row in rows.values() for r in row})]))
-    return {"true": true, "routed": routed, "counts": [[rows[t].get(r, 0) for r in routed] for t in true]}
+    routed = list(dict.fromkeys([*[t for t in true if any(t in r for r in rows.values())],
+                                 *sorted({r for row in rows.values() for r in row})]))
+    out = {"method": method, "true": true, "routed": routed}
+    if token:
+        out["share"] = [[rows[t].get(r, 0.0) / n[t] for r in routed] for t in true]
+        out["counts"] = [[n[t]] * len(routed) for t in true]
+    else:
+        out["counts"] = [[int(rows[t].get(r, 0)) for r in routed] for t in true]
+    return out
 
 
 def run_label(summary: dict) -> str:
@@ -279,23 +313,62 @@ def plot_per_task(summary: dict):
 
 
 def plot_routing(conf: dict):
+    """Rows: the true task; columns: the experts. A per-sequence router's share of examples
+    routed to each expert, or a per-token router's mean gate share over the prompts' tokens."""
     import numpy as np
 
     counts = np.array(conf["counts"], dtype=float)
-    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    token = "share" in conf
+    share = np.array(conf["share"]) if token else counts / np.maximum(counts.sum(1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(max(4.5, 2.5 + 0.8 * len(conf["routed"])), max(3.0, 1.6 + 0.6 * len(conf["true"]))))
     im = _heatmap(ax, share, conf["true"], conf["routed"], 0, 1, cmap="Blues", annotate=False)
-    for i in range(counts.shape[0]):
-        for j in range(counts.shape[1]):
-            ax.text(j, i, f"{share[i, j]:.2f}\n({int(counts[i, j])})", ha="center", va="center", fontsize=7,
+    for i in range(share.shape[0]):
+        for j in range(share.shape[1]):
+            label = f"{share[i, j]:.2f}" if token else f"{share[i, j]:.2f}\n({int(counts[i, j])})"
+            ax.text(j, i, label, ha="center", va="center", fontsize=7,
                     color="white" if share[i, j] > 0.6 else "black")
-    ax.set_xlabel("routed to expert")
+    ax.set_xlabel("expert (mean gate share over prompt tokens and layers)" if token else "routed to expert")
     ax.set_ylabel("true task")
-    hits = sum(counts[i, conf["routed"].index(t)] for i, t in enumerate(conf["true"]))
-    ax.set_title(f"MoA routing (accuracy {hits / max(counts.sum(), 1):.3f})", fontsize=10)
+    own = [share[i, conf["routed"].index(t)] for i, t in enumerate(conf["true"]) if t in conf["routed"]]
+    name = conf.get("method", "router")
+    what = "mean own-expert share" if token else "accuracy"
+    ax.set_title(f"{name} routing ({what} {np.mean(own) if own else float('nan'):.3f})", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, label="share of the row")
     fig.tight_layout()
     return fig
+
+
+def plot_routing_per_layer(table: dict, method: str = "router"):
+    """A per-token router's expert share per layer: one panel per true task (layers x experts),
+    from summary.json's routing table."""
+    import numpy as np
+
+    tasks = list(table["per_layer"])
+    experts, layers = table["experts"], table["layers"]
+    cols = min(len(tasks), 4)
+    rows = math.ceil(len(tasks) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(0.5 + (0.45 * len(experts) + 1.2) * cols,
+                                                  0.8 + (0.09 * len(layers) + 0.8) * rows), squeeze=False)
+    short = [layer_label(n) for n in layers]
+    for k, t in enumerate(tasks):
+        ax = axes[k // cols][k % cols]
+        arr = np.array(table["per_layer"][t], dtype=float)                # [layers, experts]
+        im = ax.imshow(arr, cmap="Blues", vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(experts)), experts, rotation=60, ha="right", fontsize=7)
+        step = max(1, len(layers) // 12)
+        ax.set_yticks(range(0, len(layers), step), short[::step], fontsize=6)
+        ax.set_title(t, fontsize=9)
+    for k in range(len(tasks), rows * cols):
+        axes[k // cols][k % cols].axis("off")
+    fig.colorbar(im, ax=axes, fraction=0.02, label="mean gate share")
+    fig.suptitle(f"{method}: expert share per layer (prompt tokens)", fontsize=10)
+    return fig
+
+
+def layer_label(module: str) -> str:
+    """model.layers.3.self_attn.q_proj -> 3.q_proj"""
+    layer = layer_of(module)
+    return f"{layer}.{module.rsplit('.', 1)[-1]}" if layer is not None else module
 
 
 def plot_comparison(summaries: Sequence[dict], labels: Sequence[str] | None = None):
@@ -364,9 +437,13 @@ def plot_run(run_dir: Path, cosines: bool = True) -> list[Path]:
         summary = load_summary(run_dir)
         written.append(_save(plot_multitask(summary), out / "multitask_score.png"))
         written.append(_save(plot_per_task(summary), out / "per_task_metrics.png"))
-        conf = routing_confusion(run_dir, summary["tasks"])
-        if conf:
-            written.append(_save(plot_routing(conf), out / "routing_confusion.png"))
+        for method in routing_methods(run_dir):
+            conf = routing_confusion(run_dir, summary["tasks"], method)
+            if conf:
+                written.append(_save(plot_routing(conf), out / f"routing_{method}.png"))
+            table = summary.get("routing", {}).get(method, {})
+            if table.get("per_layer"):
+                written.append(_save(plot_routing_per_layer(table, method), out / f"routing_{method}_per_layer.png"))
     return written
 
 

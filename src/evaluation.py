@@ -1,168 +1,54 @@
-"""Evaluation: generate (or score labels) for one method on one task's examples, and keep
-the results as resumable cells.
+"""Evaluation: generate (or score labels) for one method on one task's examples, and the tables.
 
-    with folded(model, adapter):                       # oracle / a merge, folded into W
-        cell = evaluate_task(model, tokenizer, "sentiment", examples, settings)
-    cell = evaluate_task(model, tokenizer, "sentiment", examples, settings, moa=moa)
+    with lora.folded(model, adapter):                  # a static method: oracle, a merge
+        body = evaluate_task(model, tokenizer, "sentiment", examples, settings)
+    body = evaluate_task(model, tokenizer, "sentiment", examples, settings, router=moa)
+
+How a method sets the model up is the method's business (src/compose.py); this module only
+runs the model as it stands, with a dynamic method's router when there is one.
 
 Generation is greedy, batched with left padding and the KV cache (`model.generate`),
 prompts left-truncated to `max_prompt_len` tokens exactly as training encodes them
 (`tasks.encode_prompt`), stopping at EOS. Batches are formed from length-sorted prompts (less
-padding, fewer wasted decode steps) and the original order is restored.
-
-Methods:
-- `base`: the model with no adapter (or its adapters disabled, `lora.disable_adapters`).
-- `oracle` and every merge: the adapter is folded into the base weights for the cell
-  (`folded`): no LoRA layer is left in the model, so a token costs what it costs the base.
-  The original weights are copied back afterwards, bit for bit.
-- `moa`: a `MixtureOfLoRAs` injected into the model; each batch runs inside
-  `moa.session()`, so the routers decide once per sequence from the prompt and keep the
-  decision for every decoding step; a batch may mix experts. The chosen expert of every
-  example is recorded (the routing confusion matrix).
+padding, fewer wasted decode steps) and the original order is restored. With a router each
+batch is one routing session (`router.session(...)`); its record of every example (the
+expert a per-sequence router chose, or each expert's share of a per-token router's gates
+over the prompt) goes into the predictions, and `summarize` builds a routing table per
+dynamic method from them.
 
 `score_by="likelihood"` (classification tasks only, `Task.labels`): instead of generating,
 pick the label whose tokens (+ EOS) have the highest log-likelihood after the prompt.
 
 A cell is one (method, task): predictions, per-example scores, the task's metrics and a
 fingerprint of everything it depends on (model, data, adapters, options, generation
-settings). `load_cell` returns a finished cell only if its fingerprint still matches.
+settings); cells live in the run folder (src/runs.py: `save_cell`, `find_cell`).
 """
 from __future__ import annotations
 
 import csv
-import inspect
 import io
 import json
 import math
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig
 
-from src import merging
-from src.runs import (adapter_dir, adapter_digest, cell_lock, cell_path, eval_dir, file_digest, file_lock,  # noqa: F401
-                      find_cell, git_commit, load_cell, moa_digest, moa_dir, predictions_path, run_meta, save_cell,
-                      write_json_atomic, write_predictions, write_text_atomic)
 from src import tasks as task_registry
 from src.errors import UserError
 from src.metrics import multitask_score
-from src.moa import MixtureOfLoRAs
-from src.lora import Adapter, apply_adapter, check_adapter_fits, load_adapter, save_adapter, unload_lora
+from src.runs import eval_dir, write_json_atomic, write_text_atomic
 
-ROOT = Path(__file__).resolve().parent.parent
-FIXED_METHODS = ("base", "oracle", "moa")
 SCORE_BY = ("generate", "likelihood")
 
 
-# ------------------------------------------------------------------------- methods
-
-def merge_methods() -> list[str]:
-    """Every merge name: the registry's methods, then its named variants."""
-    return [*merging.MERGES, *merging.VARIANTS]
-
-
-def known_methods() -> list[str]:
-    return [*FIXED_METHODS, *merge_methods()]
-
-
-def resolve_methods(spec: str | Sequence[str]) -> list[str]:
-    """Method names from "moa,concat,svd" (or a list); "merges" = every registry method,
-    "all" = every method. Returned in table order: oracle, the requested methods, base;
-    `oracle` and `base` are always there (the score needs the oracle, the table shows the base).
-    """
-    items = [spec] if isinstance(spec, str) else list(spec)
-    names: list[str] = []
-    for part in (p.strip() for item in items for p in item.split(",")):
-        if part == "all":
-            names += known_methods()
-        elif part == "merges":
-            names += list(merging.MERGES)
-        elif part:
-            if part not in known_methods():
-                raise UserError(f"unknown method '{part}'; known: {', '.join(known_methods())} "
-                                f"(or 'merges', 'all')")
-            names.append(part)
-    rest = [m for m in dict.fromkeys(names) if m not in ("oracle", "base")]
-    return ["oracle", *rest, "base"]
-
-
-def merge_options(method: str, options: dict) -> dict:
-    """The subset of `options` (None = unset) that a merge method takes, its variant's preset
-    included: --density means nothing to concat, so it is not passed to it (nor recorded
-    in its fingerprint)."""
-    name, resolved = merging.resolve_method(method, {})
-    params = inspect.signature(merging.MERGES[name]).parameters
-    takes = {p for p, v in params.items() if v.kind is v.KEYWORD_ONLY}
-    if "generator" in takes:
-        takes.add("seed")
-    chosen = {k: v for k, v in options.items() if v is not None and k in takes}
-    return {**resolved, **chosen}
-
-
-# ------------------------------------------------------------------------- inputs
-
-def check_inputs(run_dir: Path, tasks: Sequence[str], methods: Sequence[str]) -> None:
-    """Every file a method needs exists, else one UserError naming what is missing.
-
-    oracle and merges need RUN/adapters/<task>/ for every task; moa needs RUN/moa/, an
-    expert for every evaluated task and, unless it saved its own (joint training), the
-    adapters of all its experts.
-    """
-    run_dir = Path(run_dir)
-    needs_adapters = [m for m in methods if m != "base"]
-    if needs_adapters:
-        missing = [t for t in tasks if not (adapter_dir(run_dir, t) / "adapter_config.json").is_file()]
-        if missing:
-            raise UserError(f"method {needs_adapters[0]} needs an adapter for every task: no adapter for "
-                            f"task {', '.join(missing)} in {run_dir / 'adapters'} "
-                            f"(train it with train_individual_loras.py)")
-    if "moa" in methods:
-        folder = moa_dir(run_dir)
-        if not (folder / "moa_config.json").is_file():
-            raise UserError(f"method moa needs a trained MoA: no {folder}/moa_config.json "
-                            f"(train it with train_moa.py, or leave moa out of --methods)")
-        if not (folder / "routers.safetensors").is_file():
-            raise UserError(f"method moa: {folder} has no routers.safetensors (an unfinished train_moa.py?)")
-        experts, saved = moa_experts(folder)
-        absent = [t for t in tasks if t not in experts]
-        if absent:
-            raise UserError(f"method moa: {folder} has no expert for task {', '.join(absent)} "
-                            f"(its experts: {', '.join(experts)})")
-        missing = [t for t in experts if not saved and not (adapter_dir(run_dir, t) / "adapter_config.json").is_file()]
-        if missing:
-            raise UserError(f"method moa needs the adapters of its experts: no adapter for task "
-                            f"{', '.join(missing)} in {run_dir / 'adapters'}")
-
-
-def moa_experts(folder: Path) -> tuple[list[str], bool]:
-    """(expert task names, whether the experts are saved inside the MoA folder) from moa_config.json."""
-    path = Path(folder) / "moa_config.json"
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: unreadable ({e})") from None
-    if not isinstance(cfg.get("tasks"), list):
-        raise UserError(f"{path}: no 'tasks' list (not a saved MixtureOfLoRAs)")
-    return list(cfg["tasks"]), bool(cfg.get("experts_saved"))
-
-
-def moa_adapter_tasks(run_dir: Path) -> list[str]:
-    """The tasks whose RUN/adapters the MoA needs (none if it saved its own experts)."""
-    experts, saved = moa_experts(moa_dir(run_dir))
-    return [] if saved else experts
-
-
-def load_moa(model, run_dir: Path, adapters: dict[str, Adapter]):
-    """RUN/moa injected into `model`, its experts from RUN/adapters (or its own saved experts)."""
-    needed = moa_adapter_tasks(run_dir)
-    return MixtureOfLoRAs.load(model, moa_dir(run_dir), {t: adapters[t] for t in needed} if needed else None)
-
+# ------------------------------------------------------------------------- data
 
 def load_eval_data(tasks: Sequence[str], split: str, data: str, data_dir: str | None, size: int | None,
                    seed: int, hub_nli: str = "multi_nli") -> dict[str, list]:
@@ -184,73 +70,7 @@ def load_eval_data(tasks: Sequence[str], split: str, data: str, data_dir: str | 
     return out
 
 
-# ------------------------------------------------------------------------- merges
-
-def build_merges(run_dir: Path, methods: Sequence[str], tasks: Sequence[str], adapters: dict[str, Adapter],
-                 digests: dict[str, str], options: dict[str, dict], weights: Sequence[float] | None = None,
-                 force: bool = False) -> dict[str, tuple[Adapter, bool]]:
-    """{method: (merged adapter over `tasks`, reused)} for every merge method.
-
-    A merge is reused from RUN/merged/<method>/ if it was built from the same adapters with
-    the same options and weights; the others are merged in memory first, and saved only
-    when all of them succeeded (a merge that cannot be built fails before anything is written).
-    """
-    out, new = {}, {}
-    for method in methods:
-        folder = Path(run_dir) / "merged" / method
-        recipe = {"method": method, "tasks": list(tasks), "options": options[method],
-                  "weights": list(weights) if weights is not None else None,
-                  "adapters": {t: digests[t] for t in tasks}}
-        info = folder / "merge_info.json"
-        if not force and info.is_file():
-            try:
-                if json.loads(info.read_text()).get("recipe") == json.loads(json.dumps(recipe)):
-                    out[method] = (load_adapter(folder), True)
-                    continue
-            except json.JSONDecodeError:
-                pass
-        merged = merging.merge_adapters([adapters[t] for t in tasks], method,
-                                list(weights) if weights is not None else None, **options[method])
-        new[method] = (merged, folder, recipe)
-    for method, (merged, folder, recipe) in new.items():
-        save_adapter(merged, folder, extra_json={"merge_info.json": {"recipe": recipe}})
-        out[method] = (load_adapter(folder), False)   # exactly what a rerun will read
-    return {m: out[m] for m in methods}
-
-
-def load_run_adapters(run_dir: Path, tasks: Sequence[str]) -> tuple[dict[str, Adapter], dict[str, str]]:
-    """({task: Adapter}, {task: sha256 of its files}) from RUN/adapters/<task>/."""
-    adapters, digests = {}, {}
-    for t in tasks:
-        folder = adapter_dir(run_dir, t)
-        adapters[t] = load_adapter(folder)
-        adapters[t].name = t
-        digests[t] = adapter_digest(folder)
-    return adapters, digests
-
-
-# ------------------------------------------------------------------------- model state
-
-@contextmanager
-def folded(model: torch.nn.Module, adapter: Adapter) -> Iterator[torch.nn.Module]:
-    """The model with `adapter` folded into its weights (W <- W + s B A), no LoRA layer left.
-
-    Inference then costs exactly what the base model costs. On exit the touched weights
-    are restored from a CPU copy (exact, unlike subtracting the delta again in bf16; on a
-    GPU the copy costs no GPU memory).
-    """
-    check_adapter_fits(model, adapter)
-    backup = {n: model.get_submodule(n).weight.detach().to("cpu", copy=True) for n in adapter.factors}
-    try:
-        apply_adapter(model, adapter)
-        unload_lora(model, merge=True)   # fold, then put the plain nn.Linear back
-        yield model
-    finally:
-        unload_lora(model, merge=False)  # only if apply succeeded and unload did not
-        with torch.no_grad():
-            for n, w in backup.items():
-                model.get_submodule(n).weight.copy_(w)
-
+# ------------------------------------------------------------------------- model
 
 def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
@@ -286,39 +106,62 @@ def _pad_id(tokenizer) -> int:
     return pad
 
 
-def _moa_session(moa, experts: torch.Tensor | None, idx: list[int], positions: torch.Tensor | None = None):
-    if moa is None:
+def _session(router, experts: torch.Tensor | None, idx: list[int], positions: torch.Tensor | None = None,
+             prompt_mask: torch.Tensor | None = None):
+    """One routing session per batch (a dynamic method's router), or nothing."""
+    if router is None:
         return nullcontext()
     kw = {}
     if experts is not None:
         kw["experts"] = experts[idx]
     if positions is not None:
         kw["positions"] = positions
-    return moa.session(**kw)
+    if prompt_mask is not None:
+        kw["prompt_mask"] = prompt_mask
+    return router.session(**kw)
 
 
-def _chosen(moa) -> list[int]:
-    return [int(e) for e in moa.chosen_experts().reshape(-1).tolist()]
+class _Routing:
+    """Per example, in input order: the router's record and (token routers) its per-layer shares."""
+
+    def __init__(self, router, n: int):
+        self.router = router
+        self.records: list[dict] | None = [{} for _ in range(n)] if router is not None else None
+        self.layers: list | None = [None] * n if hasattr(router, "layer_shares") else None
+
+    def take(self, rows: Sequence[int]) -> None:
+        """After a batch's session: each row's record (rows[j] is the example of batch row j)."""
+        if self.router is None:
+            return
+        for i, rec in zip(rows, self.router.routing_records()):
+            self.records[i] = rec
+        if self.layers is not None:
+            shares = self.router.layer_shares()                   # [layers, batch, experts]
+            for j, i in enumerate(rows):
+                self.layers[i] = shares[:, j]
 
 
 @dataclass
 class Generated:
     """Per example, in the input order: generated token ids (up to and excluding EOS), raw
-    text, and the routed expert index (MoA only, else None)."""
+    text, and the router's record (dynamic methods only, else None: {"routed_task": ...} or
+    {"expert_share": {...}}) and per-layer expert shares (token routers, else None)."""
     token_ids: list[list[int]]
     texts: list[str]
-    routed: list[int] | None
+    routing: list[dict] | None = None
+    layer_shares: list | None = None
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids: Sequence[Sequence[int]], batch_size: int = 16,
-             max_new_tokens: int = 128, moa=None, experts: torch.Tensor | None = None,
+             max_new_tokens: int = 128, router=None, experts: torch.Tensor | None = None,
              progress=None, min_new_tokens: int = 0) -> Generated:
     """Greedy generation for already-encoded (and truncated) prompts.
 
     Args:
         prompt_ids: one token-id list per prompt.
-        moa: a MixtureOfLoRAs injected into `model`; each batch is one routing session.
+        router: a dynamic method's router injected into `model` (MoA, Arrow); each batch is
+            one routing session.
         experts: [n] forced expert per prompt (MoA oracle mode), or None to let it route.
         progress: optional callable(n_done) called after each batch.
         min_new_tokens: EOS is suppressed before this many tokens (benchmarks: equal work).
@@ -330,21 +173,19 @@ def generate(model, tokenizer, prompt_ids: Sequence[Sequence[int]], batch_size: 
                                min_new_tokens=min_new_tokens or None)
     n = len(prompt_ids)
     out_ids: list[list[int] | None] = [None] * n
-    routed: list[int] | None = [0] * n if moa is not None else None
+    routing = _Routing(router, n)
     for idx in length_sorted_batches([len(p) for p in prompt_ids], batch_size):
         ids, mask = pad_batch([prompt_ids[i] for i in idx], pad, "left", device)
-        with _moa_session(moa, experts, idx):
+        with _session(router, experts, idx, prompt_mask=mask):
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
-            if moa is not None:
-                for i, e in zip(idx, _chosen(moa)):
-                    routed[i] = e
+            routing.take(idx)
         new = out[:, ids.shape[1]:].tolist()              # [batch, <= max_new_tokens]
         for i, seq in zip(idx, new):
             out_ids[i] = seq[:seq.index(eos)] if eos in seq else seq
         if progress:
             progress(len(idx))
     texts = tokenizer.batch_decode(out_ids, skip_special_tokens=True)
-    return Generated(out_ids, texts, routed)
+    return Generated(out_ids, texts, routing.records, routing.layers)
 
 
 def label_ids(tokenizer, label: str) -> list[int]:
@@ -355,13 +196,15 @@ def label_ids(tokenizer, label: str) -> list[int]:
 
 @torch.no_grad()
 def label_logprobs(model, tokenizer, prompt_ids: Sequence[Sequence[int]], labels: Sequence[str],
-                   batch_size: int = 16, moa=None, experts: torch.Tensor | None = None,
-                   progress=None) -> tuple[list[list[float]], list[int] | None]:
-    """log p(label tokens + EOS | prompt) for every prompt and label: ([n][n_labels], routed).
+                   batch_size: int = 16, router=None, experts: torch.Tensor | None = None,
+                   progress=None) -> tuple[list[list[float]], "_Routing"]:
+    """log p(label tokens + EOS | prompt) for every prompt and label: ([n][n_labels], routing).
 
     Each (prompt, label) pair is one right-padded sequence (positions stay those of the
     unpadded sequence); the LM head runs only over the span of positions that predict a
-    label token (`logits_to_keep`). MoA routes at each sequence's last prompt token.
+    label token (`logits_to_keep`). A router routes at each sequence's last prompt token
+    (per sequence) or on every token (per token); its record of each prompt is the one made
+    with the first label.
     """
     device = model_device(model)
     pad = _pad_id(tokenizer)
@@ -370,20 +213,20 @@ def label_logprobs(model, tokenizer, prompt_ids: Sequence[Sequence[int]], labels
     rows = [(i, j) for i in range(n) for j in range(k)]
     seqs = [list(prompt_ids[i]) + targets[j] for i, j in rows]
     scores = [[0.0] * k for _ in range(n)]
-    routed: list[int] | None = [0] * n if moa is not None else None
+    routing = _Routing(router, len(rows))
     row_experts = experts[[i for i, _ in rows]] if experts is not None else None
     for idx in length_sorted_batches([len(s) for s in seqs], batch_size):
         ids, mask = pad_batch([seqs[r] for r in idx], pad, "right", device)
         plen = [len(prompt_ids[rows[r][0]]) for r in idx]
         positions = torch.tensor([p - 1 for p in plen], device=device)
+        prompt_mask = (torch.arange(ids.shape[1], device=device)[None] < torch.tensor(plen, device=device)[:, None])
         # positions whose logits predict a label token: [min prompt end, max sequence end)
         lo, hi = min(plen) - 1, max(len(seqs[r]) for r in idx) - 1
-        with _moa_session(moa, row_experts, idx, positions if moa is not None else None):
+        with _session(router, row_experts, idx, positions if router is not None else None,
+                      prompt_mask.long() if router is not None else None):
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False,
                            logits_to_keep=torch.arange(lo, hi, device=device)).logits   # [b, hi-lo, vocab]
-            if moa is not None:
-                for r, e in zip(idx, _chosen(moa)):
-                    routed[rows[r][0]] = e
+            routing.take(idx)
         for b, r in enumerate(idx):
             i, j = rows[r]
             tgt = torch.tensor(targets[j], device=device)
@@ -392,7 +235,12 @@ def label_logprobs(model, tokenizer, prompt_ids: Sequence[Sequence[int]], labels
             scores[i][j] = float(logp.gather(1, tgt[:, None]).sum())
         if progress:
             progress(len(idx))
-    return scores, routed
+    first = [rows.index((i, 0)) for i in range(n)]
+    if routing.records is not None:
+        routing.records = [routing.records[r] for r in first]
+    if routing.layers is not None:
+        routing.layers = [routing.layers[r] for r in first]
+    return scores, routing
 
 
 # ------------------------------------------------------------------------- one cell
@@ -411,14 +259,16 @@ class Settings:
         return d
 
 
-def evaluate_task(model, tokenizer, task: str, examples: Sequence, settings: Settings, moa=None,
+def evaluate_task(model, tokenizer, task: str, examples: Sequence, settings: Settings, router=None,
                   experts: torch.Tensor | None = None, progress=None) -> dict:
     """Predict and score one task's examples with the model as it is set up now.
 
+    router: a dynamic method's router (src/compose.py), or None for a model as it stands.
     Returns a cell body: {"task", "n", "result" (Task.score minus per_example), "records"
     (one per example: id, prompt, prediction, raw, reference, references, score, and
-    routed_task / label_logprobs where they apply), "seconds", "new_tokens",
-    "tokens_per_s"}.
+    the router's record / label_logprobs where they apply), "seconds", "new_tokens",
+    "tokens_per_s", and for token routers "routing_per_layer" (each expert's mean share per
+    layer over the task's prompts)}.
     """
     t = task_registry.get_task(task)
     prompts = [t.prompt(ex) for ex in examples]
@@ -426,20 +276,20 @@ def evaluate_task(model, tokenizer, task: str, examples: Sequence, settings: Set
     start = time.perf_counter()
     extra: list[dict] = [{} for _ in examples]
     if settings.score_by == "likelihood" and t.labels is not None:
-        lp, routed = label_logprobs(model, tokenizer, ids, t.labels, settings.batch_size, moa, experts, progress)
+        lp, routing = label_logprobs(model, tokenizer, ids, t.labels, settings.batch_size, router, experts, progress)
         raw = [t.labels[max(range(len(row)), key=row.__getitem__)] for row in lp]
         for e, row in zip(extra, lp):
             e["label_logprobs"] = dict(zip(t.labels, row))
+        records_routing, layers = routing.records, routing.layers
         new_tokens = 0
     else:
-        gen = generate(model, tokenizer, ids, settings.batch_size, settings.max_new_tokens, moa, experts, progress)
-        raw, routed = gen.texts, gen.routed
+        gen = generate(model, tokenizer, ids, settings.batch_size, settings.max_new_tokens, router, experts, progress)
+        raw, records_routing, layers = gen.texts, gen.routing, gen.layer_shares
         new_tokens = sum(len(x) for x in gen.token_ids)
     seconds = time.perf_counter() - start
     predictions = [task_registry.clean_prediction(t, r) for r in raw]
     scored = t.score(predictions, list(examples))
     per_example = scored.pop("per_example")
-    moa_names = list(moa.tasks) if moa is not None else None
     records = []
     for i, ex in enumerate(examples):
         rec = {"id": ex.id, "task": t.name, "prompt": prompts[i], "prompt_tokens": len(ids[i]),
@@ -448,23 +298,26 @@ def evaluate_task(model, tokenizer, task: str, examples: Sequence, settings: Set
                "score": float(per_example[i])}
         if len(ex.references) > 1 or ex.references[0] != ex.target:
             rec["references"] = list(ex.references)
-        if routed is not None:
-            rec["routed_task"] = moa_names[routed[i]]
+        if records_routing is not None:
+            rec.update(records_routing[i])
         rec.update(extra[i])
         records.append(rec)
-    return {"task": t.name, "n": len(examples), "result": scored, "records": records,
+    body = {"task": t.name, "n": len(examples), "result": scored, "records": records,
             "seconds": seconds, "new_tokens": new_tokens,
             "tokens_per_s": new_tokens / seconds if seconds > 0 and new_tokens else None}
+    if layers:
+        mean = torch.stack(layers).double().mean(0)                        # [layers, experts]
+        body["routing_per_layer"] = {"experts": list(router.tasks), "layers": list(router.layer_names),
+                                     "share": [[round(float(v), 6) for v in row] for row in mean]}
+    return body
 
-
-# ------------------------------------------------------------------------- cells on disk
 
 # ------------------------------------------------------------------------- summary
 
 def summarize(model: str, tasks: Sequence[str], methods: Sequence[str], cells: dict[tuple[str, str], dict],
               meta: dict) -> dict:
     """summary.json: per method the multitask score and, per task, the primary metric, the
-    oracle's, their ratio and every metric; the MoA routing counts; the run's meta.
+    oracle's, their ratio and every metric; a routing table per dynamic method; the run's meta.
 
     A multitask score whose oracle metric is 0 on some task is undefined: it is null, and
     `undefined_tasks` names the tasks.
@@ -472,6 +325,7 @@ def summarize(model: str, tasks: Sequence[str], methods: Sequence[str], cells: d
     oracle = {t: cells[("oracle", t)]["result"]["score"] for t in tasks}
     zero = [t for t in tasks if oracle[t] == 0]
     out_methods = {}
+    routing = {}
     for m in methods:
         per_task = {}
         for t in tasks:
@@ -486,24 +340,49 @@ def summarize(model: str, tasks: Sequence[str], methods: Sequence[str], cells: d
         if zero:
             entry["undefined_tasks"] = zero
         out_methods[m] = entry
+        table = routing_summary(tasks, [cells[(m, t)] for t in tasks])
+        if table is not None:
+            routing[m] = table
     summary = {"model": model, "tasks": list(tasks), "methods": out_methods}
-    if "moa" in methods:
-        summary["routing"] = routing_summary(tasks, [cells[("moa", t)]["records"] for t in tasks])
+    if routing:
+        summary["routing"] = routing
     summary["meta"] = meta
     return summary
 
 
-def routing_summary(tasks: Sequence[str], records_per_task: Sequence[Sequence[dict]]) -> dict:
-    """{"confusion": {true task: {routed task: count}}, "accuracy": share routed to the own task}."""
-    confusion: dict[str, dict[str, int]] = {}
-    hits = total = 0
-    for t, records in zip(tasks, records_per_task):
-        row = confusion.setdefault(t, {})
-        for r in records:
-            row[r["routed_task"]] = row.get(r["routed_task"], 0) + 1
-            hits += r["routed_task"] == t
-            total += 1
-    return {"confusion": confusion, "accuracy": hits / total if total else None}
+def routing_summary(tasks: Sequence[str], cells: Sequence[dict]) -> dict | None:
+    """A dynamic method's routing table from its cells, None for a method that does not route.
+
+    Per-sequence routers ("routed_task" records): {"kind": "sequence", "confusion": {true task:
+    {routed task: count}}, "accuracy": share routed to the own task}. Per-token routers
+    ("expert_share" records): {"kind": "token", "share": {true task: {expert: mean share}},
+    "accuracy": mean share of the own task's expert (when experts are tasks), "per_layer":
+    {true task: [[share per expert] per layer]}, "layers": [...], "experts": [...]}.
+    """
+    records = [r for c in cells for r in c["records"]]
+    if records and all("routed_task" in r for r in records):
+        confusion: dict[str, dict[str, int]] = {}
+        hits = 0
+        for t, c in zip(tasks, cells):
+            row = confusion.setdefault(t, {})
+            for r in c["records"]:
+                row[r["routed_task"]] = row.get(r["routed_task"], 0) + 1
+                hits += r["routed_task"] == t
+        return {"kind": "sequence", "confusion": confusion, "accuracy": hits / len(records)}
+    if records and all("expert_share" in r for r in records):
+        share, own = {}, []
+        for t, c in zip(tasks, cells):
+            experts = list(c["records"][0]["expert_share"])
+            share[t] = {e: sum(r["expert_share"][e] for r in c["records"]) / len(c["records"]) for e in experts}
+            if t in share[t]:
+                own.append(share[t][t])
+        out = {"kind": "token", "share": share, "accuracy": sum(own) / len(own) if own else None}
+        layered = [c.get("routing_per_layer") for c in cells]
+        if all(layered):
+            out.update(experts=layered[0]["experts"], layers=layered[0]["layers"],
+                       per_layer={t: lay["share"] for t, lay in zip(tasks, layered)})
+        return out
+    return None
 
 
 def _fmt(v) -> str:
@@ -544,9 +423,13 @@ def results_markdown(summary: dict) -> str:
     zero = {t for e in summary["methods"].values() for t in e.get("undefined_tasks", [])}
     if zero:
         lines += ["", f"The oracle scores 0 on {', '.join(sorted(zero))}: the multitask score is undefined (n/a)."]
-    if "routing" in summary:
-        lines += ["", f"MoA routing accuracy (share of examples routed to their own task's expert): "
-                      f"{_fmt(summary['routing']['accuracy'])}"]
+    for m, table in summary.get("routing", {}).items():
+        if table.get("kind") == "token":
+            lines += ["", f"{m} routing: mean share of the own task's expert over the prompts' tokens and "
+                          f"layers: {_fmt(table['accuracy'])}"]
+        else:
+            lines += ["", f"{m} routing accuracy (share of examples routed to their own task's expert): "
+                          f"{_fmt(table['accuracy'])}"]
     lines += ["", f"<!-- config: {json.dumps(summary['meta']['config'], sort_keys=True)} -->", ""]
     return "\n".join(lines)
 

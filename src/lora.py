@@ -129,13 +129,13 @@ class LoRALinear(nn.Module):
 
 # --------------------------------------------------------------------------- injection
 
-def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+def matches(name: str, patterns: tuple[str, ...]) -> bool:
     """A pattern matches the module's last name component, or the full name as a regex."""
     last = name.rsplit(".", 1)[-1]
     return any(p == last or re.fullmatch(p, name) for p in patterns)
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
@@ -150,12 +150,12 @@ def add_lora(model: nn.Module, cfg: LoraConfig) -> dict[str, LoRALinear]:
     if lora_layers(model):
         raise UserError("model already has LoRA layers; call unload_lora(model) first")
     names = [n for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and _matches(n, cfg.target_modules)]
+             if isinstance(m, nn.Linear) and matches(n, cfg.target_modules)]
     if not names:
         raise UserError(f"no nn.Linear matches target modules {list(cfg.target_modules)}")
     model.requires_grad_(False)
     for n in names:
-        _set_module(model, n, LoRALinear(model.get_submodule(n), cfg.rank, cfg.alpha,
+        set_module(model, n, LoRALinear(model.get_submodule(n), cfg.rank, cfg.alpha,
                                          cfg.dropout, cfg.use_rslora))
     return lora_layers(model)
 
@@ -191,7 +191,7 @@ def unload_lora(model: nn.Module, merge: bool = False) -> nn.Module:
     """Put the plain nn.Linear layers back; with merge=True their weights keep the update."""
     for name, m in lora_layers(model).items():
         m.merge() if merge else m.unmerge()
-        _set_module(model, name, m.linear)
+        set_module(model, name, m.linear)
     return model
 
 
@@ -378,8 +378,30 @@ def apply_adapter(model: nn.Module, adapter: Adapter, trainable: bool = False) -
             layer.lora_A.copy_(a)
             layer.lora_B.copy_(b)
         layer.requires_grad_(trainable)
-        _set_module(model, n, layer)
+        set_module(model, n, layer)
     return lora_layers(model)
+
+
+@contextmanager
+def folded(model: nn.Module, adapter: Adapter) -> Iterator[nn.Module]:
+    """The model with `adapter` folded into its weights (W <- W + s B A), no LoRA layer left.
+
+    Inference then costs exactly what the base model costs. On exit the touched weights
+    are restored from a CPU copy (exact, unlike subtracting the delta again in bf16; on a
+    GPU the copy costs no GPU memory).
+    """
+    check_adapter_fits(model, adapter)
+    backup = {n: model.get_submodule(n).weight.detach().to("cpu", copy=True) for n in adapter.factors}
+    try:
+        apply_adapter(model, adapter)
+        unload_lora(model, merge=True)   # fold, then put the plain nn.Linear back
+        yield model
+    finally:
+        unload_lora(model, merge=False)  # only if apply succeeded and unload did not
+        with torch.no_grad():
+            for n, w in backup.items():
+                model.get_submodule(n).weight.copy_(w)
+
 
 
 def export_merged_model(model: nn.Module, adapter: Adapter, out_dir: str | os.PathLike, tokenizer=None) -> Path:
@@ -397,12 +419,12 @@ def export_merged_model(model: nn.Module, adapter: Adapter, out_dir: str | os.Pa
         merge_lora(model)
         saved = {n: m for n, m in lora_layers(model).items()}
         for n, m in saved.items():
-            _set_module(model, n, m.linear)
+            set_module(model, n, m.linear)
         model.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         for n, m in saved.items():
-            _set_module(model, n, m)
+            set_module(model, n, m)
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -26,11 +26,9 @@ same inputs, no cache, each layer on its own router's choice) because a layer's 
 depends on routers after it. `MoAConfig.redecide_every_step` is the study's benchmark setting:
 the routers re-decide on every forward at the last position.
 
-A batch may mix experts: every expert's low-rank projection is computed at once (the experts'
-A side by side, [n_experts * r, in]) and each sequence keeps only its own expert's columns before
-the B side, so a mixed batch gives each sequence's own output with no per-sequence copies of the
-factors and no loop; when the whole batch agrees, the single expert's factors are used directly. Ranks may differ: factors are
-zero-padded to the largest rank, which changes nothing.
+The experts sit in the shared expert layer (src/experts.py, `ExpertLinear`): a batch may mix
+experts (each sequence gets its own expert's output, no per-sequence copies, no loop), and
+when the whole batch agrees the single expert's factors are used directly.
 
 On disk (`save` / `load`): `moa_config.json` (config, tasks, router names, adapter sources, the
 routers file's sha256) + `routers.safetensors`, plus `experts/<task>/` PEFT adapters when the
@@ -55,7 +53,9 @@ from safetensors.torch import load_file, save_file
 from transformers.cache_utils import Cache
 
 from src.errors import UserError
-from src.lora import Adapter, _set_module, check_adapter_fits, load_adapter, lora_layers, save_adapter
+from src.experts import (ExpertLinear, Selection, _few, common_modules, expert_order, has_experts, inject_experts,
+                         remove_experts)
+from src.lora import Adapter, check_adapter_fits, load_adapter, lora_layers, save_adapter
 from src.runs import atomic_path, file_digest, write_json_atomic
 
 ROUTERS = ("study", "block")
@@ -124,49 +124,9 @@ def decide(logits: torch.Tensor, inference: str) -> torch.Tensor:
     return vote(logits)
 
 
-class _Selection:
-    """One expert per sequence, plus the single expert when the whole batch agrees (fast path).
-
-    `uniform` costs one device sync, once per decision, not once per layer or step.
-    """
-
-    _UNSET = object()
-
-    def __init__(self, experts: torch.Tensor):
-        self.experts = experts            # LongTensor [batch]
-        self._uniform = self._UNSET
-        self._cache: dict = {}
-
-    @property
-    def uniform(self) -> int | None:
-        if self._uniform is self._UNSET:
-            lo, hi = torch.stack((self.experts.min(), self.experts.max())).tolist()
-            self._uniform = lo if lo == hi else None
-        return self._uniform
-
-    def gate(self, layer: "MoALinear", n: int, device: torch.device) -> torch.Tensor:
-        """layer.gate for these experts, kept for the later forwards (decoding steps) of the session."""
-        key = ("gate", layer.index, n, device)
-        if key not in self._cache:
-            self._cache[key] = layer.gate(self.take(n, device))
-        return self._cache[key]
-
-    def take(self, n: int, device: torch.device) -> torch.Tensor:
-        """The experts for a batch of n on `device`; n a multiple of the session batch (beams)."""
-        key = (n, device)
-        if key not in self._cache:
-            e = self.experts
-            if e.shape[0] != n:
-                if n % e.shape[0]:
-                    raise RuntimeError(f"MoA: a forward of {n} sequences in a session for {e.shape[0]}")
-                e = e.repeat_interleave(n // e.shape[0])    # generate's beams / return sequences
-            self._cache[key] = e.to(device)
-        return self._cache[key]
-
-
 @dataclass
 class _Session:
-    forced: _Selection | None
+    forced: Selection | None
     positions: torch.Tensor | None       # [batch] last prompt token; None: -1
     n_routers: int
     active: bool = True
@@ -174,115 +134,16 @@ class _Session:
     routing: bool = True                 # routers run in this forward
     record: bool = True                  # ... and their logits are the session's router_logits()
     logits: list = field(default_factory=list)        # per router: [batch, n_experts]
-    choice: list = field(default_factory=list)        # per router: _Selection of its own argmax
-    decision: _Selection | None = None   # "last" / "vote": one expert for every layer
-    steps: list = field(default_factory=list)         # per forward: per layer _Selection used
+    choice: list = field(default_factory=list)        # per router: Selection of its own argmax
+    decision: Selection | None = None    # "last" / "vote": one expert for every layer
+    steps: list = field(default_factory=list)         # per forward: per layer Selection used
 
     def __post_init__(self):
         self.logits = [None] * self.n_routers
         self.choice = [None] * self.n_routers
 
 
-# --------------------------------------------------------------------------- the layer
-
-class MoALinear(nn.Module):
-    """An existing nn.Linear plus N frozen LoRA experts; each sequence uses the expert it was routed to.
-
-    lora_A: [n_experts, r_max, in], lora_B: [out, n_experts, r_max], zero-padded to the largest
-    rank and float32 like LoRALinear, so `lora_A.flatten(0, 1)` / `lora_B.flatten(1)` are all the
-    experts side by side (the concatenated LoRA). `select(layer, x)` is the mixture's callback:
-    it routes (for the study's router) and returns this layer's _Selection.
-    """
-
-    def __init__(self, linear: nn.Linear, factors: list[tuple[torch.Tensor, torch.Tensor]],
-                 scales: list[float], index: int, select, dtype: torch.dtype = torch.float32):
-        super().__init__()
-        self.linear = linear
-        self.index = index
-        self.select = select
-        self.ranks = [int(a.shape[0]) for a, _ in factors]
-        self.scale_list = [float(s) for s in scales]
-        n, r, dev = len(factors), max(self.ranks), linear.weight.device
-        a_all = torch.zeros(n, r, linear.in_features, dtype=dtype)
-        b_all = torch.zeros(linear.out_features, n, r, dtype=dtype)
-        for e, (a, b) in enumerate(factors):
-            a_all[e, : a.shape[0]] = a.to(dtype)
-            b_all[:, e, : b.shape[1]] = b.to(dtype)
-        self.lora_A = nn.Parameter(a_all.to(dev), requires_grad=False)
-        self.lora_B = nn.Parameter(b_all.to(dev), requires_grad=False)
-        # column j of the concatenated rank dimension belongs to expert j // r_max
-        self.register_buffer("col_expert", torch.arange(n, device=dev).repeat_interleave(r), persistent=False)
-        self.register_buffer("col_scale", torch.tensor(self.scale_list, dtype=dtype, device=dev)
-                             .repeat_interleave(r), persistent=False)
-
-    def expert_factors(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expert e's own (A [r, in], B [out, r]), padding dropped."""
-        r = self.ranks[e]
-        return self.lora_A[e, :r], self.lora_B[:, e, :r]
-
-    def gate(self, experts: torch.Tensor) -> torch.Tensor:
-        """[batch, n_experts * r_max]: the expert's scale on its own rank columns, 0 elsewhere."""
-        return (self.col_expert == experts[:, None]) * self.col_scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.linear(x)
-        sel = self.select(self, x)
-        h = x.to(self.lora_A.dtype)
-        e = sel.uniform
-        if e is not None:                     # the whole batch on one expert: LoRALinear's own math
-            a, b = self.expert_factors(e)
-            return y + (F.linear(F.linear(h, a), b) * self.scale_list[e]).to(y.dtype)
-        # A mixed batch: every expert's rank-r projection at once, then each sequence keeps only
-        # its own expert's columns. Each factor is read once per layer (no per-sequence copies);
-        # the extra work is n_experts * r columns, small beside the base layer.
-        gate = sel.gate(self, x.shape[0], x.device)                         # [batch, E*r]
-        h = F.linear(h, self.lora_A.flatten(0, 1))                          # [batch, ..., E*r]
-        h = h * gate.view(x.shape[0], *([1] * (h.dim() - 2)), -1)
-        return y + F.linear(h, self.lora_B.flatten(1)).to(y.dtype)          # [batch, ..., out]
-
-    def extra_repr(self) -> str:
-        return f"experts={len(self.ranks)}, ranks={self.ranks}"
-
-
 # --------------------------------------------------------------------------- helpers
-
-def _few(names: Sequence[str], k: int = 3) -> str:
-    more = f" (+{len(names) - k} more)" if len(names) > k else ""
-    return ", ".join(names[:k]) + more
-
-
-def _expert_order(adapters: dict[str, Adapter], tasks: tuple[str, ...]) -> list[str]:
-    if not adapters:
-        raise UserError("Mixture-of-LoRAs needs at least one adapter (got none)")
-    if not tasks:
-        return list(adapters)
-    missing, extra = [t for t in tasks if t not in adapters], [t for t in adapters if t not in tasks]
-    if missing or extra:
-        raise UserError(f"MoA tasks {list(tasks)} do not match the adapters {list(adapters)}"
-                        + (f": no adapter for {', '.join(missing)}" if missing else "")
-                        + (f": adapters not in tasks: {', '.join(extra)}" if extra else ""))
-    return list(tasks)
-
-
-def _common_modules(adapters: dict[str, Adapter], tasks: list[str]) -> list[str]:
-    """The module names every adapter covers (all must cover the same), else UserError naming them."""
-    for t in tasks:
-        if not adapters[t].factors:
-            raise UserError(f"adapter {t!r} has no LoRA modules")
-    ref_task = tasks[0]
-    ref = set(adapters[ref_task].factors)
-    for t in tasks[1:]:
-        mods = set(adapters[t].factors)
-        if mods != ref:
-            parts = []
-            if ref - mods:
-                parts.append(f"lacks {_few(sorted(ref - mods))}")
-            if mods - ref:
-                parts.append(f"has {_few(sorted(mods - ref))}")
-            raise UserError(f"MoA experts must cover the same modules: adapter {t!r} "
-                            f"{' and '.join(parts)}, unlike adapter {ref_task!r}")
-    return sorted(ref)
-
 
 def _block_of(model: nn.Module, name: str) -> str:
     """The decoder block holding module `name`: the child of the outermost ModuleList on its path."""
@@ -310,7 +171,7 @@ def without_cache(kwargs: dict) -> dict:
 class MixtureOfLoRAs(nn.Module):
     """Per-task LoRAs side by side in `model`'s layers and trainable routers that pick one per sequence.
 
-    Injects MoALinear layers into `model` in place (undo with `remove()`). `routers` holds the
+    Injects expert layers (src/experts.py) into `model` in place (undo with `remove()`). `routers` holds the
     trainable parameters; the experts are frozen unless `set_experts_trainable(True)`. Run the
     model (the object given here: `model(...)`, `model.generate(...)`) inside `session()`.
     """
@@ -319,9 +180,9 @@ class MixtureOfLoRAs(nn.Module):
                  *, sources: dict[str, str | os.PathLike | None] | None = None):
         super().__init__()
         cfg = cfg or MoAConfig()
-        tasks = _expert_order(adapters, cfg.tasks)
-        modules = _common_modules(adapters, tasks)
-        if lora_layers(model) or any(isinstance(m, MoALinear) for m in model.modules()):
+        tasks = expert_order(adapters, cfg.tasks)
+        modules = common_modules(adapters, tasks)
+        if lora_layers(model) or has_experts(model):
             raise UserError("model already has LoRA or MoA layers; remove them first")
         for t in tasks:
             check_adapter_fits(model, adapters[t])
@@ -360,14 +221,8 @@ class MixtureOfLoRAs(nn.Module):
             nn.init.zeros_(r.weight)
             nn.init.zeros_(r.bias)
 
-        model.requires_grad_(False)
-        layers = []
-        for i, n in enumerate(modules):
-            lin = by_name[n]
-            layer = MoALinear(lin, [adapters[t].factors[n] for t in tasks],
-                              [adapters[t].scales[n] for t in tasks], i, self._select)
-            _set_module(model, n, layer)
-            layers.append(layer)
+        names, layers = inject_experts(model, adapters, tasks, self._select)
+        assert names == modules
         self.layer_names = list(modules)
         self.layers = nn.ModuleList(layers)      # shared with `model`: moa.parameters() has the experts
         self._hooks.append(model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
@@ -379,14 +234,18 @@ class MixtureOfLoRAs(nn.Module):
 
     # ----------------------------------------------------------------- sessions
 
+    kind = "sequence"     # the router protocol (src/compose.py): one expert per sequence
+
     @contextmanager
     def session(self, experts: torch.Tensor | Sequence[int | str] | None = None,
-                positions: torch.Tensor | Sequence[int] | int | None = None) -> Iterator["MixtureOfLoRAs"]:
+                positions: torch.Tensor | Sequence[int] | int | None = None,
+                prompt_mask: torch.Tensor | None = None) -> Iterator["MixtureOfLoRAs"]:
         """Route each sequence once: on the first forward at `positions`, held for later forwards.
 
         experts: LongTensor [batch] (or task names / indices) forces the experts for every layer;
             the routers still compute their logits on the first forward (teacher forcing).
         positions: [batch] index of each sequence's last prompt token; default -1 (left padding).
+        prompt_mask: unused (the router reads the last prompt token only).
         """
         if self._session is not None and self._session.active:
             raise RuntimeError("MoA sessions do not nest")
@@ -395,7 +254,7 @@ class MixtureOfLoRAs(nn.Module):
         device = self.routers[0].weight.device
         forced = None
         if experts is not None:
-            forced = _Selection(self._as_experts(experts, device))
+            forced = Selection(self._as_experts(experts, device))
         if positions is not None:
             positions = torch.as_tensor(positions, dtype=torch.long, device=device).reshape(-1)
         self._session = _Session(forced, positions, len(self.routers))
@@ -432,7 +291,7 @@ class MixtureOfLoRAs(nn.Module):
         s.routing = first or (s.forced is None and self.cfg.redecide_every_step)
         if first and s.forced is None and self.cfg.inference != "layer":
             self._routing_pass(module, args, kwargs)
-            s.decision = _Selection(decide(self.router_logits(), self.cfg.inference))
+            s.decision = Selection(decide(self.router_logits(), self.cfg.inference))
             s.routing = s.record = False
         return None
 
@@ -486,9 +345,9 @@ class MixtureOfLoRAs(nn.Module):
         logits = router(x)                                             # [batch, n_experts]
         if s.record:
             s.logits[i] = logits
-        s.choice[i] = _Selection(logits.detach().argmax(-1))
+        s.choice[i] = Selection(logits.detach().argmax(-1))
 
-    def _selection(self, layer: int) -> _Selection:
+    def _selection(self, layer: int) -> Selection:
         s = self._session
         if s.forced is not None:
             return s.forced
@@ -500,7 +359,7 @@ class MixtureOfLoRAs(nn.Module):
                                f"before layer {self.layer_names[layer]}")
         return sel
 
-    def _select(self, layer: MoALinear, x: torch.Tensor) -> _Selection:
+    def _select(self, layer: ExpertLinear, x: torch.Tensor, keys=None) -> Selection:
         if self.cfg.router == "study":
             self._route(layer.index, x)
         return self._selection(layer.index)
@@ -527,6 +386,10 @@ class MixtureOfLoRAs(nn.Module):
         if s is not None and s.decision is not None:
             return s.decision.experts
         return decide(self.router_logits(), self.cfg.inference)
+
+    def routing_records(self) -> list[dict]:
+        """Per sequence of the session: {"routed_task": the expert it was routed to}."""
+        return [{"routed_task": self.tasks[int(e)]} for e in self.chosen_experts().reshape(-1).tolist()]
 
     def step_decisions(self) -> torch.Tensor:
         """[n_forwards, n_layers, batch]: the expert each layer used in each forward of the session."""
@@ -558,8 +421,7 @@ class MixtureOfLoRAs(nn.Module):
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        for name, layer in zip(self.layer_names, self.layers):
-            _set_module(self.model, name, layer.linear)
+        remove_experts(self.model, self.layer_names, self.layers)
         self.layers = nn.ModuleList()
         self.layer_names = []
         self._session = None

@@ -17,17 +17,25 @@ import pytest
 import torch
 
 import full_evaluation
+from src import compose, runs
 from src import evaluation as ev
 from src import tasks as T
 from src.analysis import cosine_matrices, factor_inner
 from src.errors import run_main
-from src.lora import (LoraConfig, add_lora, adapter_from_model, apply_adapter, lora_layers,
+from src.lora import (LoraConfig, add_lora, adapter_from_model, apply_adapter, folded, lora_layers,
                       save_adapter, unload_lora)
 from src.moa import MixtureOfLoRAs
 from tiny import trained_like_adapter, save_tiny, tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["sentiment", "nli", "qa"]
+
+
+def run_adapters(run):
+    """{task: Adapter} of a run folder, as evaluation loads them."""
+    env = compose.Env(Path(run), TASKS)
+    env.load_adapters(TASKS)
+    return env.adapters
 EXAMPLES = {
     "sentiment": [({"sentence": s}, y) for s, y in [
         ("a fine film", "positive"), ("the worst", "negative"), ("and it is good", "positive"),
@@ -162,13 +170,13 @@ def test_result_files_record_their_provenance(tiny_run):
     assert "| oracle |" in md and md.count("\n| ") == 1 + 6  # header + one row per method
     rows = [line for line in csv.splitlines() if not line.startswith("#")]
     assert rows[0] == "method,sentiment,nli,qa,multitask_score" and len(rows) == 7
-    cell = json.loads(ev.cell_path(run, "svd", "qa").read_text())
+    cell = json.loads(runs.cell_path(run, "svd", "qa").read_text())
     assert cell["meta"]["data_hash"] == meta["data_hash"] and len(cell["fingerprint"]["merge"]["adapters"]) == 3
-    records = [json.loads(x) for x in ev.predictions_path(run, "moa", "nli").read_text().splitlines()]
+    records = [json.loads(x) for x in runs.predictions_path(run, "moa", "nli").read_text().splitlines()]
     assert len(records) == 6
     assert {"id", "prompt", "prediction", "reference", "metric", "score", "routed_task"} <= set(records[0])
     assert records[0]["routed_task"] in TASKS
-    assert sum(s["routing"]["confusion"]["nli"].values()) == 6
+    assert sum(s["routing"]["moa"]["confusion"]["nli"].values()) == 6
     assert (run / "merged" / "svd" / "adapter_model.safetensors").is_file()
 
 
@@ -183,7 +191,7 @@ def test_rerun_reuses_cells_resumes_and_force_recomputes(tiny_run, monkeypatch):
         assert evaluate(tiny_run["argv"]) == 0
     assert calls == []                                       # every cell reused, no model loaded
     assert scores_of(run) == before
-    ev.cell_path(run, "concat", "nli").unlink()              # as if interrupted before this cell
+    runs.cell_path(run, "concat", "nli").unlink()              # as if interrupted before this cell
     assert evaluate(tiny_run["argv"]) == 0
     assert calls == ["nli"]
     assert scores_of(run) == before
@@ -214,16 +222,16 @@ def test_cells_held_by_another_process_are_waited_for_not_recomputed(tiny_run, m
     import threading
     run = tmp_path / "run"
     shutil.copytree(tiny_run["run"], run)
-    finished = json.loads(ev.cell_path(run, "concat", "nli").read_text())
-    ev.cell_path(run, "concat", "nli").unlink()
+    finished = json.loads(runs.cell_path(run, "concat", "nli").read_text())
+    runs.cell_path(run, "concat", "nli").unlink()
     calls = []
     real = ev.evaluate_task
     monkeypatch.setattr(ev, "evaluate_task", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
-    other = ev.file_lock(ev.cell_lock(run, "concat", "nli"))   # "the other process"
+    other = runs.file_lock(runs.cell_lock(run, "concat", "nli"))   # "the other process"
     assert other.__enter__() is True
 
     def the_other_finishes():
-        ev.save_cell(run, "concat", "nli", finished["fingerprint"], {k: finished[k] for k in finished
+        runs.save_cell(run, "concat", "nli", finished["fingerprint"], {k: finished[k] for k in finished
                      if k not in ("method", "task", "fingerprint", "meta")}, finished["meta"])
         other.__exit__(None, None, None)
 
@@ -233,7 +241,7 @@ def test_cells_held_by_another_process_are_waited_for_not_recomputed(tiny_run, m
     timer.join()
     assert calls == []                                       # waited for, then read
     assert summary_of(run)["methods"]["concat"]["per_task"]["nli"]["metrics"] == finished["result"]["metrics"]
-    with ev.file_lock(ev.cell_lock(run, "concat", "nli"), wait=False) as free:
+    with runs.file_lock(runs.cell_lock(run, "concat", "nli"), wait=False) as free:
         assert free                                          # nothing left locked
 
 
@@ -254,7 +262,7 @@ def test_reuse_from_takes_matching_cells_of_another_run(tiny_run, monkeypatch, t
     for m in ("base", "oracle"):
         for t in TASKS[:2]:
             assert s["methods"][m]["per_task"][t]["metrics"] == ref["methods"][m]["per_task"][t]["metrics"]
-            assert ev.predictions_path(run, m, t).read_text() == ev.predictions_path(tiny_run["run"], m, t).read_text()
+            assert runs.predictions_path(run, m, t).read_text() == runs.predictions_path(tiny_run["run"], m, t).read_text()
     assert evaluate([*argv[:-1], str(tmp_path / "nowhere")]) == 2
 
 
@@ -274,30 +282,30 @@ def test_folded_generation_equals_lora_layers_and_restores_weights(arch, tiny_ru
     adapter = random_lora(model, 1)
     ids = prompt_ids(tok, tiny_run["examples"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with ev.folded(model, adapter):
+    with folded(model, adapter):
         assert not lora_layers(model)
-        folded = ev.generate(model, tok, ids, batch_size=5, max_new_tokens=12).token_ids
+        in_w = ev.generate(model, tok, ids, batch_size=5, max_new_tokens=12).token_ids
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     apply_adapter(model, adapter)
     layered = ev.generate(model, tok, ids, batch_size=5, max_new_tokens=12).token_ids
     unload_lora(model)
     plain = ev.generate(model, tok, ids, batch_size=5, max_new_tokens=12).token_ids
-    assert folded == layered
-    assert folded != plain
+    assert in_w == layered
+    assert in_w != plain
 
 
 def test_moa_oracle_mode_equals_oracle(tiny_run):
     tok, model = tiny_run["tok"], tiny_model("qwen2")
-    adapters, _ = ev.load_run_adapters(tiny_run["run"], TASKS)
+    adapters = run_adapters(tiny_run["run"])
     settings = ev.Settings(max_new_tokens=8, batch_size=4)
     expected = {}
     for t in TASKS:
-        with ev.folded(model, adapters[t]):
+        with folded(model, adapters[t]):
             expected[t] = ev.evaluate_task(model, tok, t, tiny_run["examples"][t], settings)
-    moa = ev.load_moa(model, tiny_run["run"], adapters)
+    moa = MixtureOfLoRAs.load(model, runs.moa_dir(tiny_run["run"]), adapters)
     for t in TASKS:
         forced = torch.full((len(tiny_run["examples"][t]),), moa.tasks.index(t))
-        got = ev.evaluate_task(model, tok, t, tiny_run["examples"][t], settings, moa=moa, experts=forced)
+        got = ev.evaluate_task(model, tok, t, tiny_run["examples"][t], settings, router=moa, experts=forced)
         assert [r["prediction"] for r in got["records"]] == [r["prediction"] for r in expected[t]["records"]]
         assert got["result"] == expected[t]["result"]
         assert {r["routed_task"] for r in got["records"]} == {t}
@@ -306,13 +314,13 @@ def test_moa_oracle_mode_equals_oracle(tiny_run):
 
 def test_mixed_moa_batches_equal_batch_size_one(tiny_run):
     tok, model = tiny_run["tok"], tiny_model("qwen2")
-    adapters, _ = ev.load_run_adapters(tiny_run["run"], TASKS)
-    moa = ev.load_moa(model, tiny_run["run"], adapters)
+    adapters = run_adapters(tiny_run["run"])
+    moa = MixtureOfLoRAs.load(model, runs.moa_dir(tiny_run["run"]), adapters)
     ids = prompt_ids(tok, tiny_run["examples"])
-    batched = ev.generate(model, tok, ids, batch_size=len(ids), max_new_tokens=10, moa=moa)
-    single = ev.generate(model, tok, ids, batch_size=1, max_new_tokens=10, moa=moa)
-    assert len(set(batched.routed)) > 1                      # the batch really mixes experts
-    assert batched.routed == single.routed
+    batched = ev.generate(model, tok, ids, batch_size=len(ids), max_new_tokens=10, router=moa)
+    single = ev.generate(model, tok, ids, batch_size=1, max_new_tokens=10, router=moa)
+    assert len({r["routed_task"] for r in batched.routing}) > 1                      # the batch really mixes experts
+    assert batched.routing == single.routing
     assert batched.token_ids == single.token_ids
     moa.remove()
 
@@ -322,7 +330,7 @@ def test_likelihood_scoring_picks_the_most_likely_label(tiny_run):
     adapter = random_lora(model, 2)
     exs = tiny_run["examples"]["nli"]
     settings = ev.Settings(score_by="likelihood", batch_size=4)
-    with ev.folded(model, adapter):
+    with folded(model, adapter):
         cell = ev.evaluate_task(model, tok, "nli", exs, settings)
         # reference: one unpadded full forward per (example, label)
         for rec, ex in zip(cell["records"], exs):
@@ -341,11 +349,11 @@ def test_likelihood_scoring_picks_the_most_likely_label(tiny_run):
 
 def test_moa_likelihood_routes_like_generation(tiny_run):
     tok, model = tiny_run["tok"], tiny_model("qwen2")
-    adapters, _ = ev.load_run_adapters(tiny_run["run"], TASKS)
-    moa = ev.load_moa(model, tiny_run["run"], adapters)
+    adapters = run_adapters(tiny_run["run"])
+    moa = MixtureOfLoRAs.load(model, runs.moa_dir(tiny_run["run"]), adapters)
     exs = tiny_run["examples"]["sentiment"]
-    lik = ev.evaluate_task(model, tok, "sentiment", exs, ev.Settings(score_by="likelihood", batch_size=4), moa=moa)
-    gen = ev.evaluate_task(model, tok, "sentiment", exs, ev.Settings(max_new_tokens=2, batch_size=4), moa=moa)
+    lik = ev.evaluate_task(model, tok, "sentiment", exs, ev.Settings(score_by="likelihood", batch_size=4), router=moa)
+    gen = ev.evaluate_task(model, tok, "sentiment", exs, ev.Settings(max_new_tokens=2, batch_size=4), router=moa)
     moa.remove()
     assert [r["routed_task"] for r in lik["records"]] == [r["routed_task"] for r in gen["records"]]
     assert all(r["prediction"] in T.SENTIMENT_LABELS for r in lik["records"])
@@ -354,7 +362,7 @@ def test_moa_likelihood_routes_like_generation(tiny_run):
 # --------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("case, message", [
-    ("unknown_method", "unknown method 'nope'; known: base, oracle, moa, concat"),
+    ("unknown_method", "unknown method 'nope'; known: base, oracle, moa, arrow, concat"),
     ("missing_adapter", "no adapter for task qa"),
     ("missing_moa", "no RUN/moa"),
     ("missing_task_data", "no data folder for task qa"),
@@ -446,7 +454,7 @@ def test_analysis_plots_and_notebook_run_headless(tiny_run, tmp_path):
     second = tmp_path / "second"
     shutil.copytree(run / "eval", second / "eval")
     assert run_main(analysis.main, [str(run), str(second), "--out", str(tmp_path / "cmp")]) == 0
-    for name in ("cosine_overall", "cosine_per_layer", "multitask_score", "per_task_metrics", "routing_confusion"):
+    for name in ("cosine_overall", "cosine_per_layer", "multitask_score", "per_task_metrics", "routing_moa"):
         assert (run / "plots" / f"{name}.png").stat().st_size > 1000
     assert (tmp_path / "cmp" / "comparison_multitask.png").is_file()
     cos = json.loads((run / "analysis" / "cosine.json").read_text())

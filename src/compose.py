@@ -1,0 +1,438 @@
+"""Every way of combining the task adapters, as one registry that evaluation loops over.
+
+A method is one `Method` entry. It declares
+  - `kind`: "none" (the base model), "static" (one adapter folded into the weights: the
+    oracle, every merge, later searches and generated adapters) or "dynamic" (a router over
+    the experts: MoA, Arrow);
+  - `configs`: the option dataclasses it reads (the evaluation CLI is generated from them);
+  - `check(env)`: what it needs from the run folder, as one UserError naming what is missing;
+  - `adapter_tasks(env)`: the tasks whose RUN/adapters/<task> it reads;
+  - `fingerprint(env, task)`: what its result on `task` depends on, beyond the model, data and
+    generation settings every cell records (a cell is reused only when this matches);
+  - `build(env)`: work done once and cached in the run folder (a merge), returned as `Built`;
+  - `prepare(model, env, task)`: a context that sets the model up for `task` and restores it
+    on exit, yielding a router for dynamic methods (None otherwise).
+
+Adding a method is adding one entry here (plus its own module for the math): see
+docs/compose.md for a worked example. Routers yielded by dynamic methods follow one protocol:
+`session(experts=None, positions=None, prompt_mask=None)` (a context per batch),
+`routing_records()` (per sequence: {"routed_task": ...} or {"expert_share": {...}}), `kind`
+("sequence" or "token"), optionally `layer_shares()` ([layers, batch, experts]) and `remove()`.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, ContextManager, Sequence
+
+from src import merging, runs
+from src.arrow import ArrowConfig, ArrowRouter, check_arrow_adapters
+from src.errors import UserError
+from src.lora import Adapter, check_adapter_fits, folded, load_adapter, save_adapter
+from src.moa import CONFIG_NAME as MOA_CONFIG, ROUTERS_NAME, MixtureOfLoRAs
+
+KINDS = ("none", "static", "dynamic")
+
+
+# --------------------------------------------------------------------------- options
+
+@dataclass
+class MergeConfig:
+    """Options of the merge methods; each method gets only those it takes."""
+
+    density: float | None = field(default=None, metadata={"help": "ties / dare: share of entries kept"})
+    rank: str | None = field(default=None, metadata={"help": "svd (and ties/dare in delta space): rank, or 'full'"})
+    majority_sign: str | None = field(default=None, metadata={"help": "ties / dare_ties: total or frequency"})
+    space: str | None = field(default=None, metadata={"help": "ties / dare: ab (PEFT) or delta"})
+    weights: tuple[float, ...] | None = field(default=None, metadata={"help": "one weight per task (default 1 each)"})
+
+    def __post_init__(self):
+        if self.rank is not None and self.rank != "full":
+            try:
+                self.rank = int(self.rank)
+            except ValueError:
+                raise UserError(f"--rank must be a positive integer or 'full', got {self.rank!r}") from None
+            if self.rank < 1:
+                raise UserError(f"--rank must be a positive integer or 'full', got {self.rank}")
+        if self.density is not None and not 0 < self.density <= 1:
+            raise UserError(f"--density must be in (0, 1], got {self.density}")
+        if self.weights is not None:
+            bad = [w for w in self.weights if not math.isfinite(w)]
+            if bad:
+                raise UserError(f"--weights must be finite numbers, got {bad[0]}")
+
+
+# --------------------------------------------------------------------------- the environment
+
+@dataclass
+class Env:
+    """What a method sees: the run folder, the evaluated tasks, the options, the adapters."""
+
+    run_dir: Path
+    tasks: list[str]
+    options: dict[type, object] = field(default_factory=dict)   # config class -> instance
+    seed: int = 0
+    force: bool = False
+    adapters: dict[str, Adapter] = field(default_factory=dict)   # task -> RUN/adapters/<task>
+    digests: dict[str, str] = field(default_factory=dict)        # task -> sha256 of its files
+    built: dict[str, object] = field(default_factory=dict)       # method -> what build() made
+
+    def opt(self, cls: type):
+        if cls not in self.options:
+            self.options[cls] = cls()
+        return self.options[cls]
+
+    def load_adapters(self, tasks: Sequence[str]) -> None:
+        """RUN/adapters/<task> for every task not loaded yet, with its digest."""
+        for t in tasks:
+            if t not in self.adapters:
+                folder = runs.adapter_dir(self.run_dir, t)
+                self.adapters[t] = load_adapter(folder)
+                self.adapters[t].name = t
+                self.digests[t] = runs.adapter_digest(folder)
+
+
+@dataclass
+class Built:
+    """The result of a build step: `value` for prepare(); `save` writes it (None when reused)."""
+
+    value: object
+    reused: bool
+    save: Callable[[], object] | None = None
+    where: Path | None = None
+
+
+# --------------------------------------------------------------------------- the interface
+
+class Method:
+    name: str = ""
+    kind: str = "static"
+    groups: tuple[str, ...] = ()          # names that expand to this method in --methods
+    configs: tuple[type, ...] = ()
+    help: str = ""
+
+    def check(self, env: Env) -> None:
+        missing = [t for t in self.adapter_tasks(env) if not runs.has_adapter(env.run_dir, t)]
+        if missing:
+            raise UserError(f"method {self.name} needs an adapter for every task: no adapter for "
+                            f"task {', '.join(missing)} in {runs.adapters_dir(env.run_dir)} "
+                            f"(train it with train_individual_loras.py)")
+
+    def adapter_tasks(self, env: Env) -> list[str]:
+        return list(env.tasks)
+
+    def fingerprint(self, env: Env, task: str) -> dict:
+        return {}
+
+    def build(self, env: Env) -> Built | None:
+        return None
+
+    def check_model(self, model, env: Env) -> None:
+        """Before any generation: what this method applies fits the loaded model."""
+
+    def prepare(self, model, env: Env, task: str) -> ContextManager:
+        return nullcontext()
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.kind not in KINDS:
+        raise ValueError(f"method {method.name}: kind {method.kind!r} is not one of {KINDS}")
+    if method.name in REGISTRY:
+        raise ValueError(f"method {method.name!r} is registered twice")
+    REGISTRY[method.name] = method
+    return method
+
+
+def known_methods() -> list[str]:
+    return list(REGISTRY)
+
+
+def groups() -> dict[str, list[str]]:
+    """{"merges": [...], "all": every method, ...}: names that expand in --methods."""
+    out: dict[str, list[str]] = {}
+    for name, m in REGISTRY.items():
+        for g in m.groups:
+            out.setdefault(g, []).append(name)
+    out["all"] = known_methods()
+    return out
+
+
+def resolve_methods(spec: str | Sequence[str]) -> list[str]:
+    """Method names from "moa,concat,svd" (or a list), groups expanded. Returned in table
+    order: oracle, the requested methods, base; `oracle` and `base` are always there (the
+    score needs the oracle, the table shows the base)."""
+    items = [spec] if isinstance(spec, str) else list(spec)
+    expand = groups()
+    names: list[str] = []
+    for part in (p.strip() for item in items for p in item.split(",")):
+        if part in expand:
+            names += expand[part]
+        elif part:
+            if part not in REGISTRY:
+                raise UserError(f"unknown method '{part}'; known: {', '.join(known_methods())} "
+                                f"(or {', '.join(repr(g) for g in expand)})")
+            names.append(part)
+    rest = [m for m in dict.fromkeys(names) if m not in ("oracle", "base")]
+    return ["oracle", *rest, "base"]
+
+
+def describe() -> str:
+    """The registry as a table: name, kind, groups, what it is."""
+    width = max(map(len, REGISTRY))
+    lines = [f"{'method':<{width}}  {'kind':<7}  what it is"]
+    for name, m in REGISTRY.items():
+        lines.append(f"{name:<{width}}  {m.kind:<7}  {m.help}" + (f" [{', '.join(m.groups)}]" if m.groups else ""))
+    lines.append("groups: " + "; ".join(f"{g} = {', '.join(ms)}" for g, ms in groups().items() if g != "all")
+                 + "; all = every method")
+    return "\n".join(lines)
+
+
+def option_configs(methods: Sequence[str] | None = None) -> list[type]:
+    """The option dataclasses of `methods` (default: every method), each once, in registry order."""
+    out: list[type] = []
+    for name in methods or known_methods():
+        for cls in REGISTRY[name].configs:
+            if cls not in out:
+                out.append(cls)
+    return out
+
+
+def check_all(methods: Sequence[str], env: Env) -> None:
+    """Every method's inputs exist, then every adapter they read is loaded (and digested)."""
+    for m in methods:
+        REGISTRY[m].check(env)
+    env.load_adapters(list(dict.fromkeys(t for m in methods for t in REGISTRY[m].adapter_tasks(env))))
+
+
+def build_all(methods: Sequence[str], env: Env) -> dict[str, Built]:
+    """Each method's build step; new results are saved only when every build succeeded (a
+    method that cannot be built fails before anything is written)."""
+    built = {m: b for m in methods if (b := REGISTRY[m].build(env)) is not None}
+    for b in built.values():
+        if b.save is not None:
+            b.value = b.save()
+    env.built.update({m: b.value for m, b in built.items()})
+    return built
+
+
+def fingerprint(method: str, task: str, env: Env, common: dict) -> dict:
+    """A cell's fingerprint: method, task, what every cell depends on, and the method's own part."""
+    return {"method": method, "task": task, **common, **REGISTRY[method].fingerprint(env, task)}
+
+
+# --------------------------------------------------------------------------- base and oracle
+
+@contextmanager
+def static(model, adapter: Adapter):
+    """A static method's prepare: `adapter` folded into the weights for the block, no router."""
+    with folded(model, adapter):
+        yield None
+
+
+class Base(Method):
+    name, kind = "base", "none"
+    help = "the base model, no adapter"
+
+    def adapter_tasks(self, env):
+        return []
+
+
+class Oracle(Method):
+    name = "oracle"
+    help = "each task's own adapter, folded into the weights (the score's reference)"
+
+    def fingerprint(self, env, task):
+        return {"adapter": env.digests[task]}
+
+    def prepare(self, model, env, task):
+        return static(model, env.adapters[task])
+
+
+# --------------------------------------------------------------------------- merges
+
+def merge_options(method: str, options: dict) -> dict:
+    """The subset of `options` (None = unset) that a merge method takes, its variant's preset
+    included: --density means nothing to concat, so it is not passed to it (nor recorded
+    in its fingerprint)."""
+    name, resolved = merging.resolve_method(method, {})
+    params = inspect.signature(merging.MERGES[name]).parameters
+    takes = {p for p, v in params.items() if v.kind is v.KEYWORD_ONLY}
+    if "generator" in takes:
+        takes.add("seed")
+    chosen = {k: v for k, v in options.items() if v is not None and k in takes}
+    return {**resolved, **chosen}
+
+
+class Merge(Method):
+    """One router-free merge of src/merging.py over the evaluated tasks' adapters, folded."""
+
+    configs = (MergeConfig,)
+
+    def __init__(self, name: str):
+        self.name = name
+        self.groups = ("merges",) if name in merging.MERGES else ()
+        base, preset = merging.resolve_method(name, {})
+        self.help = (merging.MERGES[base].__doc__ or "").strip().splitlines()[0]
+        if name in merging.VARIANTS:
+            self.help = f"{base} with {', '.join(f'{k}={v!r}' for k, v in preset.items())}"
+
+    def options(self, env: Env) -> dict:
+        c = env.opt(MergeConfig)
+        return merge_options(self.name, {"density": c.density, "rank": c.rank, "seed": env.seed,
+                                         "majority_sign": c.majority_sign, "space": c.space})
+
+    def check(self, env):
+        super().check(env)
+        w = env.opt(MergeConfig).weights
+        if w is not None and len(w) != len(env.tasks):
+            raise UserError(f"--weights has {len(w)} values for {len(env.tasks)} tasks")
+
+    def fingerprint(self, env, task):
+        return {"merge": {"options": self.options(env), "weights": env.opt(MergeConfig).weights,
+                          "adapters": [env.digests[t] for t in env.tasks]}}
+
+    def build(self, env):
+        """RUN/merged/<method>/ reused when made from the same adapters, options and weights."""
+        weights = env.opt(MergeConfig).weights
+        folder = runs.merged_dir(env.run_dir, self.name)
+        recipe = {"method": self.name, "tasks": list(env.tasks), "options": self.options(env),
+                  "weights": list(weights) if weights is not None else None,
+                  "adapters": {t: env.digests[t] for t in env.tasks}}
+        info = folder / "merge_info.json"
+        if not env.force and info.is_file():
+            try:
+                if json.loads(info.read_text()).get("recipe") == json.loads(json.dumps(recipe)):
+                    return Built(load_adapter(folder), True, where=folder)
+            except json.JSONDecodeError:
+                pass
+        merged = merging.merge_adapters([env.adapters[t] for t in env.tasks], self.name,
+                                        list(weights) if weights is not None else None, **self.options(env))
+
+        def save():
+            save_adapter(merged, folder, extra_json={"merge_info.json": {"recipe": recipe}})
+            return load_adapter(folder)   # exactly what a rerun will read
+        return Built(merged, False, save, folder)
+
+    def prepare(self, model, env, task):
+        return static(model, env.built[self.name])
+
+
+# --------------------------------------------------------------------------- MoA
+
+def moa_experts(folder: Path) -> tuple[list[str], bool]:
+    """(expert task names, whether the experts are saved inside the MoA folder) from moa_config.json."""
+    path = Path(folder) / MOA_CONFIG
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: unreadable ({e})") from None
+    if not isinstance(cfg.get("tasks"), list):
+        raise UserError(f"{path}: no 'tasks' list (not a saved MixtureOfLoRAs)")
+    return list(cfg["tasks"]), bool(cfg.get("experts_saved"))
+
+
+class MoA(Method):
+    name, kind = "moa", "dynamic"
+    help = "Mixture-of-LoRAs: RUN/moa's trained routers pick one expert per sequence"
+
+    def check(self, env):
+        folder = runs.moa_dir(env.run_dir)
+        if not (folder / MOA_CONFIG).is_file():
+            raise UserError(f"method moa needs a trained MoA: no {folder}/{MOA_CONFIG} "
+                            f"(train it with train_moa.py, or leave moa out of --methods)")
+        if not (folder / ROUTERS_NAME).is_file():
+            raise UserError(f"method moa: {folder} has no {ROUTERS_NAME} (an unfinished train_moa.py?)")
+        experts, saved = moa_experts(folder)
+        absent = [t for t in env.tasks if t not in experts]
+        if absent:
+            raise UserError(f"method moa: {folder} has no expert for task {', '.join(absent)} "
+                            f"(its experts: {', '.join(experts)})")
+        missing = [t for t in experts if not saved and not runs.has_adapter(env.run_dir, t)]
+        if missing:
+            raise UserError(f"method moa needs the adapters of its experts: no adapter for task "
+                            f"{', '.join(missing)} in {runs.adapters_dir(env.run_dir)}")
+
+    def adapter_tasks(self, env):
+        experts, saved = moa_experts(runs.moa_dir(env.run_dir))
+        return [] if saved else experts
+
+    def fingerprint(self, env, task):
+        return {"moa": {"files": runs.moa_digest(runs.moa_dir(env.run_dir)),
+                        "adapters": [env.digests[t] for t in self.adapter_tasks(env)]}}
+
+    @contextmanager
+    def prepare(self, model, env, task):
+        needed = self.adapter_tasks(env)
+        moa = MixtureOfLoRAs.load(model, runs.moa_dir(env.run_dir),
+                                  {t: env.adapters[t] for t in needed} if needed else None)
+        try:
+            yield moa
+        finally:
+            moa.remove()
+
+
+# --------------------------------------------------------------------------- Arrow
+
+class Arrow(Method):
+    name, kind = "arrow", "dynamic"
+    configs = (ArrowConfig,)
+    help = "Arrow: zero-shot per-token routing by the adapters' top singular vectors (Ostapenko et al. 2024)"
+
+    def general(self, env: Env) -> list[Adapter]:
+        out = []
+        for p in env.opt(ArrowConfig).arrow_general or ():
+            ad = load_adapter(p)
+            ad.name = ad.name or Path(p).name
+            out.append(ad)
+        return out
+
+    def check(self, env):
+        super().check(env)
+        cfg = env.opt(ArrowConfig)
+        if cfg.arrow_top_k > len(env.tasks):
+            raise UserError(f"--arrow-top-k {cfg.arrow_top_k} is more than the {len(env.tasks)} experts "
+                            f"({', '.join(env.tasks)})")
+        env.load_adapters(env.tasks)
+        general = self.general(env)
+        check_arrow_adapters({t: env.adapters[t] for t in env.tasks}, general)
+        if general:
+            merging.check_compatible([env.adapters[env.tasks[0]], *general])
+
+    def fingerprint(self, env, task):
+        cfg = env.opt(ArrowConfig)
+        fp = {"adapters": [env.digests[t] for t in env.tasks], "top_k": cfg.arrow_top_k,
+              "temperature": cfg.arrow_temperature, "prototypes": cfg.arrow_prototypes}
+        if cfg.arrow_prototypes == "power":
+            fp.update(power_iters=cfg.arrow_power_iters, seed=cfg.arrow_seed)
+        if cfg.arrow_general:
+            fp["general"] = [runs.adapter_digest(Path(p)) for p in cfg.arrow_general]
+        return {"arrow": fp}
+
+    def check_model(self, model, env):
+        for ad in self.general(env):
+            check_adapter_fits(model, ad)
+
+    @contextmanager
+    def prepare(self, model, env, task):
+        router = ArrowRouter(model, {t: env.adapters[t] for t in env.tasks}, env.opt(ArrowConfig), self.general(env))
+        try:
+            yield router
+        finally:
+            router.remove()
+
+
+# --------------------------------------------------------------------------- the registry
+
+register(Base())
+register(Oracle())
+register(MoA())
+register(Arrow())
+for _name in [*merging.MERGES, *merging.VARIANTS]:
+    register(Merge(_name))

@@ -1,0 +1,275 @@
+"""One expert layer under every router: E LoRA experts stacked in an existing nn.Linear.
+
+    y = W0 x + sum_e g_e * s_e * B_e (A_e x)
+
+The gates g come from the layer's router callback, `route(layer, x, keys)`, in one of three
+forms:
+  - `Selection`: one expert per sequence ([batch] expert indices; MoA). When the whole batch
+    agrees, that expert's factors are used directly (the fast path: LoRALinear's own math);
+    a mixed batch computes every expert's rank-r projection at once and keeps each
+    sequence's own expert's columns.
+  - a tensor [batch, E]: soft gates per sequence (all ones: the `concat` merge).
+  - a tensor [batch, tokens, E]: gates per token (Arrow, LoRA-Mixer).
+Factors are float32 (as LoRALinear), zero-padded to the largest rank, which changes nothing:
+`lora_A` [E, r_max, in], `lora_B` [out, E, r_max], so `lora_A.flatten(0, 1)` and
+`lora_B.flatten(1)` are all experts side by side (the concatenated LoRA).
+
+A per-token router that scores tokens by a linear map of the layer's input (Arrow's
+prototypes, a learned router) passes it as `keys` [K, in]: it is computed in the same
+matmul as the experts' A projection, and the callback receives `x @ keys^T`.
+
+Pure gate helpers: `topk_softmax`, `entropy`, `load_balance`.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from src.errors import UserError
+from src.lora import Adapter, check_adapter_fits, lora_layers, set_module
+
+
+# --------------------------------------------------------------------------- gates (pure)
+
+def topk_softmax(scores: torch.Tensor, k: int, temperature: float = 1.0) -> torch.Tensor:
+    """Gates [..., E]: softmax(scores / T) over each row's k largest scores, 0 elsewhere.
+
+    Equals softmax over the full row with the other scores at -inf (PEFT's Arrow); at most
+    k non-zeros per row, summing to 1. k >= E is the plain softmax.
+    """
+    if k >= scores.shape[-1]:
+        return torch.softmax(scores / temperature, dim=-1)
+    top, idx = scores.topk(k, dim=-1)                                  # [..., k]
+    return torch.zeros_like(scores).scatter_(-1, idx, torch.softmax(top / temperature, dim=-1))
+
+
+def entropy(probs: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Entropy of each row of gates [..., E] (natural log): [...]."""
+    return -(probs * (probs + eps).log()).sum(-1)
+
+
+def load_balance(probs: torch.Tensor, assigned: torch.Tensor) -> torch.Tensor:
+    """Switch-Transformer balance E * sum_i pbar_i * fbar_i over the rows of [..., E].
+
+    probs: soft gates; assigned: 0/1 (or counts) of the experts each row was routed to
+    (e.g. its top-k). pbar_i is the mean soft score of expert i, fbar_i its share of the
+    assignments. 1 when both are uniform.
+    """
+    e = probs.shape[-1]
+    pbar = probs.reshape(-1, e).mean(0)
+    fbar = assigned.reshape(-1, e).float()
+    fbar = fbar.sum(0) / fbar.sum().clamp(min=1)
+    return e * (pbar * fbar).sum()
+
+
+class Selection:
+    """One expert per sequence, plus the single expert when the whole batch agrees (fast path).
+
+    `uniform` costs one device sync, once per decision, not once per layer or step.
+    """
+
+    _UNSET = object()
+
+    def __init__(self, experts: torch.Tensor):
+        self.experts = experts            # LongTensor [batch]
+        self._uniform = self._UNSET
+        self._cache: dict = {}
+
+    @property
+    def uniform(self) -> int | None:
+        if self._uniform is self._UNSET:
+            lo, hi = torch.stack((self.experts.min(), self.experts.max())).tolist()
+            self._uniform = lo if lo == hi else None
+        return self._uniform
+
+    def gate(self, layer: "ExpertLinear", n: int, device: torch.device) -> torch.Tensor:
+        """layer.column_gate for these experts, kept for the later forwards (decoding steps)."""
+        key = ("gate", layer.index, n, device)
+        if key not in self._cache:
+            self._cache[key] = layer.column_gate(self.take(n, device))
+        return self._cache[key]
+
+    def take(self, n: int, device: torch.device) -> torch.Tensor:
+        """The experts for a batch of n on `device`; n a multiple of the session batch (beams)."""
+        key = (n, device)
+        if key not in self._cache:
+            e = self.experts
+            if e.shape[0] != n:
+                if n % e.shape[0]:
+                    raise RuntimeError(f"a forward of {n} sequences in a routing session for {e.shape[0]}")
+                e = e.repeat_interleave(n // e.shape[0])    # generate's beams / return sequences
+            self._cache[key] = e.to(device)
+        return self._cache[key]
+
+
+# --------------------------------------------------------------------------- the layer
+
+Route = Callable[["ExpertLinear", torch.Tensor, "torch.Tensor | None"], "Selection | torch.Tensor"]
+
+
+class ExpertLinear(nn.Module):
+    """An existing nn.Linear plus E LoRA experts; `route(self, x, keys_out)` gives the gates."""
+
+    def __init__(self, linear: nn.Linear, factors: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                 scales: Sequence[float], index: int, route: Route, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.linear = linear
+        self.index = index
+        self.route = route
+        self.ranks = [int(a.shape[0]) for a, _ in factors]
+        self.scale_list = [float(s) for s in scales]
+        n, r, dev = len(factors), max(self.ranks), linear.weight.device
+        a_all = torch.zeros(n, r, linear.in_features, dtype=dtype)
+        b_all = torch.zeros(linear.out_features, n, r, dtype=dtype)
+        for e, (a, b) in enumerate(factors):
+            a_all[e, : a.shape[0]] = a.to(dtype)
+            b_all[:, e, : b.shape[1]] = b.to(dtype)
+        self.lora_A = nn.Parameter(a_all.to(dev), requires_grad=False)
+        self.lora_B = nn.Parameter(b_all.to(dev), requires_grad=False)
+        # column j of the concatenated rank dimension belongs to expert j // r_max
+        self.register_buffer("col_expert", torch.arange(n, device=dev).repeat_interleave(r), persistent=False)
+        self.register_buffer("col_scale", torch.tensor(self.scale_list, dtype=dtype, device=dev)
+                             .repeat_interleave(r), persistent=False)
+        self.keys: torch.Tensor | None = None
+        self._fused: torch.Tensor | None = None
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.ranks)
+
+    def expert_factors(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's own (A [r, in], B [out, r]), padding dropped."""
+        r = self.ranks[e]
+        return self.lora_A[e, :r], self.lora_B[:, e, :r]
+
+    def column_gate(self, experts: torch.Tensor) -> torch.Tensor:
+        """[batch, E * r_max]: each sequence's expert's scale on its own rank columns, 0 elsewhere."""
+        return (self.col_expert == experts[:, None]) * self.col_scale
+
+    def set_keys(self, keys: torch.Tensor | None) -> None:
+        """A router's linear map [K, in] of this layer's input, computed with the A projection.
+
+        The fused [E * r_max + K, in] matrix is built once: set keys again after changing the
+        experts' A (training) so that it is rebuilt.
+        """
+        self.keys = None if keys is None else keys.to(self.lora_A)
+        self._fused = None
+
+    def _fused_weight(self) -> torch.Tensor:
+        if self._fused is None or self.lora_A.requires_grad or self.keys.requires_grad:
+            self._fused = torch.cat([self.lora_A.flatten(0, 1), self.keys])
+        return self._fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        h = x.to(self.lora_A.dtype)
+        if self.keys is not None:
+            z = F.linear(h, self._fused_weight())                          # [..., E*r + K]
+            proj, keys_out = z.split([self.lora_A.shape[0] * self.lora_A.shape[1], self.keys.shape[0]], -1)
+            gates = self.route(self, x, keys_out)
+            return y + self._gated(proj, gates, x).to(y.dtype)
+        gates = self.route(self, x, None)
+        if isinstance(gates, Selection):
+            e = gates.uniform
+            if e is not None:                 # the whole batch on one expert: LoRALinear's own math
+                a, b = self.expert_factors(e)
+                return y + (F.linear(F.linear(h, a), b) * self.scale_list[e]).to(y.dtype)
+            # A mixed batch: every expert's rank-r projection at once, then each sequence keeps only
+            # its own expert's columns. Each factor is read once per layer (no per-sequence copies);
+            # the extra work is n_experts * r columns, small beside the base layer.
+            gate = gates.gate(self, x.shape[0], x.device)                   # [batch, E*r]
+            h = F.linear(h, self.lora_A.flatten(0, 1))                      # [batch, ..., E*r]
+            h = h * gate.view(x.shape[0], *([1] * (h.dim() - 2)), -1)
+            return y + F.linear(h, self.lora_B.flatten(1)).to(y.dtype)      # [batch, ..., out]
+        return y + self._gated(F.linear(h, self.lora_A.flatten(0, 1)), gates, x).to(y.dtype)
+
+    def _gated(self, proj: torch.Tensor, gates: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """sum_e g_e s_e B_e (A_e x) from the projection proj [..., E*r] and gates [b, E] or [b, t, E]."""
+        cols = gates.to(proj.dtype).index_select(-1, self.col_expert) * self.col_scale   # [b, (t,) E*r]
+        if cols.dim() == 2 and proj.dim() > 2:                                         # per sequence
+            cols = cols.view(cols.shape[0], *([1] * (proj.dim() - 2)), -1)
+        return F.linear(proj * cols, self.lora_B.flatten(1))
+
+    def extra_repr(self) -> str:
+        return f"experts={len(self.ranks)}, ranks={self.ranks}" + (
+            f", keys={self.keys.shape[0]}" if self.keys is not None else "")
+
+
+# --------------------------------------------------------------------------- injection
+
+def expert_order(adapters: dict[str, Adapter], tasks: Sequence[str] = ()) -> list[str]:
+    """The experts' order: `tasks` (which must name exactly the adapters), else the adapters'."""
+    if not adapters:
+        raise UserError("a mixture of experts needs at least one adapter (got none)")
+    if not tasks:
+        return list(adapters)
+    missing, extra = [t for t in tasks if t not in adapters], [t for t in adapters if t not in tasks]
+    if missing or extra:
+        raise UserError(f"tasks {list(tasks)} do not match the adapters {list(adapters)}"
+                        + (f": no adapter for {', '.join(missing)}" if missing else "")
+                        + (f": adapters not in tasks: {', '.join(extra)}" if extra else ""))
+    return list(tasks)
+
+
+def _few(names: Sequence[str], k: int = 3) -> str:
+    more = f" (+{len(names) - k} more)" if len(names) > k else ""
+    return ", ".join(names[:k]) + more
+
+
+def common_modules(adapters: dict[str, Adapter], tasks: Sequence[str], what: str = "MoA experts") -> list[str]:
+    """The module names every adapter covers (all must cover the same), else UserError naming them."""
+    for t in tasks:
+        if not adapters[t].factors:
+            raise UserError(f"adapter {t!r} has no LoRA modules")
+    ref_task = tasks[0]
+    ref = set(adapters[ref_task].factors)
+    for t in tasks[1:]:
+        mods = set(adapters[t].factors)
+        if mods != ref:
+            parts = []
+            if ref - mods:
+                parts.append(f"lacks {_few(sorted(ref - mods))}")
+            if mods - ref:
+                parts.append(f"has {_few(sorted(mods - ref))}")
+            raise UserError(f"{what} must cover the same modules: adapter {t!r} "
+                            f"{' and '.join(parts)}, unlike adapter {ref_task!r}")
+    return sorted(ref)
+
+
+def has_experts(model: nn.Module) -> bool:
+    return any(isinstance(m, ExpertLinear) for m in model.modules())
+
+
+def inject_experts(model: nn.Module, adapters: dict[str, Adapter], tasks: Sequence[str], route: Route,
+                   what: str = "MoA experts") -> tuple[list[str], list[ExpertLinear]]:
+    """Wrap every module the adapters cover in an ExpertLinear (experts in `tasks` order).
+
+    Returns (module names in model order, layers). The model is frozen; undo with
+    `remove_experts`. Nothing is changed when a check fails.
+    """
+    modules = common_modules(adapters, tasks, what)
+    if lora_layers(model) or has_experts(model):
+        raise UserError("model already has LoRA or expert layers; remove them first")
+    for t in tasks:
+        check_adapter_fits(model, adapters[t])
+    by_name = dict(model.named_modules())
+    covered = set(modules)
+    names = [n for n in by_name if n in covered]                # model (execution) order
+    model.requires_grad_(False)
+    layers = []
+    for i, n in enumerate(names):
+        layer = ExpertLinear(by_name[n], [adapters[t].factors[n] for t in tasks],
+                             [adapters[t].scales[n] for t in tasks], i, route)
+        set_module(model, n, layer)
+        layers.append(layer)
+    return names, layers
+
+
+def remove_experts(model: nn.Module, names: Sequence[str], layers: Sequence[ExpertLinear]) -> nn.Module:
+    """Put the plain nn.Linear layers back."""
+    for name, layer in zip(names, layers):
+        set_module(model, name, layer.linear)
+    return model
