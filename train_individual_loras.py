@@ -4,8 +4,8 @@ Usage:
     # CPU demo: the embedded SmolLM2-135M, bundled sample data, a few minutes
     python train_individual_loras.py --preset demo --output-dir runs/demo
 
-    # the study's setting on a GPU (SPEC section 2): r 8, alpha 16, lr 5e-5, batch 2,
-    # up to 10 epochs with early stopping (patience 3, every 100 steps), 5,000 examples
+    # the study's setting on a GPU: r 8, alpha 16, lr 5e-5, batch 2, up to 10 epochs with
+    # early stopping (patience 3, every 100 steps), 5,000 training examples per task
     python train_individual_loras.py --preset paper --model Qwen/Qwen2-1.5B --output-dir runs/qwen2-1.5b
 
     # one task on several GPUs, data-parallel (global batch = batch-size * grad-accum * GPUs)
@@ -23,36 +23,26 @@ All inputs (tasks, data, model, sizes) are checked before any training starts.
 """
 from __future__ import annotations
 
-import shutil
 import sys
 import zlib
 from pathlib import Path
 
 import torch
 
-from src import runs
+from src import runs, stages
 from src.cli import config_dict, parse_configs
 from src.config import PRESETS, DataConfig, TrainConfig
-from src.errors import UserError, run_main
-from src.lora import (CONFIG_NAME, WEIGHTS_NAME, LoraConfig, add_lora, adapter_from_model, lora_layers,
-                      replace_dir, save_adapter, unload_lora)
+from src.errors import run_main
+from src.lora import LoraConfig, add_lora, adapter_from_model, lora_layers, save_adapter, unload_lora
 from src.models import load_base_model, resolve_model_path
 from src.tasks import data_hash, resolve_tasks
-from src.training import (TrainingDiverged, barrier, encode_examples, finish_distributed, fit, git_commit,
-                          init_distributed, load_data, process_device, remove_checkpoints)
-
-COMPLETE = (CONFIG_NAME, WEIGHTS_NAME, "training_config.json")
-# Settings that may change between a run and its --resume (the rest must match the checkpoint).
-RESUMABLE = {"output_dir", "resume", "force", "progress", "device", "log_every"}
+from src.training import (TrainingDiverged, barrier, encode_examples, finish_distributed, fit, init_distributed,
+                          load_data, process_device)
 
 
 def init_seed(seed: int, task: str, shared: bool) -> int:
     """The LoRA-init seed of a task: `seed`, offset by a stable hash of the task name."""
     return seed if shared else seed + zlib.crc32(task.encode())
-
-
-def adapter_complete(folder: Path) -> bool:
-    return all((folder / f).is_file() for f in COMPLETE)
 
 
 def main(argv=None) -> None:
@@ -63,46 +53,35 @@ def main(argv=None) -> None:
     resolve_model_path(train_cfg.model)  # an unknown path or alias fails here, before any loading
     run = Path(train_cfg.output_dir)
     d = init_distributed(train_cfg.device)
-    say = print if d.main else (lambda *a, **k: None)
-
-    todo = []
-    for task in tasks:
-        if adapter_complete(run / "adapters" / task) and not train_cfg.force:
-            say(f"skip {task}: {run / 'adapters' / task} is complete (--force retrains)")
-        else:
-            todo.append(task)
-    for task in todo:
-        if (run / "checkpoints" / task).exists() and not (train_cfg.resume or train_cfg.force):
-            raise UserError(f"{run / 'checkpoints' / task} holds an interrupted run of task {task}: "
-                            f"pass --resume to continue it or --force to restart")
+    say = stages.main_printer(d)
+    todo = stages.pending([stages.adapter_stage(run, t) for t in tasks], train_cfg, say)
     if not todo:
         return
 
     # ------------------------------------------------------------------- setup
     # Everything is loaded and checked before anything is written.
-    train_data = load_data(data_cfg, todo, "train")
-    val_data = load_data(data_cfg, todo, "validation")
+    names = [stage.task for stage in todo]
+    train_data = load_data(data_cfg, names, "train")
+    val_data = load_data(data_cfg, names, "validation")
     model, tokenizer = load_base_model(train_cfg.model, process_device(d, train_cfg.device), train_cfg.dtype)
     amp = model.device.type == "cuda" and model.dtype != torch.float32
     encoded = {t: (encode_examples(tokenizer, train_data[t], data_cfg.max_len, data_cfg.max_target_len),
                    encode_examples(tokenizer, val_data[t], data_cfg.max_len, data_cfg.max_target_len))
-               for t in todo}
+               for t in names}
     global_batch = train_cfg.batch_size * train_cfg.grad_accum * d.world
-    say(f"model {train_cfg.model} on {model.device} ({model.dtype}); tasks {', '.join(todo)}; "
+    resolved = config_dict(data_cfg, train_cfg, lora_cfg)
+    say(f"model {train_cfg.model} on {model.device} ({model.dtype}); tasks {', '.join(names)}; "
         f"global batch {global_batch} ({d.world} process{'es' if d.world > 1 else ''})")
 
     # --------------------------------------------------------------------- run
     failed = []
-    for task in todo:
-        state_dir, final_dir = run / "checkpoints" / task, run / "adapters" / task
-        if train_cfg.force and d.main:
-            remove_checkpoints(state_dir)
-        barrier(d)
+    for stage in todo:
+        task = stage.task
+        stages.restart(stage, train_cfg, d)
         hashes = {"train": data_hash({task: train_data[task]}), "validation": data_hash({task: val_data[task]})}
-        resolved = config_dict(data_cfg, train_cfg, lora_cfg)
-        fingerprint = {f"{cls}.{k}": v for cls, fields in resolved.items() for k, v in fields.items()
-                       if k not in RESUMABLE and k != "tasks"}
-        fingerprint.update(task=task, data_hash=hashes["train"], global_batch=global_batch)
+        # Each task is its own stage: --tasks may list other tasks on a --resume.
+        fingerprint = stages.fingerprint(resolved, ignore={"tasks"}, task=task, data_hash=hashes["train"],
+                                      global_batch=global_batch)
 
         # The same init in every process and every rerun; a different one per task unless
         # --shared-init, so that tasks' A matrices do not start (and stay) alike.
@@ -111,8 +90,8 @@ def main(argv=None) -> None:
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         try:
             result = fit(model, params, encoded[task][0], encoded[task][1], cfg=train_cfg, seed=data_cfg.seed,
-                         name=task, pad_id=tokenizer.pad_token_id, state_dir=state_dir,
-                         log_path=state_dir / "log.jsonl", d=d, amp=amp, fingerprint=fingerprint)
+                         name=task, pad_id=tokenizer.pad_token_id, state_dir=stage.state_dir,
+                         log_path=stage.log_path, d=d, amp=amp, fingerprint=fingerprint)
         except TrainingDiverged as e:
             print(f"error: {e}", file=sys.stderr)
             failed.append(task)
@@ -126,7 +105,7 @@ def main(argv=None) -> None:
                 named[k].copy_(v)
         if d.main:
             adapter = adapter_from_model(model, base_model=train_cfg.model, name=task)
-            info = {"task": task, "seed": data_cfg.seed, "git_commit": git_commit(), "data_hash": hashes,
+            info = {"task": task, "seed": data_cfg.seed, "git_commit": runs.git_commit(), "data_hash": hashes,
                     "model": train_cfg.model, "world_size": d.world, "global_batch": global_batch,
                     "n_train": len(train_data[task]), "n_validation": len(val_data[task]),
                     "steps": result.steps, "best_step": result.best_step, "best_val_loss": result.best_val_loss,
@@ -134,21 +113,15 @@ def main(argv=None) -> None:
                     "tokens": result.tokens, "elapsed_s": round(result.elapsed_s, 2),
                     "lora_modules": len(lora_layers(model)), "config": resolved,
                     "versions": runs.versions()}
-            # Written complete beside the run's adapters, then renamed into place.
-            staged = save_adapter(adapter, state_dir / "final", extra_json={"training_config.json": info})
-            if (state_dir / "log.jsonl").exists():
-                shutil.copyfile(state_dir / "log.jsonl", staged / "log.jsonl")
-            final_dir.parent.mkdir(parents=True, exist_ok=True)
-            replace_dir(staged, final_dir)
-            remove_checkpoints(state_dir)
+            with stages.publish(stage) as folder:
+                save_adapter(adapter, folder, extra_json={"training_config.json": info})
             val = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a"
             say(f"{task}: {result.steps} steps, best validation loss {val}"
-                f"{' (stopped early)' if result.stopped_early else ''} -> {final_dir}")
+                f"{' (stopped early)' if result.stopped_early else ''} -> {stage.out_dir}")
         barrier(d)
         unload_lora(model)
 
-    if d.main and (run / "checkpoints").is_dir() and not any((run / "checkpoints").iterdir()):
-        (run / "checkpoints").rmdir()
+    stages.remove_empty_checkpoints(run, d)
     finish_distributed(d)
     if failed:
         print(f"error: training diverged for {', '.join(failed)}; see the messages above", file=sys.stderr)

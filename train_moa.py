@@ -27,27 +27,21 @@ killed run from RUN/checkpoints/moa.
 """
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 
-from src import runs
+from src import runs, stages
 from src.cli import config_dict, parse_configs
 from src.config import MOA_PRESETS, DataConfig, RouterConfig, TrainConfig
 from src.errors import UserError, run_main
 from src.lora import load_adapter
-from src.runs import replace_dir, write_json_atomic
 from src.models import load_base_model, resolve_model_path
-from src.moa import CONFIG_NAME as MOA_CONFIG, ROUTERS_NAME, MixtureOfLoRAs, MoAConfig
+from src.moa import MixtureOfLoRAs, MoAConfig
 from src.tasks import data_hash, resolve_tasks
-from src.training import (TrainingDiverged, barrier, encode_examples, finish_distributed, fit, git_commit,
-                          init_distributed, load_data, moa_objective, process_device,
-                          prompt_items, remove_checkpoints, routing_accuracy)
-from train_individual_loras import RESUMABLE, adapter_complete
-
-COMPLETE = (MOA_CONFIG, ROUTERS_NAME, "training_config.json", "routing_accuracy.json")
+from src.training import (TrainingDiverged, barrier, encode_examples, finish_distributed, fit, init_distributed,
+                          load_data, moa_objective, process_device, prompt_items, routing_accuracy)
 
 
 def main(argv=None) -> None:
@@ -57,26 +51,23 @@ def main(argv=None) -> None:
     tasks = resolve_tasks(data_cfg.tasks)
     resolve_model_path(train_cfg.model)
     run = Path(train_cfg.output_dir)
-    out_dir, state_dir = run / "moa", run / "checkpoints" / "moa"
-    missing = [t for t in tasks if not adapter_complete(run / "adapters" / t)]
+    missing = [t for t in tasks if not stages.adapter_stage(run, t).complete()]
     if missing:
-        raise UserError(f"{run / 'adapters'} lacks the adapters of task(s) {', '.join(missing)}: "
+        raise UserError(f"{runs.adapters_dir(run)} lacks the adapters of task(s) {', '.join(missing)}: "
                         f"run train_individual_loras.py --output-dir {run} --tasks {','.join(missing)} first")
     if len(tasks) < 2:
         raise UserError(f"a mixture needs at least two tasks, got {', '.join(tasks)}")
     d = init_distributed(train_cfg.device)
-    say = print if d.main else (lambda *a, **k: None)
-    if all((out_dir / f).is_file() for f in COMPLETE) and not train_cfg.force:
-        say(f"skip: {out_dir} is complete (--force retrains)")
+    say = stages.main_printer(d)
+    stage = stages.moa_stage(run)
+    if not stages.pending([stage], train_cfg, say):
         return
-    if state_dir.exists() and not (train_cfg.resume or train_cfg.force):
-        raise UserError(f"{state_dir} holds an interrupted run: pass --resume to continue it or --force to restart")
     if router_cfg.lm_loss and not router_cfg.joint:
         say("note: --lm-loss without --joint: under teacher forcing L_LM does not reach the routers "
             "(it is computed and logged only)")
 
     # ------------------------------------------------------------------- setup
-    adapters = {t: load_adapter(run / "adapters" / t) for t in tasks}
+    adapters = {t: load_adapter(runs.adapter_dir(run, t)) for t in tasks}
     train_data = load_data(data_cfg, tasks, "train")
     val_data = load_data(data_cfg, tasks, "validation")
     model, tokenizer = load_base_model(train_cfg.model, process_device(d, train_cfg.device), train_cfg.dtype)
@@ -97,28 +88,25 @@ def main(argv=None) -> None:
 
     torch.manual_seed(data_cfg.seed)
     moa = MixtureOfLoRAs(model, adapters, MoAConfig(router=router_cfg.router, inference=router_cfg.inference),
-                         sources={t: str((run / "adapters" / t).resolve()) for t in tasks})
+                         sources={t: str(runs.adapter_dir(run, t).resolve()) for t in tasks})
     if router_cfg.joint:
         moa.set_experts_trainable(True)
     params = {n: p for n, p in moa.named_parameters() if p.requires_grad}
     resolved = config_dict(data_cfg, train_cfg, router_cfg)
     hashes = {"train": data_hash(train_data), "validation": data_hash(val_data)}
     global_batch = train_cfg.batch_size * train_cfg.grad_accum * d.world
-    fingerprint = {f"{cls}.{k}": v for cls, fields in resolved.items() for k, v in fields.items() if k not in RESUMABLE}
-    fingerprint.update(data_hash=hashes["train"], global_batch=global_batch)
+    fingerprint = stages.fingerprint(resolved, data_hash=hashes["train"], global_batch=global_batch)
     say(f"MoA over {', '.join(tasks)}: {len(moa.routers)} {router_cfg.router} routers, "
         f"{sum(p.numel() for p in params.values()):,} trainable parameters; {len(train_items)} training sequences; "
         f"loss {'L_LM + ' if router_cfg.lm_loss else ''}{router_cfg.eta:g} * L_cls")
 
     # --------------------------------------------------------------------- run
-    if train_cfg.force:
-        remove_checkpoints(state_dir, d)
-    barrier(d)
+    stages.restart(stage, train_cfg, d)
+    objective = moa_objective(moa, router_cfg.eta, router_cfg.lm_loss, router_cfg.teacher_forcing)
     try:
         result = fit(model, params, train_items, val_items, cfg=train_cfg, seed=data_cfg.seed, name="moa",
-                     pad_id=tokenizer.pad_token_id, state_dir=state_dir, log_path=state_dir / "log.jsonl",
-                     objective=moa_objective(moa, router_cfg.eta, router_cfg.lm_loss, router_cfg.teacher_forcing), d=d, amp=amp,
-                     fingerprint=fingerprint)
+                     pad_id=tokenizer.pad_token_id, state_dir=stage.state_dir, log_path=stage.log_path,
+                     objective=objective, d=d, amp=amp, fingerprint=fingerprint)
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -129,28 +117,21 @@ def main(argv=None) -> None:
 
     # -------------------------------------------------------------------- save
     if d.main:
-        staged = state_dir / "final"
-        if staged.exists():
-            shutil.rmtree(staged)
-        moa.save(staged, save_experts=router_cfg.joint)
-        write_json_atomic(staged / "routing_accuracy.json", accuracy)
-        write_json_atomic(staged / "training_config.json", {
-            "tasks": tasks, "seed": data_cfg.seed, "git_commit": git_commit(), "data_hash": hashes,
-            "model": train_cfg.model, "world_size": d.world, "global_batch": global_batch,
-            "steps": result.steps, "best_step": result.best_step, "best_val_loss": result.best_val_loss,
-            "stopped_early": result.stopped_early, "elapsed_s": round(result.elapsed_s, 2), "config": resolved,
-            "versions": runs.versions()})
-        if (state_dir / "log.jsonl").exists():
-            shutil.copyfile(state_dir / "log.jsonl", staged / "log.jsonl")
-        replace_dir(staged, out_dir)
-        remove_checkpoints(state_dir)
-        if (run / "checkpoints").is_dir() and not any((run / "checkpoints").iterdir()):
-            (run / "checkpoints").rmdir()
+        with stages.publish(stage) as folder:
+            moa.save(folder, save_experts=router_cfg.joint)
+            runs.write_json_atomic(folder / "routing_accuracy.json", accuracy)
+            runs.write_json_atomic(folder / "training_config.json", {
+                "tasks": tasks, "seed": data_cfg.seed, "git_commit": runs.git_commit(), "data_hash": hashes,
+                "model": train_cfg.model, "world_size": d.world, "global_batch": global_batch,
+                "steps": result.steps, "best_step": result.best_step, "best_val_loss": result.best_val_loss,
+                "stopped_early": result.stopped_early, "elapsed_s": round(result.elapsed_s, 2), "config": resolved,
+                "versions": runs.versions()})
+        stages.remove_empty_checkpoints(run)
         width = max(len(t) for t in tasks)
         say(f"routing accuracy on validation ({router_cfg.inference} rule):")
         for t in tasks:
             say(f"  {t:<{width}}  {accuracy['per_task'][t]:.3f}  (n={accuracy['n'][t]})")
-        say(f"  {'mean':<{width}}  {accuracy['mean']:.3f}   -> {out_dir}")
+        say(f"  {'mean':<{width}}  {accuracy['mean']:.3f}   -> {stage.out_dir}")
     barrier(d)
     finish_distributed(d)
 

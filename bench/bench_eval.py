@@ -41,7 +41,7 @@ import torch  # noqa: E402
 import full_evaluation  # noqa: E402
 from src import evaluation as ev  # noqa: E402
 from src import tasks as T  # noqa: E402
-from src.lora import LoraConfig, add_lora, adapter_from_model, save_adapter, unload_lora  # noqa: E402
+from src.lora import LoraConfig, add_lora, adapter_from_model, folded, save_adapter, unload_lora  # noqa: E402
 from src.merging import merge_adapters  # noqa: E402
 from src.models import load_base_model  # noqa: E402
 from src.moa import MixtureOfLoRAs, MoAConfig  # noqa: E402
@@ -84,9 +84,9 @@ def timed(fn) -> tuple[float, object]:
 
 def tokens_per_s(model, tok, ids, batch_size, moa=None) -> tuple[float, list]:
     seconds, gen = timed(lambda: ev.generate(model, tok, ids, batch_size=batch_size, max_new_tokens=NEW_TOKENS,
-                                             moa=moa, min_new_tokens=NEW_TOKENS))
+                                             router=moa, min_new_tokens=NEW_TOKENS))
     n = sum(len(x) for x in gen.token_ids)
-    return n / seconds, gen.routed
+    return n / seconds, [r["routed_task"] for r in gen.routing] if gen.routing else None
 
 
 def machine() -> str:
@@ -136,7 +136,7 @@ def main(argv=None):
     moa_routed = None
     for r in range(args.rounds + 1):
         res["base"].append(tokens_per_s(model, tok, ids, BATCH)[0])
-        with ev.folded(model, merged):
+        with folded(model, merged):
             res["folded"].append(tokens_per_s(model, tok, ids, BATCH)[0])
         moa = MixtureOfLoRAs(model, adapters)
         randomize_routers(moa)
@@ -180,7 +180,7 @@ def main(argv=None):
     med_ratios = {"folded / base": med["folded"] / med["base"], "moa / base (batch 16)": med["moa"] / med["base"],
                   STUDY: med["moa"] / study_speed}
     targets = {"folded / base": 0.97, "moa / base (batch 16)": 0.8, STUDY: 5.0}
-    mix = {t: moa_routed.count(i) for i, t in enumerate(TASKS)} if moa_routed else {}
+    mix = {t: moa_routed.count(t) for t in TASKS} if moa_routed else {}
     total_s = time.perf_counter() - t_bench
     lines = [
         "## Evaluation", "",

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from src.errors import UserError
-from src.experts import common_modules, inject_experts, remove_experts, topk_softmax
+from src.experts import Selection, common_modules, inject_experts, remove_experts, topk_softmax
 from src.lora import Adapter
 
 PROTOTYPES = ("exact", "power")
@@ -168,11 +168,13 @@ class ArrowRouter(nn.Module):
         self.tasks = tasks
         self.__dict__["model"] = model            # not a submodule
         self._session: dict | None = None
+        self._last: dict = {"mask": None, "shares": {}}
         names, layers = inject_experts(model, adapters, tasks, self._route, what="Arrow's adapters")
         self.layer_names = names
         self.layers = nn.ModuleList(layers)
-        for layer in layers:
-            layer.set_keys(self.prototypes(layer))
+        if len(tasks) > 1:   # one expert: its gate is 1 everywhere, LoRALinear's own math (no prototypes)
+            for layer in layers:
+                layer.set_keys(self.prototypes(layer))
 
     @torch.no_grad()
     def prototypes(self, layer) -> torch.Tensor:
@@ -186,8 +188,16 @@ class ArrowRouter(nn.Module):
                 protos.append(top_right_singular_vector(a, b).to(a.device))
         return torch.stack(protos)
 
-    def _route(self, layer, x: torch.Tensor, keys_out: torch.Tensor) -> torch.Tensor:
+    def _route(self, layer, x: torch.Tensor, keys_out: torch.Tensor | None) -> torch.Tensor | Selection:
+        if keys_out is None:                 # a single expert
+            self._record(layer, torch.ones(*x.shape[:-1], 1, device=x.device))
+            return Selection(torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
         gates = arrow_gates(keys_out, self.cfg.arrow_top_k, self.cfg.arrow_temperature)  # [b, t, E]
+        self._record(layer, gates)
+        return gates
+
+    def _record(self, layer, gates: torch.Tensor) -> None:
+        """In a session, the first forward's mean gate per expert over the prompt's tokens."""
         s = self._session
         if s is not None and layer.index not in s["shares"] and gates.dim() == 3:
             mask = s["mask"]
@@ -196,7 +206,6 @@ class ArrowRouter(nn.Module):
             mask = mask.to(device=gates.device, dtype=gates.dtype)
             s["shares"][layer.index] = ((gates * mask[..., None]).sum(1)
                                         / mask.sum(1, keepdim=True).clamp(min=1)).detach()  # [b, E]
-        return gates
 
     # ----------------------------------------------------------------- the router protocol
 
@@ -208,16 +217,17 @@ class ArrowRouter(nn.Module):
         `positions` is not needed (every token routes itself)."""
         if experts is not None:
             raise UserError("Arrow routes every token itself: experts cannot be forced")
-        self._session = {"mask": prompt_mask, "shares": {}}
+        self._session = self._last = {"mask": prompt_mask, "shares": {}}
         try:
             yield self
         finally:
-            self._last, self._session = self._session, None
+            self._session = None
 
     def layer_shares(self) -> torch.Tensor:
-        """[n_layers, batch, E]: each expert's mean gate over the prompt tokens, per layer."""
+        """[n_layers, batch, E]: each expert's mean gate over the prompt tokens, per layer, in
+        the current (or else the last) session."""
         shares = self._last["shares"]
-        return torch.stack([shares[i].cpu() for i in range(len(self.layers))])
+        return torch.stack([shares[i].cpu() for i in sorted(shares)])
 
     def routing_records(self) -> list[dict]:
         """Per sequence of the last session: {"expert_share": {task: mean gate over prompt tokens and layers}}."""

@@ -4,7 +4,7 @@
     batches = global_batches(lengths, global_batch, seed, epoch)            # grouped by length
     batch   = collate(items, pad_id)                                          # dynamic padding
     loss    = target_only_loss(model, batch)                                  # LM head at targets only
-    result  = fit(model, params, train_items, val_items, objective, cfg, ...) # the loop
+    result  = fit(model, params, train_items, val_items, objective, cfg, ...) # the loop (_Trainer)
 
 Why it is fast:
 - The loss counts target tokens only, and the LM head runs only at the positions that
@@ -21,7 +21,8 @@ Exactness: one optimizer step minimises sum_k w_k * (sum of term k over the GLOB
 (count of term k over the global batch), whatever the split into micro-batches and
 processes; so `--grad-accum` and several processes give the single-process step (up to
 float summation order). Checkpoints hold trainable tensors, optimizer, scheduler, RNG
-states and the data position, so a resumed run ends where an uninterrupted one does.
+states and the data position, so a resumed run ends where an uninterrupted one does; they
+hold tensors and plain values only and are loaded with torch.load(weights_only=True).
 """
 from __future__ import annotations
 
@@ -318,16 +319,29 @@ def save_checkpoint(folder: Path, state: dict) -> None:
 
 
 def load_checkpoint(folder: Path) -> dict | None:
+    """The checkpoint in `folder`, or None when there is none.
+
+    Loaded with weights_only=True: a checkpoint holds tensors and plain values (dicts, lists,
+    tuples, numbers, strings, None), so reading one never runs pickled code. A truncated or
+    corrupt file, or one that needs unpickling, is a UserError.
+    """
     path = folder / STATE_FILE
     if not path.is_file():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a truncated/corrupt file is a user-facing condition
         raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it or use --force") from None
 
 
+def remove_checkpoints(state_dir: Path, d: Dist = Dist()) -> None:
+    """Delete a stage's checkpoint folder (rank 0)."""
+    if d.main and state_dir.exists():
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
 def rng_state() -> dict:
+    """torch's, python's and (on CUDA) every GPU's RNG state: tensors and python's tuple of ints."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -401,171 +415,243 @@ def fit(model: nn.Module, params: dict[str, nn.Parameter], train: Sequence[dict]
     benchmarks, and tests that interrupt a run.
     Raises TrainingDiverged on a NaN/inf loss, before the step is applied.
     """
-    from tqdm.auto import tqdm
+    trainer = _Trainer(model, params, train, val, cfg=cfg, seed=seed, name=name, pad_id=pad_id,
+                       state_dir=state_dir, log_path=log_path, objective=objective, d=d, amp=amp, side=side,
+                       fingerprint=fingerprint, on_step=on_step)
+    trainer.setup()
+    return trainer.train()
 
-    device = next(iter(params.values())).device
-    n_micro, micro = cfg.grad_accum, cfg.batch_size
-    global_batch = micro * n_micro * d.world
-    per_epoch, total = planned_steps(len(train), global_batch, cfg.epochs, cfg.max_steps)
-    lengths = [len(it["input_ids"]) for it in train]
 
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params.values():
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = linear_schedule(optimizer, cfg.warmup_steps, total)
+@dataclass
+class _Progress:
+    """Where a run stands: what a checkpoint saves beside the tensors, optimizer, scheduler and RNG."""
 
-    step, best_val, best_step, bad_evals, tokens_done, elapsed0 = 0, None, None, 0, 0, 0.0
-    best_params: dict[str, torch.Tensor] | None = None
-    state = load_checkpoint(state_dir) if cfg.resume else None
-    if state is not None:
-        if fingerprint is not None and state.get("fingerprint") != fingerprint:
+    step: int = 0                      # optimizer steps taken
+    best_val: float | None = None      # the lowest validation loss so far
+    best_step: int | None = None       # ... and its step
+    bad_evals: int = 0                 # validations since the best one (for patience)
+    tokens: int = 0                    # real (unpadded) tokens trained on, all processes together
+    elapsed_s: float = 0.0             # training time of the processes before this one (resumed runs)
+    best_params: dict[str, torch.Tensor] | None = None  # CPU copies of `params` at best_step
+
+
+class _Trainer:
+    """fit in parts, in the shape of a torchtune recipe: `setup` (optimizer, schedule, restore
+    from a checkpoint), `optimizer_step`, `validate`, `checkpoint`, and `train`, the loop that
+    calls them. Only rank 0 writes the log and checkpoints; every process runs the rest.
+    """
+
+    def __init__(self, model: nn.Module, params: dict[str, nn.Parameter], train: Sequence[dict],
+                 val: Sequence[dict], *, cfg, seed: int, name: str, pad_id: int, state_dir: Path, log_path: Path,
+                 objective: Objective, d: Dist, amp: bool, side: str, fingerprint: dict | None,
+                 on_step: Callable[[int], None] | None):
+        self.model, self.params, self.train_items, self.val_items = model, params, train, val
+        self.cfg, self.seed, self.name, self.pad_id = cfg, seed, name, pad_id
+        self.state_dir, self.log_path, self.fingerprint, self.on_step = state_dir, log_path, fingerprint, on_step
+        self.objective, self.d, self.amp, self.side = objective, d, amp, side
+        self.device = next(iter(params.values())).device
+        self.global_batch = cfg.batch_size * cfg.grad_accum * d.world
+        self.per_epoch, self.total = planned_steps(len(train), self.global_batch, cfg.epochs, cfg.max_steps)
+        self.lengths = [len(it["input_ids"]) for it in train]
+        self.progress = _Progress()
+        self.last_eval: int | None = None   # the step of the latest validation
+        self.last_loss: float | None = None
+        self.stopped_early = False
+        self.postfix = ""                   # the progress bar's text
+
+    # -------------------------------------------------------------------- setup
+
+    def setup(self) -> None:
+        """Gradients for `params` only; AdamW and the linear schedule; with cfg.resume, the
+        checkpoint's state (else a fresh log); the progress bar and the clocks."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for p in self.params.values():
+            p.requires_grad_(True)
+        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = linear_schedule(self.optimizer, cfg.warmup_steps, self.total)
+        state = load_checkpoint(self.state_dir) if cfg.resume else None
+        if state is not None:
+            self._restore(state)
+        elif self.d.main and self.log_path.exists():
+            self.log_path.unlink()
+        if self.d.main:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.bar = tqdm(total=self.total, initial=self.progress.step, desc=self.name, unit="step",
+                        dynamic_ncols=True, disable=not (cfg.progress and self.d.main), leave=True)
+        # the log's throughput window: loss and tokens summed since the last train line
+        self.window_loss, self.window_tokens, self.window_t = 0.0, 0, time.perf_counter()
+        self.t0, self.start_step = time.perf_counter(), self.progress.step
+
+    def _restore(self, state: dict) -> None:
+        """Continue from a checkpoint, which must come from the same settings (`fingerprint`)."""
+        if self.fingerprint is not None and state.get("fingerprint") != self.fingerprint:
             old = state.get("fingerprint") or {}
-            diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-            raise UserError(f"task {name}: --resume with a different setting ({', '.join(diff)}) than "
-                            f"the checkpoint in {state_dir}; use --force to restart")
+            diff = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
+            raise UserError(f"task {self.name}: --resume with a different setting ({', '.join(diff)}) than "
+                            f"the checkpoint in {self.state_dir}; use --force to restart")
         with torch.no_grad():
-            for k, p in params.items():
+            for k, p in self.params.items():
                 p.copy_(state["params"][k])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
-        step, best_val, best_step = state["step"], state["best_val"], state["best_step"]
-        bad_evals, tokens_done, elapsed0 = state["bad_evals"], state["tokens"], state["elapsed_s"]
-        best_params = state["best_params"]
-        if d.main and log_path.exists():  # drop log lines written after the checkpoint
-            with open(log_path, "r+b") as f:
+        self.progress = _Progress(step=state["step"], best_val=state["best_val"], best_step=state["best_step"],
+                                  bad_evals=state["bad_evals"], tokens=state["tokens"], elapsed_s=state["elapsed_s"],
+                                  best_params=state["best_params"])
+        if self.d.main and self.log_path.exists():  # drop log lines written after the checkpoint
+            with open(self.log_path, "r+b") as f:
                 f.truncate(state["log_offset"])
-    elif d.main and log_path.exists():
-        log_path.unlink()
-    if d.main:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
 
-    def log(record: dict) -> None:
-        if d.main:
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"task": name, **record}) + "\n")
+    # --------------------------------------------------------------------- step
 
-    def checkpoint() -> None:
-        if d.main and cfg.save_every:
-            save_checkpoint(state_dir, {
-                "params": {k: p.detach().cpu().clone() for k, p in params.items()},
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                "step": step, "epoch": step // per_epoch, "batch_in_epoch": step % per_epoch,
-                "best_val": best_val, "best_step": best_step, "bad_evals": bad_evals, "best_params": best_params,
-                "tokens": tokens_done, "elapsed_s": elapsed0 + time.perf_counter() - t0,
-                "log_offset": log_path.stat().st_size if log_path.exists() else 0, "fingerprint": fingerprint})
-        barrier(d)
+    def optimizer_step(self, indices: list[int]) -> tuple[float, int]:
+        """One optimizer step on a global batch: (its loss, its real tokens over all processes).
 
-    def validate() -> bool:
-        """Evaluate, keep the best tensors; True when patience is exhausted."""
-        nonlocal best_val, best_step, bad_evals, best_params, last_eval
-        last_eval = step
-        val_loss = evaluate_loss(model, val, objective, pad_id, device, micro * 2, d, amp, side)
-        if best_val is None or val_loss < best_val:
-            best_val, best_step, bad_evals = val_loss, step, 0
-            best_params = {k: p.detach().cpu().clone() for k, p in params.items()}
+        Raises TrainingDiverged on a NaN/inf loss, before the step is applied.
+        """
+        cfg, d, terms = self.cfg, self.d, self.objective.terms
+        micro_batches = [to_device(collate([self.train_items[i] for i in idx], self.pad_id, self.side), self.device)
+                         for idx in split_batch(indices, cfg.batch_size, cfg.grad_accum, d.rank, d.world) if idx]
+        # global counts first: each micro-batch's loss is normalised by the whole step's
+        counts = {k: sum(b[key] for b in micro_batches) for k, (_, key) in terms.items()}
+        counts = dict(zip(counts, _all_reduce(torch.tensor(list(counts.values()), dtype=torch.float64),
+                                              d).tolist()))
+        sums = {k: 0.0 for k in terms}
+        for batch in micro_batches:
+            with _autocast(self.device, self.amp):
+                values = self.objective.fn(self.model, batch)
+            loss = sum(w * values[k] / max(counts[k], 1) for k, (w, _) in terms.items())
+            loss.backward()
+            for k in values:
+                sums[k] += float(values[k].detach())
+        real_tokens = float(sum(int(b["attention_mask"].sum()) for b in micro_batches))
+        flat = _all_reduce(torch.tensor([sums[k] for k in terms] + [real_tokens], dtype=torch.float64), d).tolist()
+        step_loss = sum(w * flat[i] / max(counts[k], 1) for i, (k, (w, _)) in enumerate(terms.items()))
+        if not math.isfinite(step_loss):
+            self.bar.close()
+            saved = self.state_dir / STATE_FILE
+            raise TrainingDiverged(
+                f"task {self.name}: loss is {step_loss} at step {self.progress.step + 1}; stopped. "
+                f"Last good checkpoint: {saved if saved.exists() else 'none'}")
+        self._all_reduce_grads()
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return step_loss, int(flat[-1])
+
+    def _all_reduce_grads(self) -> None:
+        """Sum the gradients over processes: each share is already over the global counts, so
+        the sum is the gradient of the step."""
+        if self.d.world == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params.values()]
+        flat = _all_reduce(torch.cat([g.reshape(-1) for g in grads]), self.d)
+        for p, g in zip(self.params.values(), flat.split([g.numel() for g in grads])):
+            p.grad = g.view_as(p)
+
+    def _count(self, loss: float, tokens: int) -> None:
+        """Book a finished step; write a train line to the log every cfg.log_every steps and at the end."""
+        pr, every = self.progress, self.cfg.log_every
+        pr.step += 1
+        pr.tokens += tokens
+        self.last_loss = loss
+        self.window_loss += loss
+        self.window_tokens += tokens
+        self.bar.update(1)
+        if pr.step % every != 0 and pr.step != self.total:
+            return
+        now = time.perf_counter()
+        n_steps = every if pr.step % every == 0 else (pr.step % every)
+        tok_s = self.window_tokens / max(now - self.window_t, 1e-9)
+        per_step = (now - self.t0) / max(pr.step - self.start_step, 1)
+        self.postfix = f"loss {self.window_loss / n_steps:.4f} tok/s {tok_s:.0f}"
+        self.bar.set_postfix_str(self.postfix)
+        self.log({"step": pr.step, "epoch": round(pr.step / self.per_epoch, 4), "loss": self.window_loss / n_steps,
+                  "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tok_s,
+                  "elapsed_s": self.elapsed(now), "eta_s": (self.total - pr.step) * per_step})
+        self.window_loss, self.window_tokens, self.window_t = 0.0, 0, now
+
+    # ----------------------------------------------------------------- validate
+
+    def validate(self) -> bool:
+        """Evaluate on `val`, keep the best tensors; True when patience is exhausted."""
+        pr = self.progress
+        self.last_eval = pr.step
+        val_loss = evaluate_loss(self.model, self.val_items, self.objective, self.pad_id, self.device,
+                                 self.cfg.batch_size * 2, self.d, self.amp, self.side)
+        if pr.best_val is None or val_loss < pr.best_val:
+            pr.best_val, pr.best_step, pr.bad_evals = val_loss, pr.step, 0
+            pr.best_params = self._cpu_params()
         else:
-            bad_evals += 1
-        log({"step": step, "val_loss": val_loss, "best_val_loss": best_val, "bad_evals": bad_evals})
-        bar.set_postfix_str(f"{postfix} val {val_loss:.4f}")
-        return bool(cfg.patience) and bad_evals >= cfg.patience
+            pr.bad_evals += 1
+        self.log({"step": pr.step, "val_loss": val_loss, "best_val_loss": pr.best_val, "bad_evals": pr.bad_evals})
+        self.bar.set_postfix_str(f"{self.postfix} val {val_loss:.4f}")
+        return bool(self.cfg.patience) and pr.bad_evals >= self.cfg.patience
 
-    bar = tqdm(total=total, initial=step, desc=name, unit="step", dynamic_ncols=True,
-               disable=not (cfg.progress and d.main), leave=True)
-    postfix, stopped_early, last_loss, last_eval = "", False, None, None
-    window_loss, window_tokens, window_t = 0.0, 0, time.perf_counter()
-    t0, start_step = time.perf_counter(), step
-    model.train()
-    while step < total and not stopped_early:
-        epoch, pos = divmod(step, per_epoch)
-        batches = global_batches(lengths, global_batch, seed, epoch)
-        for indices in batches[pos:]:
-            if step >= total:
-                break
-            micro_batches = [to_device(collate([train[i] for i in idx], pad_id, side), device)
-                             for idx in split_batch(indices, micro, n_micro, d.rank, d.world) if idx]
-            # global counts first: each micro-batch's loss is normalised by the whole step's
-            counts = {k: sum(b[key] for b in micro_batches) for k, (_, key) in objective.terms.items()}
-            counts = dict(zip(counts, _all_reduce(torch.tensor(list(counts.values()), dtype=torch.float64),
-                                                  d).tolist()))
-            sums = {k: 0.0 for k in objective.terms}
-            for batch in micro_batches:
-                with _autocast(device, amp):
-                    terms = objective.fn(model, batch)
-                loss = sum(w * terms[k] / max(counts[k], 1) for k, (w, _) in objective.terms.items())
-                loss.backward()
-                for k in terms:
-                    sums[k] += float(terms[k].detach())
-            flat = _all_reduce(torch.tensor([sums[k] for k in objective.terms] +
-                                            [float(sum(int(b["attention_mask"].sum()) for b in micro_batches))],
-                                            dtype=torch.float64), d).tolist()
-            step_loss = sum(w * flat[i] / max(counts[k], 1) for i, (k, (w, _)) in enumerate(objective.terms.items()))
-            if not math.isfinite(step_loss):
-                bar.close()
-                saved = state_dir / STATE_FILE
-                raise TrainingDiverged(
-                    f"task {name}: loss is {step_loss} at step {step + 1}; stopped. Last good checkpoint: "
-                    f"{saved if saved.exists() else 'none'}")
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
-            if d.world > 1:  # each share is already over the global counts: the sum is the gradient
-                flat_g = _all_reduce(torch.cat([g.reshape(-1) for g in grads]), d)
-                for p, g in zip(params.values(), flat_g.split([g.numel() for g in grads])):
-                    p.grad = g.view_as(p)
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            last_loss = step_loss
-            tokens_done += int(flat[-1])
-            window_loss += step_loss
-            window_tokens += int(flat[-1])
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == total:
-                now = time.perf_counter()
-                n_steps = cfg.log_every if step % cfg.log_every == 0 else (step % cfg.log_every)
-                tok_s = window_tokens / max(now - window_t, 1e-9)
-                per_step = (now - t0) / max(step - start_step, 1)
-                postfix = f"loss {window_loss / n_steps:.4f} tok/s {tok_s:.0f}"
-                bar.set_postfix_str(postfix)
-                log({"step": step, "epoch": round(step / per_epoch, 4), "loss": window_loss / n_steps,
-                     "lr": scheduler.get_last_lr()[0], "tokens_per_s": tok_s,
-                     "elapsed_s": elapsed0 + now - t0, "eta_s": (total - step) * per_step})
-                window_loss, window_tokens, window_t = 0.0, 0, now
-            if val and cfg.eval_every and step % cfg.eval_every == 0 and validate():
-                stopped_early = True
-                log({"step": step, "event": "early_stop", "best_step": best_step})
-            if cfg.save_every and step % cfg.save_every == 0 and step < total and not stopped_early:
-                checkpoint()
-            if on_step is not None:
-                on_step(step)
-            if stopped_early:
-                break
-    if val and last_eval != step:
-        validate()  # the end of training is a candidate too
-    bar.close()
-    chosen = best_params if best_params is not None else {k: p.detach().cpu().clone() for k, p in params.items()}
-    return FitResult(step, best_val, best_step, stopped_early, last_loss, tokens_done,
-                     elapsed0 + time.perf_counter() - t0, chosen)
+    # --------------------------------------------------------------- checkpoint
 
+    def checkpoint(self) -> None:
+        """Save what a resumed run needs (rank 0, with cfg.save_every); every process waits for it."""
+        if self.d.main and self.cfg.save_every:
+            pr = self.progress
+            save_checkpoint(self.state_dir, {
+                "params": self._cpu_params(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "rng": rng_state(),
+                "step": pr.step, "epoch": pr.step // self.per_epoch, "batch_in_epoch": pr.step % self.per_epoch,
+                "best_val": pr.best_val, "best_step": pr.best_step, "bad_evals": pr.bad_evals,
+                "best_params": pr.best_params, "tokens": pr.tokens, "elapsed_s": self.elapsed(),
+                "log_offset": self.log_path.stat().st_size if self.log_path.exists() else 0,
+                "fingerprint": self.fingerprint})
+        barrier(self.d)
 
-def git_commit(repo: Path | None = None) -> str | None:
-    """The repository's HEAD commit (read-only `git rev-parse`), or None outside a checkout."""
-    import subprocess
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo or Path(__file__).resolve().parents[1],
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+    # --------------------------------------------------------------------- loop
 
+    def train(self) -> FitResult:
+        """Steps until cfg's total or early stopping; the best-validation tensors (else the last)."""
+        cfg, pr = self.cfg, self.progress
+        self.model.train()
+        while pr.step < self.total and not self.stopped_early:
+            epoch, pos = divmod(pr.step, self.per_epoch)
+            for indices in global_batches(self.lengths, self.global_batch, self.seed, epoch)[pos:]:
+                if pr.step >= self.total:
+                    break
+                self._count(*self.optimizer_step(indices))
+                if self.val_items and cfg.eval_every and pr.step % cfg.eval_every == 0 and self.validate():
+                    self.stopped_early = True
+                    self.log({"step": pr.step, "event": "early_stop", "best_step": pr.best_step})
+                if cfg.save_every and pr.step % cfg.save_every == 0 and pr.step < self.total and not self.stopped_early:
+                    self.checkpoint()
+                if self.on_step is not None:
+                    self.on_step(pr.step)
+                if self.stopped_early:
+                    break
+        if self.val_items and self.last_eval != pr.step:
+            self.validate()  # the end of training is a candidate too
+        self.bar.close()
+        chosen = pr.best_params if pr.best_params is not None else self._cpu_params()
+        return FitResult(pr.step, pr.best_val, pr.best_step, self.stopped_early, self.last_loss, pr.tokens,
+                         self.elapsed(), chosen)
 
-def remove_checkpoints(state_dir: Path, d: Dist = Dist()) -> None:
-    if d.main and state_dir.exists():
-        shutil.rmtree(state_dir, ignore_errors=True)
+    # ------------------------------------------------------------------ helpers
+
+    def log(self, record: dict) -> None:
+        if self.d.main:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps({"task": self.name, **record}) + "\n")
+
+    def elapsed(self, now: float | None = None) -> float:
+        """Training time in seconds, the runs before a resume included."""
+        return self.progress.elapsed_s + (time.perf_counter() if now is None else now) - self.t0
+
+    def _cpu_params(self) -> dict[str, torch.Tensor]:
+        return {k: p.detach().cpu().clone() for k, p in self.params.items()}
 
 
 # ------------------------------------------------------------- Mixture-of-LoRAs routers

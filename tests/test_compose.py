@@ -27,3 +27,47 @@ def test_cells_made_before_the_registry_are_reused(tmp_path):
     n = len(V1_METHODS) * 3
     assert f"{n} cells reused, 0 to compute" in out.stderr, out.stderr[-3000:]
     assert (tmp_path / "run" / "eval" / "summary.json").is_file()
+
+
+def test_arrow_through_full_evaluation(tmp_path):
+    """`--methods arrow` evaluates, records each expert's share per example and per layer,
+    reuses its cells on rerun, and a bad option fails with one line before anything is written."""
+    import json
+    from tiny import save_tiny
+    shutil.copytree(FIXTURE, tmp_path / "run")
+    save_tiny(tmp_path / "tiny-qwen2")
+    base = [sys.executable, str(ROOT / "full_evaluation.py"), "--model", "tiny-qwen2", "--output-dir", "run",
+            "--tasks", "sentiment,nli,qa", "--data", "sample", "--eval-size", "2", "--batch-size", "4",
+            "--max-new-tokens", "4", "--max-prompt-len", "128"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+    def run(*extra):
+        return subprocess.run([*base, *extra], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+
+    bad = run("--methods", "arrow", "--arrow-top-k", "4")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: --arrow-top-k 4 is more than the 3 experts (sentiment, nli, qa)"]
+    assert not (tmp_path / "run" / "eval" / "cells" / "arrow").exists()
+    out = run("--methods", "arrow", "--arrow-top-k", "2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "6 cells reused, 3 to compute" in out.stderr            # base and oracle from the fixture
+    summary = json.loads((tmp_path / "run" / "eval" / "summary.json").read_text())
+    table = summary["routing"]["arrow"]
+    assert table["kind"] == "token" and set(table["share"]) == {"sentiment", "nli", "qa"}
+    assert len(table["per_layer"]["qa"]) == len(table["layers"]) == 12      # 2 blocks x 6 modules
+    rec = json.loads((tmp_path / "run" / "eval" / "predictions" / "arrow" / "qa.jsonl").read_text().splitlines()[0])
+    assert abs(sum(rec["expert_share"].values()) - 1) < 1e-4
+    assert "0 to compute" in run("--methods", "arrow", "--arrow-top-k", "2").stderr
+    assert "3 to compute" in run("--methods", "arrow", "--arrow-top-k", "1").stderr     # an option is in the fingerprint
+    from src import analysis
+    written = {p.name for p in analysis.plot_run(tmp_path / "run", cosines=False)}
+    assert {"routing_arrow.png", "routing_arrow_per_layer.png"} <= written
+
+
+def test_unknown_methods_name_the_known_ones():
+    import pytest
+    from src import compose
+    from src.errors import UserError
+    assert compose.resolve_methods("arrow,merges")[:3] == ["oracle", "arrow", "concat"]
+    with pytest.raises(UserError, match="unknown method 'nope'; known: base, oracle, moa, arrow, concat"):
+        compose.resolve_methods("nope")

@@ -4,27 +4,14 @@ import json
 
 import pytest
 import torch
-import torch.nn as nn
 
 from src.errors import UserError
-from src.lora import DEFAULT_TARGETS, matches, apply_adapter, load_adapter, make_adapter, save_adapter, unload_lora
+from src.lora import apply_adapter, load_adapter, save_adapter, unload_lora
 from src.experts import ExpertLinear as MoALinear
 from src.moa import MixtureOfLoRAs, MoAConfig, decide, vote
-from tiny import tiny_model, trained_like_adapter
+from tiny import random_adapter, tiny_model, trained_like_adapter
 
 TASKS = ["a", "b", "c"]
-
-
-def random_adapter(model, seed, rank=4, alpha=8.0, targets=DEFAULT_TARGETS, name="", std=0.3):
-    """A LoRA with random A and B (B non-zero, so the expert changes the outputs)."""
-    g = torch.Generator().manual_seed(seed)
-    factors, scales = {}, {}
-    for n, m in model.named_modules():
-        if isinstance(m, nn.Linear) and matches(n, targets):
-            factors[n] = (torch.randn(rank, m.in_features, generator=g) * 0.3,
-                          torch.randn(m.out_features, rank, generator=g) * std)
-            scales[n] = alpha / rank
-    return make_adapter(factors, scales, None, name=name)
 
 
 def make_adapters(model, ranks=(4, 4, 4)):

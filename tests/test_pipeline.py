@@ -61,9 +61,11 @@ def test_training_writes_a_peft_adapter_per_task(pipeline):
 
 
 def test_every_method_is_scored_on_every_task(pipeline):
+    from src.compose import known_methods
     from src.merging import MERGES, VARIANTS
     summary = json.loads((pipeline / "eval" / "summary.json").read_text())
-    expected = {"base", "oracle", "moa", *MERGES, *VARIANTS}
+    expected = set(known_methods())
+    assert {"base", "oracle", "moa", "arrow", *MERGES, *VARIANTS} <= expected
     assert set(summary["methods"]) == expected
     assert summary["tasks"] == SEVEN
     for method, res in summary["methods"].items():

@@ -152,8 +152,38 @@ def test_nan_loss_stops_naming_task_and_step_and_keeps_the_checkpoint(tmp_path, 
         return {"lm": loss * float("nan") if calls["n"] == 3 else loss}
     with pytest.raises(TrainingDiverged, match=r"task sentiment: loss is nan at step 3"):
         _run(tmp_path, items, tokenizer, save_every=2, objective=Objective(poisoned))
-    state = torch.load(tmp_path / "ckpt" / "state.pt", weights_only=False)
+    state = torch.load(tmp_path / "ckpt" / "state.pt", weights_only=True)  # plain values only: no unpickling
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["params"].values())
+
+
+def test_checkpoints_load_without_unpickling_and_bad_files_are_one_line_errors(tmp_path):
+    import fractions
+    import random
+
+    from src.training import linear_schedule, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+    p = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([p], lr=0.1)
+    scheduler = linear_schedule(optimizer, 1, 4)
+    p.sum().backward()
+    optimizer.step()
+    scheduler.step()
+    save_checkpoint(tmp_path / "ok", {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                      "rng": rng_state(), "best_val": None, "fingerprint": {"lr": 0.1}})
+    draws = (random.random(), torch.rand(2))
+    state = load_checkpoint(tmp_path / "ok")  # weights_only=True
+    set_rng_state(state["rng"])
+    assert random.random() == draws[0] and torch.equal(torch.rand(2), draws[1])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    assert scheduler.get_last_lr() == state["scheduler"]["_last_lr"]
+
+    save_checkpoint(tmp_path / "pickled", {"x": fractions.Fraction(1, 3)})  # needs unpickling: refused
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "state.pt").write_bytes(b"not a checkpoint")
+    for folder in ("pickled", "corrupt"):
+        with pytest.raises(UserError, match=r"unreadable checkpoint \(UnpicklingError\); delete it or use --force"):
+            load_checkpoint(tmp_path / folder)
+    assert load_checkpoint(tmp_path / "absent") is None
 
 
 def test_early_stopping_keeps_the_best_validation_state(tmp_path, items, tokenizer, monkeypatch):

@@ -65,3 +65,17 @@ def trained_like_adapter(model: torch.nn.Module, seed: int, rank: int = 4, std: 
     adapter = adapter_from_model(model)
     unload_lora(model)
     return adapter
+
+
+def random_adapter(model, seed, rank=4, alpha=8.0, targets=None, name="", std=0.3):
+    """A LoRA with random A and B (B non-zero, so the expert changes the outputs)."""
+    from src.lora import DEFAULT_TARGETS, make_adapter, matches
+    targets = targets or DEFAULT_TARGETS
+    g = torch.Generator().manual_seed(seed)
+    factors, scales = {}, {}
+    for n, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and matches(n, targets):
+            factors[n] = (torch.randn(rank, m.in_features, generator=g) * 0.3,
+                          torch.randn(m.out_features, rank, generator=g) * std)
+            scales[n] = alpha / rank
+    return make_adapter(factors, scales, None, name=name)
