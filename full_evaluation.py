@@ -107,7 +107,8 @@ def main(argv=None):
     methods = compose.resolve_methods(cfg.methods)
     env = compose.Env(run_dir, list(tasks), {type(o): o for o in opts}, cfg.seed, cfg.force)
     compose.check_all(methods, env)        # every method's inputs; loads the adapters they read
-    data = ev.load_eval_data(tasks, cfg.split, cfg.data, cfg.data_dir, cfg.eval_size, cfg.seed, cfg.nli_source)
+    data = task_registry.load_capped(tasks, cfg.split, cfg.data, cfg.data_dir, cfg.eval_size, cfg.seed,
+                                     cfg.nli_source)
     config = config_dict(cfg, *opts)
     sizes = sorted({len(v) for v in data.values()})
     per_task = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench.bench_eval import machine, random_adapters, timed  # noqa: E402
+from bench.bench_eval import machine, mixed_prompts, random_adapters, timed, write_section  # noqa: E402
 from src import evaluation as ev  # noqa: E402
 from src import tasks as T  # noqa: E402
 from src.arrow import ArrowConfig, ArrowRouter  # noqa: E402
@@ -48,16 +48,6 @@ def generate(model, tok, ids, router=None):
     seconds, gen = timed(lambda: ev.generate(model, tok, ids, batch_size=BATCH, max_new_tokens=NEW_TOKENS,
                                              router=router, min_new_tokens=NEW_TOKENS))
     return sum(len(x) for x in gen.token_ids) / seconds, gen.token_ids
-
-
-def write_section(text: str) -> Path:
-    import re
-    path = ROOT / "bench" / "RESULTS.md"
-    old = path.read_text() if path.is_file() else "# Benchmark results\n"
-    pattern = re.compile(r"^## Arrow\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    path.write_text(new)
-    return path
 
 
 def profile_ours(model, tok, ids, adapters) -> str:
@@ -86,9 +76,7 @@ def main(argv=None):
     load_s, (model, tok) = timed(lambda: load_base_model("smollm2-135m", "cpu", "float32"))
     _, (peft_base, _) = timed(lambda: load_base_model("smollm2-135m", "cpu", "float32"))
     print(f"model loaded in {load_s:.1f} s (twice: one copy for PEFT)", flush=True)
-    examples = T.load_task_data(TASKS, "validation", "dir", DATA, size=BATCH // len(TASKS) + 1, seed=0)
-    mixed = [ex for i in range(BATCH) for t in TASKS for ex in examples[t][i:i + 1]][:BATCH]
-    ids = [T.encode_prompt(tok, T.TASKS[ex.task].prompt(ex), PROMPT_LEN) for ex in mixed]
+    ids = mixed_prompts(tok, TASKS, BATCH, PROMPT_LEN)
     adapters = random_adapters(model, TASKS)
     cfg = ArrowConfig(arrow_top_k=TOP_K, arrow_prototypes="power", arrow_seed=SEED)
 
@@ -149,7 +137,7 @@ def main(argv=None):
     if prof:
         print(prof)
     if not args.no_write:
-        print(f"wrote {write_section(text)}")
+        print(f"wrote {write_section(text, 'Arrow')}")
 
 
 if __name__ == "__main__":

@@ -102,13 +102,22 @@ def machine() -> str:
             f"({n} thread{'s' if n > 1 else ''}{why}), Python {platform.python_version()}")
 
 
-def write_section(text: str) -> Path:
+def write_section(text: str, title: str = "Evaluation") -> Path:
+    """Replace (or append) the `## {title}` section of bench/RESULTS.md with `text`."""
     path = ROOT / "bench" / "RESULTS.md"
     old = path.read_text() if path.is_file() else "# Benchmark results\n"
-    pattern = re.compile(r"^## Evaluation\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
     path.write_text(new)
     return path
+
+
+def mixed_prompts(tok, tasks, n: int, prompt_len: int) -> list[list[int]]:
+    """n validation prompts from ../shared/data, the tasks interleaved, each cut to its last
+    `prompt_len` tokens."""
+    examples = T.load_task_data(tasks, "validation", "dir", DATA, size=n // len(tasks) + 1, seed=0)
+    mixed = [ex for i in range(n) for t in tasks for ex in examples[t][i:i + 1]][:n]
+    return [T.encode_prompt(tok, T.TASKS[ex.task].prompt(ex), prompt_len) for ex in mixed]
 
 
 def main(argv=None):
@@ -125,9 +134,7 @@ def main(argv=None):
 
     load_s, (model, tok) = timed(lambda: load_base_model("smollm2-135m", "cpu", "float32"))
     print(f"model loaded in {load_s:.1f} s", flush=True)
-    examples = T.load_task_data(TASKS, "validation", "dir", DATA, size=BATCH // len(TASKS) + 1, seed=0)
-    mixed = [ex for i in range(BATCH) for t in TASKS for ex in examples[t][i:i + 1]][:BATCH]
-    ids = [T.encode_prompt(tok, T.TASKS[ex.task].prompt(ex), PROMPT_LEN) for ex in mixed]
+    ids = mixed_prompts(tok, TASKS, BATCH, PROMPT_LEN)
     adapters = random_adapters(model, TASKS)
     merged = merge_adapters(list(adapters.values()), "concat")
 

@@ -3,7 +3,7 @@
     python -m src.analysis RUN [RUN ...] [--out DIR]
 
 For each RUN, writes RUN/analysis/cosine.json (from RUN/adapters/*) and, under RUN/plots/:
-    cosine_overall.png      task x task cosine of the whole LoRA deltas (SPEC section 6)
+    cosine_overall.png      task x task cosine of the whole LoRA deltas (the study's heatmap)
     cosine_per_layer.png    the same per decoder layer, one row per task pair
     multitask_score.png     oracle-normalised multitask score per method (RUN/eval/summary.json)
     per_task_metrics.png    each task's raw primary metric per method
@@ -34,6 +34,7 @@ from typing import Mapping, Sequence
 import matplotlib.pyplot as plt
 
 from src.errors import UserError, run_main
+from src.runs import adapters_dir, analysis_dir, eval_dir, plots_dir, predictions_dir, summary_path
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
@@ -115,19 +116,19 @@ def run_cosines(run_dir: Path) -> dict:
     from src.lora import load_adapter
     from src.runs import write_json_atomic
 
-    folder = Path(run_dir) / "adapters"
+    folder = adapters_dir(run_dir)
     tasks = _task_order(run_dir, sorted(p.name for p in folder.glob("*") if (p / "adapter_config.json").is_file()))
     if len(tasks) < 1:
         raise UserError(f"{folder}: no adapters to compare")
     result = cosine_matrices({t: load_adapter(folder / t) for t in tasks})
-    write_json_atomic(Path(run_dir) / "analysis" / "cosine.json", result)
+    write_json_atomic(analysis_dir(run_dir) / "cosine.json", result)
     return result
 
 
 def _task_order(run_dir: Path, names: list[str]) -> list[str]:
     """Tasks in the evaluation's order when there is one, else the registry's, else by name."""
     order: list[str] = []
-    summary = Path(run_dir) / "eval" / "summary.json"
+    summary = summary_path(run_dir)
     if summary.is_file():
         order = json.loads(summary.read_text()).get("tasks", [])
     from src.tasks import TASKS
@@ -139,20 +140,20 @@ def _task_order(run_dir: Path, names: list[str]) -> list[str]:
 # ------------------------------------------------------------------------- loading results
 
 def load_summary(run_dir: Path) -> dict:
-    path = Path(run_dir) / "eval" / "summary.json"
+    path = summary_path(run_dir)
     if not path.is_file():
         raise UserError(f"{path} is missing: run full_evaluation.py --output-dir {run_dir} first")
     return json.loads(path.read_text())
 
 
 def load_cosines(run_dir: Path) -> dict | None:
-    path = Path(run_dir) / "analysis" / "cosine.json"
+    path = analysis_dir(run_dir) / "cosine.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 
 def routing_methods(run_dir: Path) -> list[str]:
     """The methods of RUN/eval/predictions whose records carry a router's decisions."""
-    folder = Path(run_dir) / "eval" / "predictions"
+    folder = eval_dir(run_dir) / "predictions"
     out = []
     for d in sorted(p for p in folder.glob("*") if p.is_dir()):
         first = next((ln for f in sorted(d.glob("*.jsonl")) for ln in f.read_text(encoding="utf-8").splitlines()
@@ -169,7 +170,7 @@ def routing_confusion(run_dir: Path, tasks: Sequence[str] | None, method: str) -
     Per-token routers ("expert_share"): {"true", "routed" (the experts), "share": [[mean share]],
     "counts": [[examples]]}. None when the method did not route.
     """
-    folder = Path(run_dir) / "eval" / "predictions" / method
+    folder = predictions_dir(run_dir, method)
     if not folder.is_dir():
         return None
     rows: dict[str, dict[str, float]] = {}
@@ -427,13 +428,13 @@ def _save(fig, path: Path) -> Path:
 def plot_run(run_dir: Path, cosines: bool = True) -> list[Path]:
     """Every plot of one run folder whose inputs exist; returns the PNG paths."""
     run_dir = Path(run_dir)
-    out = run_dir / "plots"
+    out = plots_dir(run_dir)
     written = []
-    if cosines and (run_dir / "adapters").is_dir():
+    if cosines and adapters_dir(run_dir).is_dir():
         cos = run_cosines(run_dir)
         written.append(_save(plot_cosine(cos), out / "cosine_overall.png"))
         written.append(_save(plot_cosine_per_layer(cos), out / "cosine_per_layer.png"))
-    if (run_dir / "eval" / "summary.json").is_file():
+    if summary_path(run_dir).is_file():
         summary = load_summary(run_dir)
         written.append(_save(plot_multitask(summary), out / "multitask_score.png"))
         written.append(_save(plot_per_task(summary), out / "per_task_metrics.png"))
@@ -460,14 +461,14 @@ def main(argv=None):
     for r in runs:
         if not r.is_dir():
             raise UserError(f"run folder {r} does not exist")
-        if not (r / "eval" / "summary.json").is_file() and not (r / "adapters").is_dir():
+        if not summary_path(r).is_file() and not adapters_dir(r).is_dir():
             raise UserError(f"{r}: neither RUN/eval/summary.json nor RUN/adapters/: nothing to analyse")
     for r in runs:
         for p in plot_run(r, cosines=not args.no_cosine):
             print(p)
     if len(runs) > 1:
         summaries = [load_summary(r) for r in runs]
-        out = Path(args.out) if args.out else runs[0] / "plots"
+        out = Path(args.out) if args.out else plots_dir(runs[0])
         print(_save(plot_comparison(summaries), out / "comparison_multitask.png"))
         print(_save(plot_comparison_per_task(summaries), out / "comparison_per_task.png"))
 

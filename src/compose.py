@@ -46,8 +46,11 @@ class MergeConfig:
 
     density: float | None = field(default=None, metadata={"help": "ties / dare: share of entries kept"})
     rank: str | None = field(default=None, metadata={"help": "svd (and ties/dare in delta space): rank, or 'full'"})
-    majority_sign: str | None = field(default=None, metadata={"help": "ties / dare_ties: total or frequency"})
-    space: str | None = field(default=None, metadata={"help": "ties / dare: ab (PEFT) or delta"})
+    majority_sign: str | None = field(default=None, metadata={
+        "help": "ties / dare_ties sign election: total or frequency; None: total", "choices": ("total", "frequency")})
+    space: str | None = field(default=None, metadata={
+        "help": "ties / dare: merge A and B separately (ab, as PEFT) or the dense deltas (delta); None: ab",
+        "choices": ("ab", "delta")})
     weights: tuple[float, ...] | None = field(default=None, metadata={"help": "one weight per task (default 1 each)"})
 
     def __post_init__(self):
@@ -61,6 +64,7 @@ class MergeConfig:
         if self.density is not None and not 0 < self.density <= 1:
             raise UserError(f"--density must be in (0, 1], got {self.density}")
         if self.weights is not None:
+            self.weights = tuple(self.weights)
             bad = [w for w in self.weights if not math.isfinite(w)]
             if bad:
                 raise UserError(f"--weights must be finite numbers, got {bad[0]}")

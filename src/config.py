@@ -10,7 +10,7 @@ and a preset is just a dict of field values applied under what the user typed:
 
 `PRESETS` serves train_individual_loras.py, `MOA_PRESETS` train_moa.py:
     demo   minutes on a 2-core CPU with the embedded SmolLM2-135M and the bundled sample data
-    paper  the study's setting (SPEC section 2) for a GPU: r 8, alpha 16, lr 5e-5, batch 2,
+    paper  the reference study's setting for a GPU: r 8, alpha 16, lr 5e-5, batch 2,
            10 epochs, early stopping (patience 3, every 100 steps), 5,000 examples per task,
            sequences of at most 512 tokens, 128 of them target
 """
@@ -166,7 +166,7 @@ PRESETS: dict[str, dict] = {
     "demo": dict(model=DEFAULT_MODEL, tasks="sentiment,nli", data="sample", train_size=32, eval_size=8,
                  max_len=256, max_target_len=32, epochs=3.0, max_steps=16, batch_size=4, grad_accum=1,
                  lr=1e-3, rank=8, alpha=16.0, eval_every=8, patience=3, save_every=8, log_every=2),
-    # The study (SPEC section 2), for a GPU.
+    # The reference study's training setting, for a GPU.
     "paper": dict(model=PAPER_MODEL, tasks="5tasks", data="hub", train_size=5000, eval_size=200,
                   max_len=512, max_target_len=128, epochs=10.0, max_steps=None, batch_size=2, grad_accum=1,
                   lr=5e-5, rank=8, alpha=16.0, eval_every=100, patience=3, save_every=100, log_every=10),

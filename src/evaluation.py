@@ -29,7 +29,6 @@ import csv
 import io
 import json
 import math
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -44,30 +43,9 @@ from src import tasks as task_registry
 from src.errors import UserError
 from src.metrics import multitask_score
 from src.runs import eval_dir, write_json_atomic, write_text_atomic
+from src.training import pad_sequences
 
 SCORE_BY = ("generate", "likelihood")
-
-
-# ------------------------------------------------------------------------- data
-
-def load_eval_data(tasks: Sequence[str], split: str, data: str, data_dir: str | None, size: int | None,
-                   seed: int, hub_nli: str = "multi_nli") -> dict[str, list]:
-    """Each task's evaluation examples: a seeded subset of `size` (all if None).
-
-    Local files ("sample", "dir") hold what they hold: a larger size is capped at it, said
-    on stderr (as training does); every task is loaded and validated before returning.
-    """
-    out = {}
-    for task in task_registry.resolve_tasks(list(tasks)):
-        n = size
-        if data != "hub" and size is not None:
-            available = len(task_registry.load_examples(task, split, data, data_dir, None, seed))
-            if available < size:
-                print(f"note: {data_dir or 'data/sample'} holds {available} {split} examples of task {task}; "
-                      f"using them all (--eval-size {size})", file=sys.stderr)
-            n = min(size, available)
-        out[task] = task_registry.load_examples(task, split, data, data_dir, n, seed, hub_nli)
-    return out
 
 
 # ------------------------------------------------------------------------- model
@@ -88,14 +66,8 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), both [batch, max_len], padded on `side`."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        sl = slice(width - len(s), width) if side == "left" else slice(0, len(s))
-        ids[i, sl] = torch.tensor(s, dtype=torch.long)
-        mask[i, sl] = 1
+    """(input_ids, attention_mask), both [batch, max_len], padded on `side`, on `device`."""
+    ids, mask = pad_sequences(seqs, pad_id, side)
     return ids.to(device), mask.to(device)
 
 

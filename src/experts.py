@@ -40,10 +40,12 @@ def topk_softmax(scores: torch.Tensor, k: int, temperature: float = 1.0) -> torc
     Equals softmax over the full row with the other scores at -inf (PEFT's Arrow); at most
     k non-zeros per row, summing to 1. k >= E is the plain softmax.
     """
+    if temperature != 1.0:
+        scores = scores / temperature
     if k >= scores.shape[-1]:
-        return torch.softmax(scores / temperature, dim=-1)
+        return torch.softmax(scores, dim=-1)
     top, idx = scores.topk(k, dim=-1)                                  # [..., k]
-    return torch.zeros_like(scores).scatter_(-1, idx, torch.softmax(top / temperature, dim=-1))
+    return torch.zeros_like(scores).scatter_(-1, idx, torch.softmax(top, dim=-1))
 
 
 def entropy(probs: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -135,6 +137,7 @@ class ExpertLinear(nn.Module):
                              .repeat_interleave(r), persistent=False)
         self.keys: torch.Tensor | None = None
         self._fused: torch.Tensor | None = None
+        self._b_scaled: torch.Tensor | None = None
 
     @property
     def n_experts(self) -> int:
@@ -159,18 +162,23 @@ class ExpertLinear(nn.Module):
         self._fused = None
 
     def _fused_weight(self) -> torch.Tensor:
+        """[E*r + K (+ zero rows to a multiple of 16), in]: odd widths are markedly slower in the
+        CPU matmul (63 rows cost about twice 64 here)."""
         if self._fused is None or self.lora_A.requires_grad or self.keys.requires_grad:
-            self._fused = torch.cat([self.lora_A.flatten(0, 1), self.keys])
+            a = self.lora_A.flatten(0, 1)
+            pad = -(a.shape[0] + self.keys.shape[0]) % 16
+            self._fused = torch.cat([a, self.keys, a.new_zeros(pad, a.shape[1])])
         return self._fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.linear(x)
         h = x.to(self.lora_A.dtype)
         if self.keys is not None:
-            z = F.linear(h, self._fused_weight())                          # [..., E*r + K]
-            proj, keys_out = z.split([self.lora_A.shape[0] * self.lora_A.shape[1], self.keys.shape[0]], -1)
+            z = F.linear(h, self._fused_weight())                          # [..., E*r + K + pad]
+            n_cols = self.lora_A.shape[0] * self.lora_A.shape[1]
+            proj, keys_out = z[..., :n_cols], z[..., n_cols:n_cols + self.keys.shape[0]]
             gates = self.route(self, x, keys_out)
-            return y + self._gated(proj, gates, x).to(y.dtype)
+            return self._add_gated(y, proj, gates)
         gates = self.route(self, x, None)
         if isinstance(gates, Selection):
             e = gates.uniform
@@ -184,14 +192,33 @@ class ExpertLinear(nn.Module):
             h = F.linear(h, self.lora_A.flatten(0, 1))                      # [batch, ..., E*r]
             h = h * gate.view(x.shape[0], *([1] * (h.dim() - 2)), -1)
             return y + F.linear(h, self.lora_B.flatten(1)).to(y.dtype)      # [batch, ..., out]
-        return y + self._gated(F.linear(h, self.lora_A.flatten(0, 1)), gates, x).to(y.dtype)
+        return self._add_gated(y, F.linear(h, self.lora_A.flatten(0, 1)), gates)
 
-    def _gated(self, proj: torch.Tensor, gates: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """sum_e g_e s_e B_e (A_e x) from the projection proj [..., E*r] and gates [b, E] or [b, t, E]."""
-        cols = gates.to(proj.dtype).index_select(-1, self.col_expert) * self.col_scale   # [b, (t,) E*r]
-        if cols.dim() == 2 and proj.dim() > 2:                                         # per sequence
-            cols = cols.view(cols.shape[0], *([1] * (proj.dim() - 2)), -1)
-        return F.linear(proj * cols, self.lora_B.flatten(1))
+    def _add_gated(self, y: torch.Tensor, proj: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """y + sum_e g_e s_e B_e (A_e x), from the projection proj [..., E*r] and gates [b, E] or
+        [b, t, E].
+
+        The gates multiply each expert's r columns through a view (no gather); the scales are
+        folded into B once (B s, cached while the experts are frozen); the B side is added into
+        y in place by one addmm when the dtypes agree (no separate add, no new tensor).
+        """
+        n, r = self.lora_A.shape[:2]
+        if gates.dtype != proj.dtype:
+            gates = gates.to(proj.dtype)
+        if gates.dim() == 2 and proj.dim() > 2:                                        # per sequence
+            gates = gates.view(gates.shape[0], *([1] * (proj.dim() - 2)), n)
+        h = (proj.unflatten(-1, (n, r)) * gates.unsqueeze(-1)).flatten(-2)             # [b, (t,) E*r]
+        bt = self._scaled_bt()                                                         # [E*r, out]
+        if y.dtype == bt.dtype and y.is_contiguous() and not (torch.is_grad_enabled() and y.requires_grad):
+            y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), bt)
+            return y
+        return y + (h @ bt).to(y.dtype)
+
+    def _scaled_bt(self) -> torch.Tensor:
+        """[E * r_max, out]: every expert's B times its scale, transposed for addmm."""
+        if self._b_scaled is None or self.lora_B.requires_grad:
+            self._b_scaled = (self.lora_B.flatten(1) * self.col_scale).T.contiguous()
+        return self._b_scaled
 
     def extra_repr(self) -> str:
         return f"experts={len(self.ranks)}, ranks={self.ranks}" + (
@@ -243,6 +270,20 @@ def has_experts(model: nn.Module) -> bool:
     return any(isinstance(m, ExpertLinear) for m in model.modules())
 
 
+def expert_modules(model: nn.Module, adapters: dict[str, Adapter], tasks: Sequence[str],
+                   what: str = "MoA experts") -> list[str]:
+    """The modules the experts will sit in, in model (execution) order, after every check:
+    the adapters cover the same modules, fit the model, and the model has no LoRA or expert
+    layers yet; else UserError."""
+    modules = common_modules(adapters, tasks, what)
+    if lora_layers(model) or has_experts(model):
+        raise UserError("model already has LoRA or expert layers; remove them first")
+    for t in tasks:
+        check_adapter_fits(model, adapters[t])
+    covered = set(modules)
+    return [n for n, _ in model.named_modules() if n in covered]
+
+
 def inject_experts(model: nn.Module, adapters: dict[str, Adapter], tasks: Sequence[str], route: Route,
                    what: str = "MoA experts") -> tuple[list[str], list[ExpertLinear]]:
     """Wrap every module the adapters cover in an ExpertLinear (experts in `tasks` order).
@@ -250,14 +291,8 @@ def inject_experts(model: nn.Module, adapters: dict[str, Adapter], tasks: Sequen
     Returns (module names in model order, layers). The model is frozen; undo with
     `remove_experts`. Nothing is changed when a check fails.
     """
-    modules = common_modules(adapters, tasks, what)
-    if lora_layers(model) or has_experts(model):
-        raise UserError("model already has LoRA or expert layers; remove them first")
-    for t in tasks:
-        check_adapter_fits(model, adapters[t])
+    names = expert_modules(model, adapters, tasks, what)
     by_name = dict(model.named_modules())
-    covered = set(modules)
-    names = [n for n in by_name if n in covered]                # model (execution) order
     model.requires_grad_(False)
     layers = []
     for i, n in enumerate(names):

@@ -93,7 +93,18 @@ class LoRALinear(nn.Module):
         self.merged = False
         self.enabled = True
 
-    def get_lora_AB(self) -> tuple[torch.Tensor, torch.Tensor]:
+    @classmethod
+    def from_factors(cls, linear: nn.Linear, a: torch.Tensor, b: torch.Tensor, scale: float) -> "LoRALinear":
+        """A LoRALinear around `linear` holding the given factors (A [r, in], B [out, r]) and scale."""
+        layer = cls(linear, a.shape[0], scale * a.shape[0])
+        layer.scale = float(scale)              # exactly, whatever alpha / r rounds to
+        with torch.no_grad():
+            layer.lora_A.copy_(a)
+            layer.lora_B.copy_(b)
+        return layer
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [r, in], B [out, r]), the parameters themselves."""
         return self.lora_A, self.lora_B
 
     def delta_weight(self) -> torch.Tensor:
@@ -370,13 +381,7 @@ def apply_adapter(model: nn.Module, adapter: Adapter, trainable: bool = False) -
         raise UserError("model already has LoRA layers; call unload_lora(model) first")
     model.requires_grad_(False)
     for n, (a, b) in adapter.factors.items():
-        lin = model.get_submodule(n)
-        layer = LoRALinear(lin, a.shape[0], 1.0)
-        layer.scale = adapter.scales[n]
-        layer.alpha = layer.scale * a.shape[0]
-        with torch.no_grad():
-            layer.lora_A.copy_(a)
-            layer.lora_B.copy_(b)
+        layer = LoRALinear.from_factors(model.get_submodule(n), a, b, adapter.scales[n])
         layer.requires_grad_(trainable)
         set_module(model, n, layer)
     return lora_layers(model)

@@ -10,7 +10,8 @@
 Methods: concat, weight_sum, svd, task_arithmetic, ties, dare_linear, dare_ties, and the
 variants svd_sum, svd_full, concat_unscaled, weight_avg (see src/merging.py).
 Writes OUT/ (adapter_config.json, adapter_model.safetensors: a PEFT adapter) and
-OUT/merge_config.json (method, options, weights, source adapters); with --export-model,
+OUT/merge_info.json (method, options, weights, source adapters; the name evaluation's
+merges use too); with --export-model,
 also a plain Hugging Face model folder with the merged adapter folded into BASE's weights.
 Bad input: one line `error: ...`, exit 2, nothing written.
 """
@@ -22,31 +23,21 @@ from pathlib import Path
 from typing import Sequence
 
 from src.cli import build_parser, make_configs
+from src.compose import MergeConfig
 from src.errors import UserError, run_main
 from src.lora import check_adapter_fits, export_merged_model, load_adapter, save_adapter
 from src.merging import MERGES, VARIANTS, merge_adapters, method_options
+from src.models import load_base_model
 
 METHODS = (*MERGES, *VARIANTS)
 
 
 @dataclass
-class MergeConfig:
-    """How to merge (options a method does not take are refused)."""
+class MergeCommand:
+    """What to merge and where (the method's options are MergeConfig's, shared with evaluation)."""
 
     method: str = field(default="", metadata={"help": "merge method: " + ", ".join(METHODS)})
     out: str = field(default="", metadata={"help": "output adapter folder"})
-    weights: tuple[float, ...] | None = field(default=None, metadata={
-        "help": "one weight per adapter; None: 1 each"})
-    rank: str | None = field(default=None, metadata={
-        "help": "rank of the result for svd and delta-space ties/dare: an integer or 'full'"})
-    density: float | None = field(default=None, metadata={
-        "help": "ties/dare: fraction of entries kept, in (0, 1]"})
-    majority_sign: str | None = field(default=None, metadata={
-        "help": "ties/dare_ties sign election: total or frequency; None: total",
-        "choices": ("total", "frequency")})
-    space: str | None = field(default=None, metadata={
-        "help": "ties/dare: merge A and B separately (ab, as PEFT) or the dense deltas (delta); None: ab",
-        "choices": ("ab", "delta")})
     seed: int | None = field(default=None, metadata={"help": "dare_linear/dare_ties: random seed; None: 0"})
     force: bool = field(default=False, metadata={"help": "replace existing output folders"})
     export_model: str | None = field(default=None, metadata={
@@ -60,22 +51,17 @@ class MergeConfig:
             raise UserError(f"unknown merge method {self.method!r}; known: {', '.join(METHODS)}")
         if not self.out:
             raise UserError("--out is required")
-        if self.rank is not None and self.rank != "full":
-            try:
-                self.rank = int(self.rank)
-            except ValueError:
-                raise UserError(f"--rank must be a positive integer or 'full', got {self.rank!r}") from None
-            if self.rank <= 0:
-                raise UserError(f"--rank must be a positive integer or 'full', got {self.rank}")
-        if self.weights is not None:
-            self.weights = tuple(self.weights)
         if (self.export_model is None) != (self.base is None):
             raise UserError("--export-model and --base go together")
 
-    def options(self) -> dict:
-        """The method options the user set (others keep the method's defaults)."""
-        keys = ("rank", "density", "majority_sign", "space", "seed")
-        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+def method_options_of(cmd: MergeCommand, opts: MergeConfig) -> dict:
+    """The method options the user set (others keep the method's defaults)."""
+    keys = ("rank", "density", "majority_sign", "space")
+    out = {k: getattr(opts, k) for k in keys if getattr(opts, k) is not None}
+    if cmd.seed is not None:
+        out["seed"] = cmd.seed
+    return out
 
 
 def _free(folder: Path, force: bool, flag: str) -> None:
@@ -83,26 +69,12 @@ def _free(folder: Path, force: bool, flag: str) -> None:
         raise UserError(f"{flag} {folder} exists; pass --force to replace it")
 
 
-def _load_base(name: str):
-    """(model, tokenizer) on CPU: src.models.load_base_model if present, else a local HF folder."""
-    try:
-        from src.models import load_base_model
-    except ImportError:
-        load_base_model = None
-    if load_base_model is not None:
-        return load_base_model(name, device="cpu", dtype="auto")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    if not Path(name, "config.json").is_file():
-        raise UserError(f"--base {name}: not a local Hugging Face model folder")
-    return AutoModelForCausalLM.from_pretrained(name).eval(), AutoTokenizer.from_pretrained(name)
-
-
 def main(argv: Sequence[str] | None = None) -> Path:
-    parser = build_parser("python -m src.merge", __doc__, MergeConfig)
+    parser = build_parser("python -m src.merge", __doc__, MergeCommand, MergeConfig)
     parser.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR", help="adapter folders to merge")
     ns = parser.parse_intermixed_args(argv)
     values = {k: v for k, v in vars(ns).items() if k not in ("debug", "adapters")}
-    (cfg,) = make_configs(values, MergeConfig)
+    cfg, opts = make_configs(values, MergeCommand, MergeConfig)
 
     # ---- check everything before writing anything
     out = Path(cfg.out)
@@ -117,26 +89,26 @@ def main(argv: Sequence[str] | None = None) -> Path:
     for a, d in zip(adapters, ns.adapters):
         if names.count(a.name) > 1:   # two folders with the same last name: use the path
             a.name = str(d)
-    method, options = method_options(cfg.method, **cfg.options())
+    method, options = method_options(cfg.method, **method_options_of(cfg, opts))
 
     # ---- merge
-    merged = merge_adapters(adapters, cfg.method, list(cfg.weights) if cfg.weights else None,
-                            **cfg.options())
+    merged = merge_adapters(adapters, cfg.method, list(opts.weights) if opts.weights else None,
+                            **method_options_of(cfg, opts))
     base_model = None
     if cfg.export_model:
-        base_model, tokenizer = _load_base(cfg.base)
+        base_model, tokenizer = load_base_model(cfg.base, device="cpu", dtype="auto")
         check_adapter_fits(base_model, merged)
 
     # ---- save
     record = {
         "method": cfg.method, "registry_method": method, "options": options,
-        "weights": list(cfg.weights) if cfg.weights else [1.0] * len(adapters),
+        "weights": list(opts.weights) if opts.weights else [1.0] * len(adapters),
         "sources": [{"name": a.name, "path": str(Path(d).resolve()), "base_model": a.base_model,
                      "ranks": sorted(set(a.ranks.values())), "target_modules": a.target_modules}
                     for a, d in zip(adapters, ns.adapters)],
-        "config": dataclasses.asdict(cfg),
+        "config": {**dataclasses.asdict(cfg), **dataclasses.asdict(opts)},
     }
-    save_adapter(merged, out, extra_json={"merge_config.json": record})
+    save_adapter(merged, out, extra_json={"merge_info.json": record})
     print(f"merged {len(adapters)} adapters with {cfg.method} -> {out}")
     if base_model is not None:
         export_merged_model(base_model, merged, cfg.export_model, tokenizer)

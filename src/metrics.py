@@ -1,4 +1,4 @@
-"""Offline metrics and the oracle-normalised multitask score (SPEC sections 1 and 5).
+"""Offline metrics and the oracle-normalised multitask score (mean over tasks of method / oracle).
 
 Pure functions on strings. They re-implement what the study got from the `evaluate`
 package, which fetches its metric scripts from the hub, straight on the libraries those
@@ -168,7 +168,7 @@ def accuracy(predictions: Sequence[str], references: Sequence[str]) -> dict:
 # ------------------------------------------------------------------ multitask score
 
 def multitask_score(method: Mapping[str, float], oracle: Mapping[str, float]) -> float:
-    """Mean over tasks of method[t] / oracle[t] (SPEC section 5).
+    """Mean over tasks of method[t] / oracle[t]: 1.0 means as good as the right adapter for every input.
 
     The oracle scored against itself gives exactly 1.0. A ratio to an oracle score of 0 is
     undefined and raises, rather than silently dropping the task and changing the mean.

@@ -53,9 +53,8 @@ from safetensors.torch import load_file, save_file
 from transformers.cache_utils import Cache
 
 from src.errors import UserError
-from src.experts import (ExpertLinear, Selection, _few, common_modules, expert_order, has_experts, inject_experts,
-                         remove_experts)
-from src.lora import Adapter, check_adapter_fits, load_adapter, lora_layers, save_adapter
+from src.experts import ExpertLinear, Selection, _few, expert_modules, expert_order, inject_experts, remove_experts
+from src.lora import Adapter, load_adapter, save_adapter
 from src.runs import atomic_path, file_digest, write_json_atomic
 
 ROUTERS = ("study", "block")
@@ -181,14 +180,8 @@ class MixtureOfLoRAs(nn.Module):
         super().__init__()
         cfg = cfg or MoAConfig()
         tasks = expert_order(adapters, cfg.tasks)
-        modules = common_modules(adapters, tasks)
-        if lora_layers(model) or has_experts(model):
-            raise UserError("model already has LoRA or MoA layers; remove them first")
-        for t in tasks:
-            check_adapter_fits(model, adapters[t])
+        modules = expert_modules(model, adapters, tasks)                # checked, in model order
         by_name = dict(model.named_modules())
-        covered = set(modules)
-        modules = [n for n in by_name if n in covered]                # model (execution) order
         if cfg.router == "block":
             blocks = list(dict.fromkeys(_block_of(model, n) for n in modules))
             hidden = getattr(getattr(model, "config", None), "hidden_size", None)

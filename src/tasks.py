@@ -1,4 +1,4 @@
-"""Task registry: the seven tasks, their prompts, data, tokenisation and scores (SPEC section 1).
+"""Task registry: the seven tasks, their prompts, data, tokenisation and scores.
 
 Every task is one `Task` in `TASKS`: its input fields, its prompt template, its primary
 metric, its closed label set (classification only) and where it lives on the Hugging Face
@@ -515,6 +515,31 @@ def load_task_data(tasks: str | Sequence[str], split: str, data: str = "sample",
     """
     return {name: load_examples(name, split, data, data_dir, size, seed, hub_nli, allow_fewer)
             for name in resolve_tasks(tasks)}
+
+
+def load_capped(tasks: str | Sequence[str], split: str, data: str, data_dir: str | Path | None,
+                size: int | None, seed: int, hub_nli: str = "multi_nli",
+                flag: str = "--eval-size") -> dict[str, list[Example]]:
+    """Each task's `split`: a seeded subset of `size` examples (all if None).
+
+    Local files ("sample", "dir") hold what they hold: a larger size is capped at it (the
+    bundled sample has a few dozen examples per task), said on stderr naming `flag`. Every
+    task is loaded and validated before anything is returned. Training and evaluation both
+    load their data through here.
+    """
+    import sys
+
+    out = {}
+    for task in resolve_tasks(tasks):
+        n = size
+        if data != "hub" and size is not None:
+            available = len(load_examples(task, split, data, data_dir, None, seed))
+            if available < size:
+                print(f"note: {data_dir or 'data/sample'} holds {available} {split} examples of task {task}; "
+                      f"using them all ({flag} {size})", file=sys.stderr)
+            n = min(size, available)
+        out[task] = load_examples(task, split, data, data_dir, n, seed, hub_nli)
+    return out
 
 
 def data_hash(examples_by_task: Mapping[str, Sequence[Example]]) -> str:

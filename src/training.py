@@ -52,29 +52,13 @@ STATE_FILE = "state.pt"
 # ------------------------------------------------------------------------------ data
 
 def load_data(cfg, tasks: Sequence[str], split: str) -> dict[str, list[Example]]:
-    """Each task's `split` per a DataConfig: a seeded subset of train_size / eval_size examples.
-
-    Local files ("sample", "dir") hold what they hold: a larger size is capped at it (the
-    bundled sample has a few dozen examples per task), said once on stderr. Every task is
-    loaded and validated before anything is returned.
-    """
-    import sys
-
-    from src.tasks import load_examples
+    """Each task's `split` per a DataConfig: a seeded subset of train_size / eval_size examples,
+    capped at what local files hold (`tasks.load_capped`)."""
+    from src.tasks import load_capped
 
     size = cfg.train_size if split == "train" else cfg.eval_size
-    out = {}
-    for task in tasks:
-        if cfg.data == "hub" or size is None:
-            out[task] = load_examples(task, split, cfg.data, cfg.data_dir, size, cfg.seed)
-            continue
-        available = len(load_examples(task, split, cfg.data, cfg.data_dir, None, cfg.seed))
-        if available < size:
-            flag = "--train-size" if split == "train" else "--eval-size"
-            print(f"note: {cfg.data_dir or 'data/sample'} holds {available} {split} examples of task {task}; "
-                  f"using them all ({flag} {size})", file=sys.stderr)
-        out[task] = load_examples(task, split, cfg.data, cfg.data_dir, min(size, available), cfg.seed)
-    return out
+    return load_capped(list(tasks), split, cfg.data, cfg.data_dir, size, cfg.seed,
+                       flag="--train-size" if split == "train" else "--eval-size")
 
 
 def encode_examples(tokenizer, examples: Sequence[Example], max_len: int = 512, max_target_len: int = 128,
@@ -126,26 +110,34 @@ def split_batch(indices: list[int], micro: int, n_micro: int, rank: int, world: 
     return out
 
 
+def pad_sequences(seqs: Sequence[Sequence[int]], value: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """(padded [batch, longest], attention mask [batch, longest]) as LongTensors, padded with
+    `value` on `side` ("right": real tokens keep positions 0..n-1; "left": every sequence ends
+    at -1). Training's batches (`collate`) and evaluation's
+    (`evaluation.pad_batch`) both pad through here."""
+    width = max(len(x) for x in seqs)
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, x in enumerate(seqs):
+        sl = slice(width - len(x), width) if side == "left" else slice(0, len(x))
+        out[i, sl] = torch.tensor(x, dtype=torch.long)
+        mask[i, sl] = 1
+    return out, mask
+
+
 def collate(items: Sequence[dict], pad_id: int, side: str = "right") -> dict:
-    """Pad to the longest sequence in the batch.
+    """Pad to the longest sequence in the batch (`pad_sequences`).
 
     Right padding (training): real tokens keep positions 0..n-1. Left padding (routing on
     prompts): every prompt ends at position -1. Returns input_ids, attention_mask, labels
     [batch, seq]; n_tokens (target tokens), n_seqs; positions [batch] (each sequence's last
     prompt token); task_ids [batch] if the items carry them.
     """
-    n = max(len(it["input_ids"]) for it in items)
-    ids = torch.full((len(items), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), n), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(items), n), dtype=torch.long)
-    positions = torch.empty(len(items), dtype=torch.long)
-    for i, it in enumerate(items):
-        k = len(it["input_ids"])
-        sl = slice(0, k) if side == "right" else slice(n - k, n)
-        ids[i, sl] = torch.tensor(it["input_ids"])
-        labels[i, sl] = torch.tensor(it["labels"])
-        mask[i, sl] = 1
-        positions[i] = (sl.start + it["prompt_len"] - 1) if side == "right" else n - 1
+    ids, mask = pad_sequences([it["input_ids"] for it in items], pad_id, side)
+    labels, _ = pad_sequences([it["labels"] for it in items], IGNORE, side)
+    n = ids.shape[1]
+    positions = torch.tensor([it["prompt_len"] - 1 if side == "right"
+                              else n - 1 for it in items], dtype=torch.long)
     out = {"input_ids": ids, "attention_mask": mask, "labels": labels, "positions": positions,
            "n_tokens": int((labels != IGNORE).sum()), "n_seqs": len(items)}
     if "task_id" in items[0]:

@@ -410,10 +410,10 @@ def test_driver_runs_evaluation_then_plots(tiny_run, tmp_path):
 
 
 def test_eval_size_is_capped_at_what_local_data_holds(tiny_run, capsys):
-    data = ev.load_eval_data(["sentiment", "qa"], "validation", "dir", tiny_run["data"], 100, seed=0)
+    data = T.load_capped(["sentiment", "qa"], "validation", "dir", tiny_run["data"], 100, seed=0)
     assert [len(v) for v in data.values()] == [6, 6]
     assert "holds 6 validation examples of task sentiment; using them all (--eval-size 100)" in capsys.readouterr().err
-    sub = ev.load_eval_data(["sentiment"], "validation", "dir", tiny_run["data"], 4, seed=0)["sentiment"]
+    sub = T.load_capped(["sentiment"], "validation", "dir", tiny_run["data"], 4, seed=0)["sentiment"]
     assert sub == T.load_examples("sentiment", "validation", "dir", tiny_run["data"], 4, seed=0)
 
 

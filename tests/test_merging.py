@@ -355,7 +355,7 @@ def test_cli_merges_and_records(adapter_dirs, tmp_path, capsys):
     out = tmp_path / "merged"
     rc, _, err = _cli(["--method", "svd_sum", "--rank", "6", "--out", out, *srcs], capsys)
     assert rc == 0, err
-    rec = json.loads((out / "merge_config.json").read_text())
+    rec = json.loads((out / "merge_info.json").read_text())
     assert rec["method"] == "svd_sum" and rec["registry_method"] == "svd"
     assert rec["options"] == {"rank": 6, "average": False} and rec["weights"] == [1.0, 1.0, 1.0]
     assert [s["name"] for s in rec["sources"]] == ["sentiment", "nli", "qa"]
@@ -368,7 +368,7 @@ def test_cli_merges_and_records(adapter_dirs, tmp_path, capsys):
     assert rc == 2 and "exists; pass --force" in err
     rc, _, err = _cli(["--method", "concat", "--weights", "1", "0.5", "-1", "--force", "--out", out, *srcs], capsys)
     assert rc == 0, err
-    assert json.loads((out / "merge_config.json").read_text())["weights"] == [1.0, 0.5, -1.0]
+    assert json.loads((out / "merge_info.json").read_text())["weights"] == [1.0, 0.5, -1.0]
 
 
 def test_cli_exports_a_plain_model(adapter_dirs, tmp_path, capsys, tokenizer):
@@ -378,7 +378,7 @@ def test_cli_exports_a_plain_model(adapter_dirs, tmp_path, capsys, tokenizer):
     rc, _, err = _cli(["--method", "dare_ties", "--density", "0.5", "--seed", "3", "--out", out,
                        "--export-model", exported, "--base", adapter_dirs["base"], *srcs], capsys)
     assert rc == 0, err
-    assert json.loads((out / "merge_config.json").read_text())["options"] == {
+    assert json.loads((out / "merge_info.json").read_text())["options"] == {
         "density": 0.5, "majority_sign": "total", "space": "ab", "rank": None, "seed": 3}
     plain = AutoModelForCausalLM.from_pretrained(str(exported)).eval()
     model = AutoModelForCausalLM.from_pretrained(str(adapter_dirs["base"])).eval()
