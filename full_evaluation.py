@@ -27,6 +27,7 @@ from the 7-task run on the same adapters).
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
@@ -65,6 +66,13 @@ class EvalConfig:
     batch_size: int = field(default=16, metadata={"help": "sequences per generation batch"})
     max_new_tokens: int = field(default=128, metadata={"help": "most tokens generated per example"})
     max_prompt_len: int = field(default=400, metadata={"help": "prompts keep their last N tokens"})
+    scoring: str = field(default="toolkit", metadata={
+        "help": "the protocol of the printed table: toolkit, or study (the reference study's metrics, raw "
+                "generations); both are always written (summary.json, summary_study.json)",
+        "choices": ["toolkit", "study"]})
+    truncation_side: str = field(default="left", metadata={
+        "help": "left: long prompts keep their last tokens (the task marker); right: their first (the "
+                "study's tokenizer call most likely did this)", "choices": list(ev.TRUNCATION)})
     score_by: str = field(default="generate", metadata={
         "help": "generate, or likelihood: classification tasks pick the most likely label", "choices": list(ev.SCORE_BY)})
     seed: int = field(default=0, metadata={"help": "seed of the data subset and of the random merges (dare)"})
@@ -119,7 +127,8 @@ def main(argv=None):
 
     def fingerprint(method: str, task: str) -> dict:
         common = {"model": cfg.model, "dtype": dtype, "data_hash": task_registry.data_hash({task: data[task]}),
-                  **ev.Settings(cfg.max_new_tokens, cfg.max_prompt_len, cfg.score_by).fingerprint()}
+                  **ev.Settings(cfg.max_new_tokens, cfg.max_prompt_len, cfg.score_by,
+                                truncation_side=cfg.truncation_side).fingerprint()}
         return compose.fingerprint(method, task, env, common)
 
     reuse_from = [Path(p) for p in cfg.reuse_from or ()]
@@ -158,13 +167,15 @@ def main(argv=None):
             check_adapter_fits(model, ad)   # a wrong base model fails here, before any generation
         for m in pending:
             compose.REGISTRY[m].check_model(model, env)
-    settings = ev.Settings(cfg.max_new_tokens, cfg.max_prompt_len, cfg.score_by, cfg.batch_size)
+    settings = ev.Settings(cfg.max_new_tokens, cfg.max_prompt_len, cfg.score_by, cfg.batch_size, cfg.truncation_side)
 
     def run_cell(method: str, task: str) -> None:
         bar = tqdm(total=len(data[task]), desc=f"{method}/{task}", unit="ex", leave=False,
                    disable=not sys.stderr.isatty())
-        with compose.REGISTRY[method].prepare(model, env, task) as router:
-            body = ev.evaluate_task(model, tokenizer, task, data[task], settings, router=router, progress=bar.update)
+        m = compose.REGISTRY[method]
+        own = dataclasses.replace(settings, batch_size=min(settings.batch_size, m.max_batch or settings.batch_size))
+        with m.prepare(model, env, task) as router:
+            body = ev.evaluate_task(model, tokenizer, task, data[task], own, router=router, progress=bar.update)
         bar.close()
         cells[(method, task)] = runs.save_cell(run_dir, method, task, fingerprint(method, task), body, meta)
         r = body["result"]
@@ -198,9 +209,13 @@ def main(argv=None):
 
     # ------------------------------------------------------------------ save
     meta["seconds"] = round(time.perf_counter() - t_start, 2)
-    summary = ev.summarize(cfg.model, tasks, methods, cells, meta)
-    paths = ev.write_results(run_dir, summary)
-    print(ev.results_markdown(summary))
+    paths = []
+    for protocol in task_registry.SCORING:       # both protocols, from the same predictions
+        summary = ev.summarize(cfg.model, tasks, methods, cells, meta, protocol)
+        paths += ev.write_results(run_dir, summary)
+        if protocol == cfg.scoring:
+            printed = summary
+    print(ev.results_markdown(printed))
     print(f"wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
 
 

@@ -207,8 +207,9 @@ def routing_confusion(run_dir: Path, tasks: Sequence[str] | None, method: str) -
 
 
 def run_label(summary: dict) -> str:
+    """"SmolLM2-135M, 7 tasks, toolkit scoring": what a plot of this summary shows."""
     model = str(summary.get("model", "?")).rstrip("/").split("/")[-1]
-    return f"{model}, {len(summary.get('tasks', []))} tasks"
+    return f"{model}, {len(summary.get('tasks', []))} tasks, {summary.get('scoring', 'toolkit')} scoring"
 
 
 # ------------------------------------------------------------------------- plots

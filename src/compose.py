@@ -21,6 +21,7 @@ docs/compose.md for a worked example. Routers yielded by dynamic methods follow 
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import math
@@ -118,6 +119,7 @@ class Method:
     groups: tuple[str, ...] = ()          # names that expand to this method in --methods
     configs: tuple[type, ...] = ()
     help: str = ""
+    max_batch: int | None = None          # a method that must run at a smaller batch (the study's MoA: 1)
 
     def check(self, env: Env) -> None:
         missing = [t for t in self.adapter_tasks(env) if not runs.has_adapter(env.run_dir, t)]
@@ -382,6 +384,25 @@ class MoA(Method):
             moa.remove()
 
 
+class MoAStudy(MoA):
+    """The study's MoA decoding: batch size 1, each router re-deciding at every decoding step
+    from the newest token (its `generate` with a KV cache), the layer's own router's argmax."""
+
+    name = "moa_study"
+    help = "RUN/moa decoded as the study did: batch 1, routers re-decide at every step"
+    max_batch = 1
+
+    @contextmanager
+    def prepare(self, model, env, task):
+        with super().prepare(model, env, task) as moa:
+            saved = moa.cfg
+            moa.cfg = dataclasses.replace(saved, inference="layer", redecide_every_step=True)
+            try:
+                yield moa
+            finally:
+                moa.cfg = saved
+
+
 # --------------------------------------------------------------------------- Arrow
 
 class Arrow(Method):
@@ -437,6 +458,7 @@ class Arrow(Method):
 register(Base())
 register(Oracle())
 register(MoA())
+register(MoAStudy())
 register(Arrow())
 for _name in [*merging.MERGES, *merging.VARIANTS]:
     register(Merge(_name))

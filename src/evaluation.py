@@ -29,6 +29,7 @@ import csv
 import io
 import json
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -42,7 +43,8 @@ from transformers import GenerationConfig
 from src import tasks as task_registry
 from src.errors import UserError
 from src.metrics import multitask_score
-from src.runs import eval_dir, write_json_atomic, write_text_atomic
+from src.runs import (cell_path, eval_dir, git_commit, predictions_path, summary_path, write_json_atomic,
+                      write_text_atomic)
 from src.training import pad_sequences
 
 SCORE_BY = ("generate", "likelihood")
@@ -217,6 +219,9 @@ def label_logprobs(model, tokenizer, prompt_ids: Sequence[Sequence[int]], labels
 
 # ------------------------------------------------------------------------- one cell
 
+TRUNCATION = ("left", "right")
+
+
 @dataclass
 class Settings:
     """What a cell's predictions depend on besides method, model and data."""
@@ -224,11 +229,43 @@ class Settings:
     max_prompt_len: int = 400
     score_by: str = "generate"
     batch_size: int = 16
+    truncation_side: str = "left"
 
     def fingerprint(self) -> dict:
         d = asdict(self)
         d.pop("batch_size")  # batching changes speed, not the (greedy) predictions
+        if d["truncation_side"] == "left":
+            d.pop("truncation_side")   # the default: fingerprints from before the option stay valid
         return d
+
+
+# ------------------------------------------------------------------------- scoring protocols
+
+def records_examples(task: str, records: Sequence[dict]) -> list:
+    """The Examples a cell's records were scored against (id, reference, references)."""
+    return [task_registry.Example(r["id"], task, {}, r["reference"], tuple(r.get("references") or [r["reference"]]))
+            for r in records]
+
+
+def score_records(task: str, records: Sequence[dict], protocol: str) -> dict:
+    """A cell's result under a scoring protocol (`tasks.SCORING`), from its saved raw
+    predictions: no generation. {"primary", "score", "metrics", "per_example"}."""
+    t = task_registry.get_task(task)
+    predictions = [task_registry.scored_prediction(t, r["raw"], protocol) for r in records]
+    return t.score(predictions, records_examples(t.name, records), protocol)
+
+
+def cell_result(cell: dict, protocol: str = "toolkit") -> dict:
+    """The cell's result under `protocol`: stored when the cell has it, else rescored from
+    its records (cells made before the study protocol existed)."""
+    stored = (cell.get("results") or {}).get(protocol)
+    if stored is not None:
+        return stored
+    if protocol == "toolkit":
+        return cell["result"]
+    scored = score_records(cell["task"], cell["records"], protocol)
+    scored.pop("per_example")
+    return scored
 
 
 def evaluate_task(model, tokenizer, task: str, examples: Sequence, settings: Settings, router=None,
@@ -244,7 +281,8 @@ def evaluate_task(model, tokenizer, task: str, examples: Sequence, settings: Set
     """
     t = task_registry.get_task(task)
     prompts = [t.prompt(ex) for ex in examples]
-    ids = [task_registry.encode_prompt(tokenizer, p, settings.max_prompt_len) for p in prompts]
+    ids = [task_registry.encode_prompt(tokenizer, p, settings.max_prompt_len, settings.truncation_side)
+           for p in prompts]
     start = time.perf_counter()
     extra: list[dict] = [{} for _ in examples]
     if settings.score_by == "likelihood" and t.labels is not None:
@@ -274,7 +312,12 @@ def evaluate_task(model, tokenizer, task: str, examples: Sequence, settings: Set
             rec.update(records_routing[i])
         rec.update(extra[i])
         records.append(rec)
-    body = {"task": t.name, "n": len(examples), "result": scored, "records": records,
+    study = score_records(t.name, records, "study")
+    study_per_example = study.pop("per_example")
+    for rec, v in zip(records, study_per_example):
+        rec["score_study"] = float(v)
+    body = {"task": t.name, "n": len(examples), "result": scored, "results": {"toolkit": scored, "study": study},
+            "records": records,
             "seconds": seconds, "new_tokens": new_tokens,
             "tokens_per_s": new_tokens / seconds if seconds > 0 and new_tokens else None}
     if layers:
@@ -287,14 +330,14 @@ def evaluate_task(model, tokenizer, task: str, examples: Sequence, settings: Set
 # ------------------------------------------------------------------------- summary
 
 def summarize(model: str, tasks: Sequence[str], methods: Sequence[str], cells: dict[tuple[str, str], dict],
-              meta: dict) -> dict:
+              meta: dict, scoring: str = "toolkit") -> dict:
     """summary.json: per method the multitask score and, per task, the primary metric, the
     oracle's, their ratio and every metric; a routing table per dynamic method; the run's meta.
 
     A multitask score whose oracle metric is 0 on some task is undefined: it is null, and
     `undefined_tasks` names the tasks.
     """
-    oracle = {t: cells[("oracle", t)]["result"]["score"] for t in tasks}
+    oracle = {t: cell_result(cells[("oracle", t)], scoring)["score"] for t in tasks}
     zero = [t for t in tasks if oracle[t] == 0]
     out_methods = {}
     routing = {}
@@ -302,7 +345,7 @@ def summarize(model: str, tasks: Sequence[str], methods: Sequence[str], cells: d
         per_task = {}
         for t in tasks:
             c = cells[(m, t)]
-            r = c["result"]
+            r = cell_result(c, scoring)
             per_task[t] = {"primary": r["primary"], "score": r["score"], "oracle_score": oracle[t],
                            "relative": r["score"] / oracle[t] if oracle[t] else None,
                            "metrics": r["metrics"], "n": c["n"], "seconds": round(c["seconds"], 3),
@@ -315,7 +358,7 @@ def summarize(model: str, tasks: Sequence[str], methods: Sequence[str], cells: d
         table = routing_summary(tasks, [cells[(m, t)] for t in tasks])
         if table is not None:
             routing[m] = table
-    summary = {"model": model, "tasks": list(tasks), "methods": out_methods}
+    summary = {"model": model, "tasks": list(tasks), "scoring": scoring, "methods": out_methods}
     if routing:
         summary["routing"] = routing
     summary["meta"] = meta
@@ -377,7 +420,9 @@ def results_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
 def _meta_lines(summary: dict) -> list[str]:
     meta = summary["meta"]
     cfg = meta.get("config", {})
+    scoring = summary.get("scoring", "toolkit")
     return [f"model: {summary['model']}",
+            f"scoring: {scoring} ({PROTOCOLS[scoring]})",
             f"data: {cfg.get('data_desc', '')}",
             f"seed: {meta['seed']}  git commit: {meta['git_commit']}  data hash: {meta['data_hash'][:16]}",
             f"command: {meta['command']}"]
@@ -421,10 +466,93 @@ def results_csv(summary: dict) -> str:
     return buf.getvalue()
 
 
+PROTOCOLS = {
+    "toolkit": "sacreBLEU; ROUGE with stemming, exact mean; SQuAD against every gold answer; "
+               "generations cut at the next ### and, for labels, at the first line",
+    "study": "the reference study's: evaluate's bleu (nmt corpus BLEU, no smoothing); ROUGE without "
+             "stemming, bootstrap median; SQuAD against the first gold answer; raw generations",
+}
+
+
+def result_names(scoring: str = "toolkit") -> tuple[str, str, str]:
+    """The summary, CSV and markdown file names of a protocol: summary.json, results.csv,
+    results.md for the toolkit's; summary_study.json, ... for the study's."""
+    suffix = "" if scoring == "toolkit" else f"_{scoring}"
+    return f"summary{suffix}.json", f"results{suffix}.csv", f"results{suffix}.md"
+
+
 def write_results(run_dir: Path, summary: dict) -> list[Path]:
-    """summary.json, results.csv, results.md under RUN/eval/ (each written atomically)."""
+    """The protocol's summary, CSV and markdown table under RUN/eval/ (each written atomically)."""
     d = eval_dir(run_dir)
-    write_json_atomic(d / "summary.json", summary)
-    write_text_atomic(d / "results.csv", results_csv(summary))
-    write_text_atomic(d / "results.md", results_markdown(summary))
-    return [d / "summary.json", d / "results.csv", d / "results.md"]
+    names = [d / n for n in result_names(summary.get("scoring", "toolkit"))]
+    write_json_atomic(names[0], summary)
+    write_text_atomic(names[1], results_csv(summary))
+    write_text_atomic(names[2], results_markdown(summary))
+    return names
+
+
+def rescore(run_dir: Path, protocols: Sequence[str] = ("toolkit", "study"), also: Sequence[Path] = ()) -> list[Path]:
+    """Every protocol's tables of a run folder from its cells' saved predictions, without
+    generating: the methods, tasks and meta of RUN/eval/summary.json, each cell rescored.
+
+    A folder of committed results keeps predictions, not cells: then the predictions are
+    read (from RUN, else from the folders in `also`, e.g. the 7-task results whose base and
+    oracle a 5-task table reused) and each rescored toolkit metric must equal the one the
+    summary holds, so a prediction file that does not belong to it is refused.
+    """
+    import copy
+    path = summary_path(run_dir)
+    if not path.is_file():
+        raise UserError(f"{path} is missing: evaluate the run first (full_evaluation.py --output-dir {run_dir})")
+    old = json.loads(path.read_text())
+    tasks, methods = old["tasks"], list(old["methods"])
+    cells = {}
+    for m in methods:
+        for t in tasks:
+            cp = cell_path(run_dir, m, t)
+            if cp.is_file():
+                cells[(m, t)] = json.loads(cp.read_text())
+            else:        # a committed result folder keeps predictions, not cells
+                found = [pp for r in (run_dir, *also) if (pp := predictions_path(r, m, t)).is_file()]
+                if not found:
+                    raise UserError(f"{run_dir}: no cell or predictions of method {m} on task {t} "
+                                    f"(looked in {', '.join(str(r) for r in (run_dir, *also))})")
+                records = [json.loads(x) for x in found[0].read_text(encoding="utf-8").splitlines() if x.strip()]
+                per = old["methods"][m]["per_task"][t]
+                result = score_records(t, records, "toolkit")
+                result.pop("per_example")
+                if not math.isclose(result["score"], per["score"], rel_tol=1e-9, abs_tol=1e-12):
+                    raise UserError(f"{found[0]}: rescored {per['primary']} {result['score']} is not the "
+                                    f"summary's {per['score']} (predictions of another run?)")
+                cells[(m, t)] = {"task": t, "n": len(records), "records": records, "seconds": per["seconds"],
+                                 "tokens_per_s": per.get("tokens_per_s"), "result": result}
+    written = []
+    for protocol in protocols:
+        meta = copy.deepcopy(old["meta"])
+        meta["rescored"] = {"by": "python -m src.evaluation rescore", "git_commit": git_commit(),
+                            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        written += write_results(run_dir, summarize(old["model"], tasks, methods, cells, meta, protocol))
+    return written
+
+
+def main(argv=None) -> None:
+    """python -m src.evaluation rescore RUN [RUN ...] [--scoring toolkit study]"""
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m src.evaluation", description="Rescore evaluated run folders "
+                                "from their saved predictions, without generating.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("rescore", help="write each protocol's summary and tables from the saved predictions")
+    r.add_argument("runs", nargs="+", metavar="RUN")
+    r.add_argument("--scoring", nargs="+", default=list(task_registry.SCORING), choices=task_registry.SCORING)
+    r.add_argument("--also", nargs="+", default=[], metavar="OTHER_RUN",
+                   help="folders whose predictions fill in cells a run reused (e.g. its base and oracle)")
+    r.add_argument("--debug", action="store_true")
+    args = p.parse_args(argv)
+    for run in args.runs:
+        for path in rescore(Path(run), args.scoring, [Path(a) for a in args.also]):
+            print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    from src.errors import run_main
+    sys.exit(run_main(main))

@@ -1,14 +1,17 @@
 """Offline metrics and the oracle-normalised multitask score (mean over tasks of method / oracle).
 
-Pure functions on strings. They re-implement what the study got from the `evaluate`
-package, which fetches its metric scripts from the hub, straight on the libraries those
-scripts wrap (`rouge_score`, `sacrebleu`) or on the official SQuAD v1.1 script.
+Pure functions on strings, offline (the `evaluate` package fetches its metric scripts from
+the hub). Two protocols share them: the toolkit's (sacreBLEU, stemmed ROUGE means, SQuAD
+against every gold answer) and the study's (`study_bleu`: nmt corpus BLEU without smoothing;
+`study_rouge`: unstemmed ROUGE, bootstrap median; SQuAD against the first gold answer), see
+`src/tasks.py:SCORING`.
 
 Scales follow the reference implementations: ROUGE and accuracy in 0..1, BLEU and SQuAD
 in 0..100. The multitask score is a ratio to the oracle, so the scale cancels out.
 """
 from __future__ import annotations
 
+import math
 import re
 import string
 from collections import Counter
@@ -74,8 +77,8 @@ def _reference_streams(references: Sequence[str | Sequence[str]]) -> list[list[s
 
 
 def bleu(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> dict:
-    """Corpus BLEU with sacrebleu's defaults (13a tokeniser, exp smoothing), as `evaluate`'s
-    sacrebleu computes it.
+    """Corpus BLEU with sacrebleu's defaults (13a tokeniser, exp smoothing): the toolkit's BLEU
+    (`evaluate`'s "sacrebleu" metric computes the same; the study used its "bleu", `study_bleu`).
 
     Args:
         predictions: one hypothesis per example.
@@ -93,6 +96,87 @@ def sentence_bleu(prediction: str, references: str | Sequence[str]) -> float:
     """sacrebleu's sentence BLEU (exp smoothing, effective order), the per-example score, 0..100."""
     refs = [references] if isinstance(references, str) else list(references)
     return sacrebleu.sentence_bleu(prediction, refs).score
+
+
+# ----------------------------------------------------------- the study's BLEU and ROUGE
+# The study scored with `evaluate.load("bleu")` and `evaluate.load("rouge")`, scripts fetched
+# from the hub at run time. Both are reproduced here from what those scripts compute, offline:
+# `bleu` is tensorflow/nmt's `compute_bleu` (corpus BLEU, n-grams up to 4, brevity penalty, no
+# smoothing) on 13a-tokenised text; `rouge` is rouge_score without stemming, aggregated by
+# rouge_score's BootstrapAggregator (its median, "mid").
+
+@lru_cache(maxsize=None)
+def _tokenizer_13a():
+    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+    return Tokenizer13a()
+
+
+def _ngrams(tokens: Sequence[str], max_order: int) -> Counter:
+    return Counter(tuple(tokens[i:i + n]) for n in range(1, max_order + 1) for i in range(len(tokens) - n + 1))
+
+
+def bleu_stats(prediction: str, references: str | Sequence[str], max_order: int = 4) -> list[float]:
+    """One example's sufficient statistics for nmt-style corpus BLEU: [matches per order...,
+    possible matches per order..., translation length, reference length (the shortest)],
+    on 13a tokens. Corpus BLEU is `bleu_from_stats` of their sum."""
+    tok = _tokenizer_13a()
+    refs = [references] if isinstance(references, str) else list(references)
+    ref_tokens = [tok(r).split() for r in refs]
+    hyp = tok(prediction).split()
+    merged: Counter = Counter()
+    for r in ref_tokens:
+        merged |= _ngrams(r, max_order)
+    overlap = _ngrams(hyp, max_order) & merged
+    matches = [0.0] * max_order
+    for ngram, count in overlap.items():
+        matches[len(ngram) - 1] += count
+    possible = [float(max(len(hyp) - n + 1, 0)) for n in range(1, max_order + 1)]
+    return [*matches, *possible, float(len(hyp)), float(min(len(r) for r in ref_tokens))]
+
+
+def bleu_from_stats(stats: Sequence[float], max_order: int = 4) -> float:
+    """nmt's compute_bleu (smooth=False) from summed `bleu_stats`, 0..100: 0 when some n-gram
+    order has no match; brevity penalty exp(1 - r/c) when the translation is shorter."""
+    matches, possible = stats[:max_order], stats[max_order:2 * max_order]
+    hyp_len, ref_len = stats[2 * max_order], stats[2 * max_order + 1]
+    precisions = [m / p if p > 0 else 0.0 for m, p in zip(matches, possible)]
+    if min(precisions) <= 0:
+        return 0.0
+    geo_mean = math.exp(sum(math.log(p) for p in precisions) / max_order)
+    if hyp_len == 0:
+        return 0.0
+    ratio = hyp_len / ref_len if ref_len else float("inf")
+    bp = 1.0 if ratio > 1.0 else math.exp(1 - 1.0 / ratio)
+    return 100.0 * geo_mean * bp
+
+
+def study_bleu(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> dict:
+    """The study's corpus BLEU (`evaluate`'s bleu: nmt compute_bleu, no smoothing), 0..100
+    (evaluate reports 0..1; the scale cancels in the multitask score)."""
+    _check_lengths(predictions, references)
+    total = [sum(col) for col in zip(*(bleu_stats(p, r) for p, r in zip(predictions, references)))]
+    return {"bleu": bleu_from_stats(total)}
+
+
+def study_rouge(predictions: Sequence[str], references: Sequence[str], seed: int = 0) -> dict:
+    """The study's ROUGE (`evaluate`'s rouge: rouge_score, no stemming, the BootstrapAggregator's
+    median of 1,000 resampled means). The aggregator draws from numpy's global RNG; here it is
+    seeded (`seed`) and the global state restored afterwards, so a result reruns the same."""
+    import numpy as np
+    from rouge_score import scoring
+
+    _check_lengths(predictions, references)
+    scorer = _rouge_scorer(ROUGE_TYPES, False)
+    aggregator = scoring.BootstrapAggregator()
+    for prediction, reference in zip(predictions, references):
+        aggregator.add_scores(scorer.score(reference, prediction))
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        result = aggregator.aggregate()
+    finally:
+        np.random.set_state(state)
+    return {key: float(result[key].mid.fmeasure) for key in ROUGE_TYPES}
 
 
 # ---------------------------------------------------------------------------- SQuAD

@@ -154,30 +154,46 @@ NLI_HUB_SOURCES = {
 
 
 # --------------------------------------------------------------------------- scoring
-# Each scorer: (predictions, examples) -> (metrics dict, one score per example).
+# Each scorer: (predictions, examples, protocol) -> (metrics dict, one score per example).
+#
+# Two protocols, both offline:
+#   toolkit  the default: sacreBLEU (exp smoothing), ROUGE with stemming (exact mean), SQuAD
+#            against every gold answer, generations cleaned first (`clean_prediction`);
+#   study    exactly as the reference study scored: `evaluate`'s bleu (nmt corpus BLEU, no
+#            smoothing), rouge (no stemming, bootstrap median), SQuAD against the first gold
+#            answer only, raw generations (classification still compares stripped and
+#            lower-cased text).
 
-Scorer = Callable[[list[str], list[Example]], tuple[dict, list[float]]]
+SCORING = ("toolkit", "study")
+
+Scorer = Callable[[list[str], list[Example], str], tuple[dict, list[float]]]
 
 
-def _score_rouge(predictions: list[str], examples: list[Example]) -> tuple[dict, list[float]]:
+def _score_rouge(predictions: list[str], examples: list[Example], protocol: str = "toolkit") -> tuple[dict, list[float]]:
     refs = [ex.target for ex in examples]
-    per_example = [metrics.sentence_rouge_l(p, r) for p, r in zip(predictions, refs)]
+    stem = protocol == "toolkit"
+    per_example = [metrics.sentence_rouge_l(p, r, use_stemmer=stem) for p, r in zip(predictions, refs)]
+    if protocol == "study":
+        return metrics.study_rouge(predictions, refs), per_example
     return metrics.rouge(predictions, refs), per_example
 
 
-def _score_bleu(predictions: list[str], examples: list[Example]) -> tuple[dict, list[float]]:
+def _score_bleu(predictions: list[str], examples: list[Example], protocol: str = "toolkit") -> tuple[dict, list[float]]:
     refs = [ex.references for ex in examples]
+    if protocol == "study":
+        per_example = [metrics.bleu_from_stats(metrics.bleu_stats(p, r)) for p, r in zip(predictions, refs)]
+        return metrics.study_bleu(predictions, refs), per_example
     per_example = [metrics.sentence_bleu(p, r) for p, r in zip(predictions, refs)]
     return metrics.bleu(predictions, refs), per_example
 
 
-def _score_squad(predictions: list[str], examples: list[Example]) -> tuple[dict, list[float]]:
-    golds = [ex.references for ex in examples]
+def _score_squad(predictions: list[str], examples: list[Example], protocol: str = "toolkit") -> tuple[dict, list[float]]:
+    golds = [ex.references[:1] if protocol == "study" else ex.references for ex in examples]
     per_example = [100.0 * metrics.squad_f1(p, g) for p, g in zip(predictions, golds)]
     return metrics.squad(predictions, golds), per_example
 
 
-def _score_accuracy(predictions: list[str], examples: list[Example]) -> tuple[dict, list[float]]:
+def _score_accuracy(predictions: list[str], examples: list[Example], protocol: str = "toolkit") -> tuple[dict, list[float]]:
     refs = [ex.target for ex in examples]
     norm = metrics.normalize_label
     per_example = [float(norm(p) == norm(r)) for p, r in zip(predictions, refs)]
@@ -238,8 +254,9 @@ class Task:
             raise UserError(f"task {self.name}: input lacks field(s) {', '.join(missing)}")
         return self.template.format(**{f: inp[f] for f in self.fields})
 
-    def score(self, predictions: Sequence[str], examples: Sequence[Example]) -> dict:
-        """Score cleaned predictions (see `clean_prediction`) against their examples.
+    def score(self, predictions: Sequence[str], examples: Sequence[Example], protocol: str = "toolkit") -> dict:
+        """Score predictions against their examples under a scoring protocol (`SCORING`):
+        "toolkit" expects cleaned predictions (see `clean_prediction`), "study" raw ones.
 
         Returns:
             {"primary": metric name, "score": its value, "metrics": every metric,
@@ -251,7 +268,9 @@ class Task:
             raise ValueError(f"task {self.name}: {len(predictions)} predictions for {len(examples)} examples")
         if any(ex.task != self.name for ex in examples):
             raise ValueError(f"task {self.name}: examples of another task given")
-        scores, per_example = self.scorer(list(predictions), list(examples))
+        if protocol not in SCORING:
+            raise UserError(f"unknown scoring protocol {protocol!r}; choose one of {', '.join(SCORING)}")
+        scores, per_example = self.scorer(list(predictions), list(examples), protocol)
         return {"primary": self.primary, "score": float(scores[self.primary]),
                 "metrics": {k: float(v) for k, v in scores.items()}, "per_example": per_example}
 
@@ -361,6 +380,11 @@ def resolve_tasks(spec: str | Sequence[str]) -> list[str]:
 # ---------------------------------------------------------------------- prediction
 
 _NEXT_MARKER = re.compile(r"(?:^|\n)###")
+
+
+def scored_prediction(task: str | Task, raw: str, protocol: str = "toolkit") -> str:
+    """What a protocol scores of a raw generation: cleaned (toolkit) or as generated (study)."""
+    return clean_prediction(task, raw) if protocol == "toolkit" else raw
 
 
 def clean_prediction(task: str | Task, text: str) -> str:
@@ -579,13 +603,20 @@ def _bos(tokenizer) -> list[int]:
     return [bos] if bos is not None and tokenizer("")["input_ids"][:1] == [bos] else []
 
 
-def encode_prompt(tokenizer, prompt: str, max_prompt_len: int | None = None) -> list[int]:
+def encode_prompt(tokenizer, prompt: str, max_prompt_len: int | None = None, side: str = "left") -> list[int]:
     """Prompt ids as training sees them: the tokenizer's BOS (if it adds one), then the
-    text without other special tokens, left-truncated to `max_prompt_len` (None: no limit)."""
+    text without other special tokens, left-truncated to `max_prompt_len` (None: no limit).
+
+    side="right" keeps the first `max_prompt_len` tokens instead, as the study's tokenizer
+    call most likely did (it cuts the "### Task:" marker off long prompts); "left", the
+    default, keeps the marker that tells the model what to do.
+    """
     bos = _bos(tokenizer)
     ids = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if max_prompt_len is None:
         return ids
+    if side == "right":
+        return ids[:max_prompt_len]
     return truncate_prompt_ids(ids, max_prompt_len, bos[0] if bos else None)
 
 

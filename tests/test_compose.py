@@ -69,5 +69,5 @@ def test_unknown_methods_name_the_known_ones():
     from src import compose
     from src.errors import UserError
     assert compose.resolve_methods("arrow,merges")[:3] == ["oracle", "arrow", "concat"]
-    with pytest.raises(UserError, match="unknown method 'nope'; known: base, oracle, moa, arrow, concat"):
+    with pytest.raises(UserError, match="unknown method 'nope'; known: base, oracle, moa, moa_study, arrow, concat"):
         compose.resolve_methods("nope")

@@ -362,7 +362,7 @@ def test_moa_likelihood_routes_like_generation(tiny_run):
 # --------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("case, message", [
-    ("unknown_method", "unknown method 'nope'; known: base, oracle, moa, arrow, concat"),
+    ("unknown_method", "unknown method 'nope'; known: base, oracle, moa, moa_study, arrow, concat"),
     ("missing_adapter", "no adapter for task qa"),
     ("missing_moa", "no RUN/moa"),
     ("missing_task_data", "no data folder for task qa"),
@@ -469,3 +469,51 @@ def test_analysis_plots_and_notebook_run_headless(tiny_run, tmp_path):
         del os.environ["RUN_DIR"]
     text = "".join(str(o.get("text", "")) + json.dumps(o.get("data", {})) for c in nb.cells for o in c.get("outputs", []))
     assert "multitask" in text.lower() and "oracle" in text
+
+
+# --------------------------------------------------------------------------- scoring protocols
+
+def test_both_protocols_are_written_and_rescoring_gives_the_same(tiny_run, tmp_path):
+    run = tiny_run["run"]
+    study = json.loads((run / "eval" / "summary_study.json").read_text())
+    toolkit = summary_of(run)
+    assert study["scoring"] == "study" and toolkit["scoring"] == "toolkit"
+    assert "scoring: study" in (run / "eval" / "results_study.md").read_text()
+    cell = json.loads(runs.cell_path(run, "concat", "qa").read_text())
+    again = ev.score_records("qa", cell["records"], "study")
+    assert again.pop("per_example") == [r["score_study"] for r in cell["records"]]
+    assert again == cell["results"]["study"]
+    # a committed results folder keeps summary + predictions only: rescoring rebuilds both tables
+    copy = tmp_path / "committed"
+    shutil.copytree(run / "eval" / "predictions", copy / "eval" / "predictions")
+    shutil.copy(run / "eval" / "summary.json", copy / "eval" / "summary.json")
+    assert ev.main(["rescore", str(copy)]) is None
+    for name in ("summary.json", "summary_study.json"):
+        redone = json.loads((copy / "eval" / name).read_text())
+        original = json.loads((run / "eval" / name).read_text())
+        for m in original["methods"]:
+            assert redone["methods"][m]["multitask_score"] == original["methods"][m]["multitask_score"], (name, m)
+            for t in TASKS:
+                assert redone["methods"][m]["per_task"][t]["metrics"] == original["methods"][m]["per_task"][t]["metrics"]
+
+
+def test_moa_study_decodes_at_batch_one_and_redecides_every_step(tiny_run):
+    """The registry's moa_study = MoA with per-step re-decision (layer rule), one prompt at a time."""
+    tok, model = tiny_run["tok"], tiny_model("qwen2")
+    env = compose.Env(tiny_run["run"], TASKS)
+    compose.check_all(["moa_study"], env)
+    method = compose.REGISTRY["moa_study"]
+    assert method.max_batch == 1
+    settings = ev.Settings(max_new_tokens=6, batch_size=1)
+    ex = tiny_run["examples"]["nli"]
+    with method.prepare(model, env, "nli") as moa:
+        assert moa.cfg.redecide_every_step and moa.cfg.inference == "layer"
+        got = ev.evaluate_task(model, tok, "nli", ex, settings, router=moa)
+    assert not moa.cfg.redecide_every_step                                           # restored on exit
+    assert not any(type(m).__name__ == "ExpertLinear" for m in model.modules())     # and removed
+    from src.moa import MoAConfig
+    ref = MixtureOfLoRAs.load(model, runs.moa_dir(tiny_run["run"]), env.adapters)
+    ref.cfg = MoAConfig(**{**vars(ref.cfg), "inference": "layer", "redecide_every_step": True})
+    want = ev.evaluate_task(model, tok, "nli", ex, settings, router=ref)
+    ref.remove()
+    assert [r["raw"] for r in got["records"]] == [r["raw"] for r in want["records"]]

@@ -1,0 +1,81 @@
+"""The two scoring protocols: the toolkit's and the reference study's, pinned on hand-made cases."""
+import math
+
+import numpy as np
+import pytest
+import sacrebleu
+
+from src import metrics
+from src import tasks as T
+
+HYPS = ["the cat sat on the mat", "a b c d e", "there is a dog in the garden today", "short"]
+REFS = ["the cat sat on a mat", "a b c d f", "a dog is in the garden", "a much longer reference sentence"]
+
+
+def test_study_bleu_has_no_smoothing():
+    assert metrics.study_bleu(["a b c d e"], ["a b c x e"])["bleu"] == 0.0    # no 4-gram matches
+    assert metrics.bleu(["a b c d e"], ["a b c x e"])["bleu"] > 0             # sacreBLEU smooths
+
+
+def test_study_bleu_by_hand():
+    # 4/5, 3/4, 2/3, 1/2 matching n-grams, equal lengths: (0.8 * 0.75 * 2/3 * 0.5) ** 0.25
+    assert metrics.study_bleu(["a b c d e"], ["a b c d f"])["bleu"] == pytest.approx(100 * 0.2 ** 0.25)
+    # brevity: 4 of 4 n-grams of every order match, hypothesis 4 tokens, reference 6
+    got = metrics.study_bleu(["a b c d"], ["a b c d e f"])["bleu"]
+    assert got == pytest.approx(100 * math.exp(1 - 6 / 4))
+    # several references: n-gram counts clipped by the max over them, length the shortest's
+    got = metrics.study_bleu(["a b c d"], [["a b c d e f", "x a b c d"]])["bleu"]
+    assert got == pytest.approx(100 * math.exp(1 - 5 / 4))
+
+
+def test_study_bleu_equals_sacrebleu_without_smoothing_on_single_references():
+    ref = sacrebleu.corpus_bleu(HYPS, [REFS], smooth_method="none").score
+    assert metrics.study_bleu(HYPS, REFS)["bleu"] == pytest.approx(ref, abs=1e-9)
+
+
+def test_study_rouge_does_not_stem_and_takes_the_bootstrap_median():
+    p, r = ["the cats were running"], ["the cat was running"]
+    assert metrics.study_rouge(p, r)["rougeL"] < metrics.rouge(p, r)["rougeL"]     # stemming: cats = cat
+    assert metrics.study_rouge(p, r)["rougeL"] == pytest.approx(metrics.rouge(p, r, use_stemmer=False)["rougeL"])
+    many_p, many_r = HYPS * 25, REFS * 25
+    mean = metrics.rouge(many_p, many_r, use_stemmer=False)["rougeL"]
+    state = np.random.get_state()[1].copy()
+    a, b = metrics.study_rouge(many_p, many_r), metrics.study_rouge(many_p, many_r)
+    assert a == b                                                   # seeded: reruns the same
+    assert (np.random.get_state()[1] == state).all()                # and numpy's global RNG untouched
+    assert abs(a["rougeL"] - mean) < 5e-3                           # the median of bootstrap means ~ the mean
+
+
+def example(task, target, refs=None):
+    return T.Example("x", task, {}, target, tuple(refs or [target]))
+
+
+def test_study_qa_uses_the_first_gold_answer_only():
+    ex = example("qa", "Bonn", ["Bonn", "in Bonn, Germany"])
+    toolkit = T.get_task("qa").score(["in Bonn, Germany"], [ex])
+    study = T.get_task("qa").score(["in Bonn, Germany"], [ex], "study")
+    assert toolkit["metrics"]["exact_match"] == 100.0 and study["metrics"]["exact_match"] == 0.0
+    assert study["score"] < toolkit["score"]
+
+
+def test_study_scores_raw_generations():
+    raw = "positive\n### Sentiment:\nnegative"
+    assert T.scored_prediction("sentiment", raw, "toolkit") == "positive"
+    assert T.scored_prediction("sentiment", raw, "study") == raw
+    ex = example("sentiment", "positive")
+    assert T.get_task("sentiment").score([T.scored_prediction("sentiment", raw, "study")], [ex], "study")["score"] == 0
+    assert T.get_task("sentiment").score([" Positive "], [ex], "study")["score"] == 1     # stripped, lower-cased
+
+
+def test_unknown_protocol_is_refused():
+    from src.errors import UserError
+    with pytest.raises(UserError, match="unknown scoring protocol 'nmt'; choose one of toolkit, study"):
+        T.get_task("sentiment").score(["positive"], [example("sentiment", "positive")], "nmt")
+
+
+def test_right_truncation_keeps_the_first_tokens(tokenizer):
+    prompt = T.get_task("sentiment").prompt({"sentence": "word " * 50})
+    left = T.encode_prompt(tokenizer, prompt, 10)
+    right = T.encode_prompt(tokenizer, prompt, 10, side="right")
+    full = T.encode_prompt(tokenizer, prompt)
+    assert right == full[:10] and left[-3:] == full[-3:] and left != right
