@@ -79,6 +79,10 @@ class EvalConfig:
     reuse_from: tuple[str, ...] | None = field(default=None, metadata={
         "help": "other run folders whose finished cells are taken when their fingerprint matches "
                 "(e.g. the 7-task run's base and oracle cells for a 5-task table on the same adapters)"})
+    exclude_selection: bool = field(default=True, metadata={
+        "help": "on the validation split, leave out the examples that chose the adapters' checkpoints and "
+                "MoA's routers (recorded in their training_config.json); --no-exclude-selection takes the "
+                "plain seeded subset, as runs before this option did"})
     force: bool = field(default=False, metadata={"help": "recompute every cell and merge"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
     dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16, float16"})
@@ -115,12 +119,17 @@ def main(argv=None):
     methods = compose.resolve_methods(cfg.methods)
     env = compose.Env(run_dir, list(tasks), {type(o): o for o in opts}, cfg.seed, cfg.force)
     compose.check_all(methods, env)        # every method's inputs; loads the adapters they read
+    exclude = (compose.selection_ids(run_dir, tasks) if cfg.exclude_selection and cfg.split == "validation"
+               and cfg.data != "hub" else {})
     data = task_registry.load_capped(tasks, cfg.split, cfg.data, cfg.data_dir, cfg.eval_size, cfg.seed,
-                                     cfg.nli_source)
+                                     cfg.nli_source, exclude=exclude)
     config = config_dict(cfg, *opts)
     sizes = sorted({len(v) for v in data.values()})
     per_task = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
-    config["data_desc"] = f"{cfg.data_dir or cfg.data} ({cfg.split}, {per_task} examples per task, seed {cfg.seed})"
+    left_out = sum(len(v) for v in exclude.values())
+    config["data_desc"] = (f"{cfg.data_dir or cfg.data} ({cfg.split}, {per_task} examples per task, seed {cfg.seed}"
+                           + (f", the {left_out} that chose checkpoints left out" if left_out else "") + ")")
+    config["selection_ids"] = exclude
     meta = runs.run_meta("full_evaluation.py", argv, config, cfg.seed, task_registry.data_hash(data))
 
     dtype = str(resolve_dtype(cfg.dtype, resolve_device(cfg.device))).removeprefix("torch.")

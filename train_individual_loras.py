@@ -108,6 +108,7 @@ def main(argv=None) -> None:
             info = {"task": task, "seed": data_cfg.seed, "git_commit": runs.git_commit(), "data_hash": hashes,
                     "model": train_cfg.model, "world_size": d.world, "global_batch": global_batch,
                     "n_train": len(train_data[task]), "n_validation": len(val_data[task]),
+                    "selection_ids": [ex.id for ex in val_data[task]],   # evaluation leaves these out
                     "steps": result.steps, "best_step": result.best_step, "best_val_loss": result.best_val_loss,
                     "stopped_early": result.stopped_early, "final_train_loss": result.final_train_loss,
                     "tokens": result.tokens, "elapsed_s": round(result.elapsed_s, 2),

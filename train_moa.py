@@ -122,6 +122,7 @@ def main(argv=None) -> None:
             runs.write_json_atomic(folder / "routing_accuracy.json", accuracy)
             runs.write_json_atomic(folder / "training_config.json", {
                 "tasks": tasks, "seed": data_cfg.seed, "git_commit": runs.git_commit(), "data_hash": hashes,
+            "selection_ids": {t: [ex.id for ex in val_data[t]] for t in tasks},   # evaluation leaves these out
                 "model": train_cfg.model, "world_size": d.world, "global_batch": global_batch,
                 "steps": result.steps, "best_step": result.best_step, "best_val_loss": result.best_val_loss,
                 "stopped_early": result.stopped_early, "elapsed_s": round(result.elapsed_s, 2), "config": resolved,

@@ -280,7 +280,15 @@ def plot_multitask(summary: dict, title: str | None = None):
     vals = [summary["methods"][m]["multitask_score"] for m in methods]
     fig, ax = plt.subplots(figsize=(1.5 + 0.8 * len(methods), 3.5))
     heights = [v if v is not None else 0.0 for v in vals]
-    bars = ax.bar(methods, heights, color=_colors(methods))
+    ivs = [summary["methods"][m].get("multitask_interval") for m in methods]
+    err = None
+    if any(ivs):   # bootstrap 95% intervals as error bars
+        err = [[h - iv[0] if iv else 0.0 for h, iv in zip(heights, ivs)],
+               [iv[1] - h if iv else 0.0 for h, iv in zip(heights, ivs)]]
+    if err:
+        err = [[max(x, 0.0) for x in side] for side in err]   # a bootstrap interval need not hold the point
+    bars = ax.bar(methods, heights, color=_colors(methods), yerr=err, capsize=3 if err else 0,
+                  error_kw={"elinewidth": 0.8, "ecolor": "0.2"})
     for b, v in zip(bars, vals):
         ax.text(b.get_x() + b.get_width() / 2, b.get_height(), "n/a" if v is None else f"{v:.3f}",
                 ha="center", va="bottom", fontsize=8)
@@ -302,8 +310,14 @@ def plot_per_task(summary: dict):
     colors = _colors(methods)
     for k, t in enumerate(tasks):
         ax = axes[k // cols][k % cols]
-        vals = [summary["methods"][m]["per_task"][t]["score"] for m in methods]
-        ax.bar(range(len(methods)), vals, color=colors)
+        cells = [summary["methods"][m]["per_task"][t] for m in methods]
+        vals = [c["score"] for c in cells]
+        err = None
+        if all(c.get("interval") for c in cells):   # bootstrap 95% intervals
+            err = [[v - c["interval"][0] for v, c in zip(vals, cells)], [c["interval"][1] - v for v, c in zip(vals, cells)]]
+            err = [[max(x, 0.0) for x in side] for side in err]
+        ax.bar(range(len(methods)), vals, color=colors, yerr=err, capsize=2 if err else 0,
+               error_kw={"elinewidth": 0.7, "ecolor": "0.2"})
         ax.set_ylim(bottom=0)
         ax.set_xticks(range(len(methods)), methods, rotation=60, ha="right", fontsize=7)
         ax.set_title(f"{t} ({summary['methods'][methods[0]]['per_task'][t]['primary']})", fontsize=9)

@@ -111,6 +111,42 @@ class Built:
     where: Path | None = None
 
 
+# --------------------------------------------------------------------------- model selection
+
+def selection_ids(run_dir: Path, tasks: Sequence[str]) -> dict[str, list[str]]:
+    """{task: ids of the validation examples that chose a checkpoint}: every adapter's early
+    stopping and MoA's router training, from their training_config.json (`selection_ids`, or,
+    for runs trained before it was recorded, the same seeded subset rebuilt from their data
+    config). Evaluation on the validation split leaves them out."""
+    from src.tasks import load_capped
+    out: dict[str, set[str]] = {t: set() for t in tasks}
+    records = [runs.adapter_dir(run_dir, t) / "training_config.json" for t in tasks]
+    records.append(runs.moa_dir(run_dir) / "training_config.json")
+    for path in records:
+        if not path.is_file():
+            continue
+        try:
+            info = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: unreadable ({e})") from None
+        ids = info.get("selection_ids")
+        if ids is None:                      # older runs: the same seeded subset, rebuilt
+            dc = (info.get("config") or {}).get("DataConfig") or {}
+            trained = [info["task"]] if "task" in info else list(info.get("tasks") or [])
+            trained = [t for t in trained if t in out]
+            if not trained or dc.get("data") in (None, "hub"):
+                continue
+            data = load_capped(trained, "validation", dc["data"], dc.get("data_dir"), dc.get("eval_size"),
+                               int(dc.get("seed", 0)), flag="(training) --eval-size")
+            ids = {t: [ex.id for ex in exs] for t, exs in data.items()}
+        if isinstance(ids, list):
+            ids = {info["task"]: ids}
+        for t, some in ids.items():
+            if t in out:
+                out[t].update(some)
+    return {t: sorted(v) for t, v in out.items()}
+
+
 # --------------------------------------------------------------------------- the interface
 
 class Method:

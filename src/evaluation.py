@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig
 
+from src import metrics
 from src import tasks as task_registry
 from src.errors import UserError
 from src.metrics import multitask_score
@@ -329,6 +330,65 @@ def evaluate_task(model, tokenizer, task: str, examples: Sequence, settings: Set
 
 # ------------------------------------------------------------------------- summary
 
+# ------------------------------------------------------------------------- intervals
+
+BOOTSTRAP = {"samples": 1000, "seed": 0, "level": 0.95}
+
+
+def example_values(cell: dict, protocol: str):
+    """What a cell's primary metric is a function of, per example: BLEU's sufficient statistics
+    [n, 11] (corpus BLEU is not a mean), else the per-example scores [n] whose mean it is."""
+    import numpy as np
+    task = task_registry.get_task(cell["task"])
+    records = cell["records"]
+    if task.primary == "bleu":
+        refs = [r.get("references") or [r["reference"]] for r in records]
+        preds = [task_registry.scored_prediction(task, r["raw"], protocol) for r in records]
+        return np.array([metrics.bleu_stats(p, rf) for p, rf in zip(preds, refs)])
+    key = "score" if protocol == "toolkit" else "score_study"
+    if all(key in r for r in records):
+        return np.array([r[key] for r in records], dtype=float)
+    return np.array(score_records(task.name, records, protocol)["per_example"], dtype=float)
+
+
+def resampled(values, idx, protocol: str):
+    """The primary metric on each resample (rows of idx [samples, n]) -> [samples]."""
+    import numpy as np
+    if values.ndim == 1:
+        return values[idx].mean(1)
+    sums = values[idx].sum(1)                                           # [samples, 11]
+    fn = metrics.bleu_from_stats if protocol == "study" else metrics.sacrebleu_from_stats
+    return np.array([fn(row) for row in sums])
+
+
+def intervals(tasks: Sequence[str], methods: Sequence[str], cells: dict, protocol: str) -> tuple[dict, dict]:
+    """Bootstrap 95% intervals, seeded: ({(method, task): [lo, hi]} of each cell's primary
+    metric, {method: [lo, hi]} of its multitask score). The multitask resamples are paired:
+    in each, a task's examples are drawn once and every method (the oracle included) is
+    scored on the same draw; resamples where an oracle scores 0 are left out."""
+    import numpy as np
+    lo_q, hi_q = 50 * (1 - BOOTSTRAP["level"]), 50 * (1 + BOOTSTRAP["level"])
+    per_cell, stats = {}, {}
+    for k, t in enumerate(tasks):
+        idx = metrics.bootstrap(cells[("oracle", t)]["n"], BOOTSTRAP["samples"], BOOTSTRAP["seed"] + k)
+        for m in methods:
+            if cells[(m, t)]["n"] != idx.shape[1]:
+                raise UserError(f"method {m} has {cells[(m, t)]['n']} examples of task {t}, the oracle "
+                                f"{idx.shape[1]}: the paired bootstrap needs the same examples")
+            stats[(m, t)] = resampled(example_values(cells[(m, t)], protocol), idx, protocol)
+            per_cell[(m, t)] = [float(np.percentile(stats[(m, t)], lo_q)), float(np.percentile(stats[(m, t)], hi_q))]
+    per_method = {}
+    oracle = np.stack([stats[("oracle", t)] for t in tasks])             # [tasks, samples]
+    keep = (oracle != 0).all(0)
+    for m in methods:
+        if not keep.any():
+            per_method[m] = None
+            continue
+        ratio = (np.stack([stats[(m, t)] for t in tasks])[:, keep] / oracle[:, keep]).mean(0)
+        per_method[m] = [float(np.percentile(ratio, lo_q)), float(np.percentile(ratio, hi_q))]
+    return per_cell, per_method
+
+
 def summarize(model: str, tasks: Sequence[str], methods: Sequence[str], cells: dict[tuple[str, str], dict],
               meta: dict, scoring: str = "toolkit") -> dict:
     """summary.json: per method the multitask score and, per task, the primary metric, the
@@ -338,6 +398,7 @@ def summarize(model: str, tasks: Sequence[str], methods: Sequence[str], cells: d
     `undefined_tasks` names the tasks.
     """
     oracle = {t: cell_result(cells[("oracle", t)], scoring)["score"] for t in tasks}
+    cell_iv, method_iv = intervals(tasks, methods, cells, scoring)
     zero = [t for t in tasks if oracle[t] == 0]
     out_methods = {}
     routing = {}
@@ -348,17 +409,20 @@ def summarize(model: str, tasks: Sequence[str], methods: Sequence[str], cells: d
             r = cell_result(c, scoring)
             per_task[t] = {"primary": r["primary"], "score": r["score"], "oracle_score": oracle[t],
                            "relative": r["score"] / oracle[t] if oracle[t] else None,
+                           "interval": cell_iv[(m, t)],
                            "metrics": r["metrics"], "n": c["n"], "seconds": round(c["seconds"], 3),
                            "tokens_per_s": c.get("tokens_per_s")}
         scores = {t: per_task[t]["score"] for t in tasks}
-        entry = {"multitask_score": None if zero else multitask_score(scores, oracle), "per_task": per_task}
+        entry = {"multitask_score": None if zero else multitask_score(scores, oracle),
+                 "multitask_interval": None if zero else method_iv[m], "per_task": per_task}
         if zero:
             entry["undefined_tasks"] = zero
         out_methods[m] = entry
         table = routing_summary(tasks, [cells[(m, t)] for t in tasks])
         if table is not None:
             routing[m] = table
-    summary = {"model": model, "tasks": list(tasks), "scoring": scoring, "methods": out_methods}
+    summary = {"model": model, "tasks": list(tasks), "scoring": scoring, "bootstrap": dict(BOOTSTRAP),
+               "methods": out_methods}
     if routing:
         summary["routing"] = routing
     summary["meta"] = meta
@@ -410,10 +474,12 @@ def results_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of the study's table: methods x tasks' raw primary metric + multitask score."""
     tasks = summary["tasks"]
     first = summary["methods"][next(iter(summary["methods"]))]["per_task"]
-    header = ["method", *[f"{t} ({first[t]['primary']})" for t in tasks], "multitask score"]
+    header = ["method", *[f"{t} ({first[t]['primary']})" for t in tasks], "multitask score", "95% interval"]
     rows = []
     for m, entry in summary["methods"].items():
-        rows.append([m, *[_fmt(entry["per_task"][t]["score"]) for t in tasks], _fmt(entry["multitask_score"])])
+        iv = entry.get("multitask_interval")
+        rows.append([m, *[_fmt(entry["per_task"][t]["score"]) for t in tasks], _fmt(entry["multitask_score"]),
+                     f"{_fmt(iv[0])}-{_fmt(iv[1])}" if iv else "n/a"])
     return header, rows
 
 
@@ -433,7 +499,8 @@ def results_markdown(summary: dict) -> str:
     lines = ["# Evaluation results", ""]
     lines += [f"- {x}" for x in _meta_lines(summary)]
     lines += ["", "Raw primary metric per task (ROUGE and accuracy in 0..1, BLEU and SQuAD F1 in 0..100); "
-              "multitask score = mean over tasks of method / oracle.", ""]
+              "multitask score = mean over tasks of method / oracle, with its bootstrap 95% interval "
+              "(1,000 paired resamples of each task's examples, seeded; per-task intervals in summary.json).", ""]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join("---" for _ in header) + "|")
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -459,10 +526,11 @@ def results_csv(summary: dict) -> str:
     buf.write(f"# config: {json.dumps(summary['meta']['config'], sort_keys=True)}\n")
     tasks = summary["tasks"]
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["method", *tasks, "multitask_score"])
+    w.writerow(["method", *tasks, "multitask_score", "multitask_lo", "multitask_hi"])
     for m, entry in summary["methods"].items():
+        iv = entry.get("multitask_interval") or ["", ""]
         w.writerow([m, *[entry["per_task"][t]["score"] for t in tasks],
-                    "" if entry["multitask_score"] is None else entry["multitask_score"]])
+                    "" if entry["multitask_score"] is None else entry["multitask_score"], *iv])
     return buf.getvalue()
 
 

@@ -116,9 +116,10 @@ def _ngrams(tokens: Sequence[str], max_order: int) -> Counter:
 
 
 def bleu_stats(prediction: str, references: str | Sequence[str], max_order: int = 4) -> list[float]:
-    """One example's sufficient statistics for nmt-style corpus BLEU: [matches per order...,
-    possible matches per order..., translation length, reference length (the shortest)],
-    on 13a tokens. Corpus BLEU is `bleu_from_stats` of their sum."""
+    """One example's sufficient statistics for corpus BLEU: [matches per order..., possible
+    matches per order..., translation length, reference length (the shortest: nmt's rule),
+    reference length (the closest: sacreBLEU's rule)], on 13a tokens. Corpus BLEU is
+    `bleu_from_stats` (the study's) or `sacrebleu_from_stats` (the toolkit's) of their sum."""
     tok = _tokenizer_13a()
     refs = [references] if isinstance(references, str) else list(references)
     ref_tokens = [tok(r).split() for r in refs]
@@ -131,7 +132,22 @@ def bleu_stats(prediction: str, references: str | Sequence[str], max_order: int 
     for ngram, count in overlap.items():
         matches[len(ngram) - 1] += count
     possible = [float(max(len(hyp) - n + 1, 0)) for n in range(1, max_order + 1)]
-    return [*matches, *possible, float(len(hyp)), float(min(len(r) for r in ref_tokens))]
+    closest = min((abs(len(r) - len(hyp)), len(r)) for r in ref_tokens)[1]
+    return [*matches, *possible, float(len(hyp)), float(min(len(r) for r in ref_tokens)), float(closest)]
+
+
+def sacrebleu_from_stats(stats: Sequence[float], max_order: int = 4) -> float:
+    """sacreBLEU's corpus BLEU (exp smoothing) from summed `bleu_stats`, 0..100."""
+    return sacrebleu.BLEU.compute_bleu([int(x) for x in stats[:max_order]],
+                                       [int(x) for x in stats[max_order:2 * max_order]],
+                                       int(stats[2 * max_order]), int(stats[2 * max_order + 2]),
+                                       smooth_method="exp").score
+
+
+def bootstrap(n: int, samples: int = 1000, seed: int = 0):
+    """[samples, n] example indices drawn with replacement (numpy, seeded): one resample a row."""
+    import numpy as np
+    return np.random.default_rng(seed).integers(0, n, size=(samples, n))
 
 
 def bleu_from_stats(stats: Sequence[float], max_order: int = 4) -> float:

@@ -543,18 +543,36 @@ def load_task_data(tasks: str | Sequence[str], split: str, data: str = "sample",
 
 def load_capped(tasks: str | Sequence[str], split: str, data: str, data_dir: str | Path | None,
                 size: int | None, seed: int, hub_nli: str = "multi_nli",
-                flag: str = "--eval-size") -> dict[str, list[Example]]:
+                flag: str = "--eval-size", exclude: Mapping[str, Sequence[str]] | None = None
+                ) -> dict[str, list[Example]]:
     """Each task's `split`: a seeded subset of `size` examples (all if None).
 
     Local files ("sample", "dir") hold what they hold: a larger size is capped at it (the
     bundled sample has a few dozen examples per task), said on stderr naming `flag`. Every
     task is loaded and validated before anything is returned. Training and evaluation both
     load their data through here.
+
+    exclude: {task: example ids} never to take (local files only): the subset is then the
+    first `size` examples of the same seeded shuffle that are not excluded, so evaluation
+    can stay disjoint from the examples that chose a checkpoint.
     """
     import sys
 
     out = {}
     for task in resolve_tasks(tasks):
+        skip = set((exclude or {}).get(task, ()))
+        if skip and data != "hub":
+            every = load_examples(task, split, data, data_dir, None, seed)
+            left = [every[i] for i in _shuffled(len(every), seed) if every[i].id not in skip]
+            if size is not None and len(left) < size:
+                print(f"note: {data_dir or 'data/sample'} holds {len(left)} {split} examples of task {task} "
+                      f"besides the {len(every) - len(left)} that chose checkpoints; using them all ({flag} {size})",
+                      file=sys.stderr)
+            out[task] = left if size is None else left[:size]
+            if not out[task]:
+                raise UserError(f"task {task}: every {split} example chose a checkpoint; none is left to "
+                                f"evaluate (pass --no-exclude-selection, or another --split)")
+            continue
         n = size
         if data != "hub" and size is not None:
             available = len(load_examples(task, split, data, data_dir, None, seed))

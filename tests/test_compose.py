@@ -20,7 +20,7 @@ def test_cells_made_before_the_registry_are_reused(tmp_path):
     cmd = [sys.executable, str(ROOT / "full_evaluation.py"), "--model", "tiny-qwen2", "--output-dir", "run",
            "--tasks", "sentiment,nli,qa", "--methods", ",".join(V1_METHODS), "--data", "sample",
            "--eval-size", "2", "--batch-size", "4", "--max-new-tokens", "4", "--max-prompt-len", "128",
-           "--density", "0.5"]
+           "--density", "0.5", "--no-exclude-selection"]
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr[-3000:]
@@ -38,7 +38,7 @@ def test_arrow_through_full_evaluation(tmp_path):
     save_tiny(tmp_path / "tiny-qwen2")
     base = [sys.executable, str(ROOT / "full_evaluation.py"), "--model", "tiny-qwen2", "--output-dir", "run",
             "--tasks", "sentiment,nli,qa", "--data", "sample", "--eval-size", "2", "--batch-size", "4",
-            "--max-new-tokens", "4", "--max-prompt-len", "128"]
+            "--max-new-tokens", "4", "--max-prompt-len", "128", "--no-exclude-selection"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
 
     def run(*extra):
@@ -71,3 +71,27 @@ def test_unknown_methods_name_the_known_ones():
     assert compose.resolve_methods("arrow,merges")[:3] == ["oracle", "arrow", "concat"]
     with pytest.raises(UserError, match="unknown method 'nope'; known: base, oracle, moa, moa_study, arrow, concat"):
         compose.resolve_methods("nope")
+
+
+def test_evaluation_leaves_out_the_examples_that_chose_checkpoints(tmp_path):
+    """The fixture's adapters and MoA chose their checkpoints on 2 validation examples per task
+    (recorded before selection ids were: rebuilt from their data config); evaluation skips them."""
+    import json
+    from src import compose
+    from tiny import save_tiny
+    shutil.copytree(FIXTURE, tmp_path / "run")
+    save_tiny(tmp_path / "tiny-qwen2")
+    chosen = compose.selection_ids(tmp_path / "run", ["sentiment", "nli", "qa"])
+    assert all(len(v) == 2 for v in chosen.values())
+    cmd = [sys.executable, str(ROOT / "full_evaluation.py"), "--model", "tiny-qwen2", "--output-dir", "run",
+           "--tasks", "sentiment,nli,qa", "--methods", "base", "--data", "sample", "--eval-size", "4",
+           "--batch-size", "4", "--max-new-tokens", "2", "--max-prompt-len", "128"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    for extra in ([], ["--no-exclude-selection"]):
+        out = subprocess.run([*cmd, *extra], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        for t, ids in chosen.items():
+            pred = tmp_path / "run" / "eval" / "predictions" / "base" / f"{t}.jsonl"
+            seen = {json.loads(x)["id"] for x in pred.read_text().splitlines()}
+            assert len(seen) == 4
+            assert bool(seen & set(ids)) == bool(extra), (t, extra)     # disjoint unless asked otherwise

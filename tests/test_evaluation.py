@@ -169,7 +169,7 @@ def test_result_files_record_their_provenance(tiny_run):
         assert meta["data_hash"][:16] in text and "command:" in text
     assert "| oracle |" in md and md.count("\n| ") == 1 + 6  # header + one row per method
     rows = [line for line in csv.splitlines() if not line.startswith("#")]
-    assert rows[0] == "method,sentiment,nli,qa,multitask_score" and len(rows) == 7
+    assert rows[0] == "method,sentiment,nli,qa,multitask_score,multitask_lo,multitask_hi" and len(rows) == 7
     cell = json.loads(runs.cell_path(run, "svd", "qa").read_text())
     assert cell["meta"]["data_hash"] == meta["data_hash"] and len(cell["fingerprint"]["merge"]["adapters"]) == 3
     records = [json.loads(x) for x in runs.predictions_path(run, "moa", "nli").read_text().splitlines()]

@@ -79,6 +79,12 @@ def test_every_method_is_scored_on_every_task(pipeline):
     table = (pipeline / "eval" / "results.md").read_text()
     assert all(m in table for m in expected)
     assert summary["meta"]["data_hash"] and "git_commit" in summary["meta"]
+    for task in SEVEN:       # evaluation never sees the examples that chose a checkpoint
+        chosen = set(json.loads((pipeline / "adapters" / task / "training_config.json").read_text())["selection_ids"])
+        chosen |= set(json.loads((pipeline / "moa" / "training_config.json").read_text())["selection_ids"][task])
+        seen = {json.loads(x)["id"] for x in (pipeline / "eval" / "predictions" / "base" / f"{task}.jsonl")
+                .read_text().splitlines()}
+        assert chosen and seen and not chosen & seen, task
 
 
 def test_plots_and_the_notebook(pipeline):

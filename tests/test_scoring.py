@@ -79,3 +79,40 @@ def test_right_truncation_keeps_the_first_tokens(tokenizer):
     right = T.encode_prompt(tokenizer, prompt, 10, side="right")
     full = T.encode_prompt(tokenizer, prompt)
     assert right == full[:10] and left[-3:] == full[-3:] and left != right
+
+
+# --------------------------------------------------------------------------- intervals
+
+def test_bleu_statistics_reproduce_both_corpus_bleus():
+    stats = [metrics.bleu_stats(h, r) for h, r in zip(HYPS, REFS)]
+    total = [sum(c) for c in zip(*stats)]
+    assert metrics.sacrebleu_from_stats(total) == pytest.approx(metrics.bleu(HYPS, REFS)["bleu"], abs=1e-9)
+    assert metrics.bleu_from_stats(total) == pytest.approx(metrics.study_bleu(HYPS, REFS)["bleu"], abs=1e-9)
+
+
+def _cells(n, seed=0):
+    """Three methods' cells on one accuracy task with n examples: oracle, a weaker one, base."""
+    rng = np.random.default_rng(seed)
+    def cell(p):
+        hits = rng.random(n) < p
+        recs = [{"id": str(i), "raw": "positive" if h else "negative", "reference": "positive",
+                 "score": float(h), "score_study": float(h)} for i, h in enumerate(hits)]
+        return {"task": "sentiment", "n": n, "records": recs,
+                "result": {"primary": "accuracy", "score": float(hits.mean()), "metrics": {"accuracy": float(hits.mean())}}}
+    return {("oracle", "sentiment"): cell(0.8), ("half", "sentiment"): cell(0.4), ("base", "sentiment"): cell(0.1)}
+
+
+def test_intervals_contain_the_estimate_shrink_with_more_examples_and_pin_the_oracle():
+    from src import evaluation as ev
+    methods = ["oracle", "half", "base"]
+    small, smalls = ev.intervals(["sentiment"], methods, _cells(40), "toolkit")
+    large, larges = ev.intervals(["sentiment"], methods, _cells(4000), "toolkit")
+    for m in methods:
+        point = _cells(40)[(m, "sentiment")]["result"]["score"]
+        lo, hi = small[(m, "sentiment")]
+        assert lo <= point <= hi
+        assert large[(m, "sentiment")][1] - large[(m, "sentiment")][0] < (hi - lo) / 3
+    assert smalls["oracle"] == [1.0, 1.0]                              # paired: the oracle against itself
+    assert smalls["half"][0] < smalls["half"][1] and larges["half"][1] - larges["half"][0] < 0.2
+    again, _ = ev.intervals(["sentiment"], methods, _cells(40), "toolkit")
+    assert again == small                                              # seeded
