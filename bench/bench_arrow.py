@@ -20,7 +20,6 @@ Writes the "Arrow" section of bench/RESULTS.md (and only that section).
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -30,16 +29,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
 
-from bench.bench_eval import machine, mixed_prompts, random_adapters, timed, write_section  # noqa: E402
+from bench.bench_eval import (bench_parser, load_embedded, machine, mixed_prompts, random_adapters,  # noqa: E402
+                              timed, write_section)
 from src import evaluation as ev  # noqa: E402
 from src import tasks as T  # noqa: E402
 from src.arrow import ArrowConfig, ArrowRouter  # noqa: E402
 from src.lora import save_adapter  # noqa: E402
 from src.models import load_base_model  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data"
 TASKS = list(T.PRESETS["7tasks"])
 BATCH, PROMPT_LEN, NEW_TOKENS, TOP_K, SEED = 16, 64, 32, 3, 0
 
@@ -61,20 +59,13 @@ def profile_ours(model, tok, ids, adapters) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds after a warm-up")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p = bench_parser(__doc__, 3, "alternating rounds after a warm-up")
     p.add_argument("--profile", action="store_true", help="also print where our Arrow's time goes")
-    p.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
     import peft
     t_bench = time.perf_counter()
-    if not DATA.is_dir():
-        sys.exit(f"error: {DATA} is missing (the benchmark reads real prompts from ../shared/data)")
-
-    load_s, (model, tok) = timed(lambda: load_base_model("smollm2-135m", "cpu", "float32"))
-    _, (peft_base, _) = timed(lambda: load_base_model("smollm2-135m", "cpu", "float32"))
+    load_s, model, tok = load_embedded(args.threads)
+    peft_base, _ = load_base_model("smollm2-135m", "cpu", "float32")
     print(f"model loaded in {load_s:.1f} s (twice: one copy for PEFT)", flush=True)
     ids = mixed_prompts(tok, TASKS, BATCH, PROMPT_LEN)
     adapters = random_adapters(model, TASKS)

@@ -120,19 +120,30 @@ def mixed_prompts(tok, tasks, n: int, prompt_len: int) -> list[list[int]]:
     return [T.encode_prompt(tok, T.TASKS[ex.task].prompt(ex), prompt_len) for ex in mixed]
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=5, help="alternating rounds for measurements 1 and 2")
+def bench_parser(doc: str, rounds: int, rounds_help: str) -> argparse.ArgumentParser:
+    """The flags every generation benchmark takes: --rounds, --threads, --no-write."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=rounds, help=rounds_help)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared 2-core "
                    "machine 2 threads run 10-20x slower whenever another process takes a core)")
     p.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    t_bench = time.perf_counter()
+    return p
+
+
+def load_embedded(threads: int):
+    """(load seconds, model, tokenizer): the embedded SmolLM2-135M in float32 on the CPU, with
+    `threads` torch threads; exits when ../shared/data (the prompts) is missing."""
+    torch.set_num_threads(threads)
     if not DATA.is_dir():
         sys.exit(f"error: {DATA} is missing (the benchmark reads real prompts from ../shared/data)")
-
     load_s, (model, tok) = timed(lambda: load_base_model("smollm2-135m", "cpu", "float32"))
+    return load_s, model, tok
+
+
+def main(argv=None):
+    args = bench_parser(__doc__, 5, "alternating rounds for measurements 1 and 2").parse_args(argv)
+    t_bench = time.perf_counter()
+    load_s, model, tok = load_embedded(args.threads)
     print(f"model loaded in {load_s:.1f} s", flush=True)
     ids = mixed_prompts(tok, TASKS, BATCH, PROMPT_LEN)
     adapters = random_adapters(model, TASKS)
