@@ -117,12 +117,17 @@ def main(argv=None):
     # ------------------------------------------------------------------ inputs, checked first
     tasks = task_registry.resolve_tasks(cfg.tasks)
     methods = compose.resolve_methods(cfg.methods)
-    env = compose.Env(run_dir, list(tasks), {type(o): o for o in opts}, cfg.seed, cfg.force)
-    compose.check_all(methods, env)        # every method's inputs; loads the adapters they read
+    dtype = str(resolve_dtype(cfg.dtype, resolve_device(cfg.device))).removeprefix("torch.")
+    env = compose.Env(run_dir, list(tasks), {type(o): o for o in opts}, cfg.seed, cfg.force,
+                      model_name=cfg.model, dtype=dtype,
+                      model_loader=lambda: load_base_model(cfg.model, cfg.device, cfg.dtype),
+                      data={"data": cfg.data, "data_dir": cfg.data_dir, "hub_nli": cfg.nli_source})
     exclude = (compose.selection_ids(run_dir, tasks) if cfg.exclude_selection and cfg.split == "validation"
                and cfg.data != "hub" else {})
     data = task_registry.load_capped(tasks, cfg.split, cfg.data, cfg.data_dir, cfg.eval_size, cfg.seed,
                                      cfg.nli_source, exclude=exclude)
+    env.eval_ids = {t: {ex.id for ex in exs} for t, exs in data.items()}   # shots never take an evaluated one
+    compose.check_all(methods, env)        # every method's inputs; loads the adapters they read
     config = config_dict(cfg, *opts)
     sizes = sorted({len(v) for v in data.values()})
     per_task = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
@@ -131,8 +136,6 @@ def main(argv=None):
                            + (f", the {left_out} that chose checkpoints left out" if left_out else "") + ")")
     config["selection_ids"] = exclude
     meta = runs.run_meta("full_evaluation.py", argv, config, cfg.seed, task_registry.data_hash(data))
-
-    dtype = str(resolve_dtype(cfg.dtype, resolve_device(cfg.device))).removeprefix("torch.")
 
     def fingerprint(method: str, task: str) -> dict:
         common = {"model": cfg.model, "dtype": dtype, "data_hash": task_registry.data_hash({task: data[task]}),
@@ -171,7 +174,7 @@ def main(argv=None):
     # ------------------------------------------------------------------ model
     model = tokenizer = None
     if n_todo:
-        model, tokenizer = load_base_model(cfg.model, cfg.device, cfg.dtype)
+        model, tokenizer = env.model()     # loaded once: a search in the build step may have loaded it
         for ad in env.adapters.values():
             check_adapter_fits(model, ad)   # a wrong base model fails here, before any generation
         for m in pending:

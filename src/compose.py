@@ -25,18 +25,21 @@ import dataclasses
 import inspect
 import json
 import math
+import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager, Sequence
 
-from src import merging, runs
+from src import lorahub, merging, runs
 from src.arrow import ArrowConfig, ArrowRouter, check_arrow_adapters
 from src.errors import UserError
-from src.lora import Adapter, check_adapter_fits, folded, load_adapter, save_adapter
+from src.lora import Adapter, check_adapter_fits, folded, load_adapter, make_adapter, save_adapter
+from src.lorahub import LoraHubConfig, ShotLoss
 from src.moa import CONFIG_NAME as MOA_CONFIG, ROUTERS_NAME, MixtureOfLoRAs
 
 KINDS = ("none", "static", "dynamic")
+SCALE_GRID = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 
 
 # --------------------------------------------------------------------------- options
@@ -53,8 +56,32 @@ class MergeConfig:
         "help": "ties / dare: merge A and B separately (ab, as PEFT) or the dense deltas (delta); None: ab",
         "choices": ("ab", "delta")})
     weights: tuple[float, ...] | None = field(default=None, metadata={"help": "one weight per task (default 1 each)"})
+    core_merge: str | None = field(default=None, metadata={
+        "help": "core_space: the merge run inside the core space; None: ta (task arithmetic, equals concat)",
+        "choices": merging.CORE_MERGES})
+    keep: float | None = field(default=None, metadata={
+        "help": "tsv: share of min(out, in) singular components each task keeps; None: 1/N (every component of a LoRA)"})
+    merge_scale: str | None = field(default=None, metadata={
+        "help": "knots, core_space, tsv, iso_c: scaling coefficient of the merged delta, a number or auto (the grid "
+                "point with the lowest loss on the LoraHub shots of the training split); None: the method's "
+                "data-free default (1)"})
+    merge_scale_grid: tuple[float, ...] = field(default=SCALE_GRID, metadata={
+        "help": "the coefficients --merge-scale auto tries"})
 
     def __post_init__(self):
+        if self.merge_scale is not None and self.merge_scale != "auto":
+            try:
+                value = float(self.merge_scale)
+            except ValueError:
+                raise UserError(f"--merge-scale must be a number or 'auto', got {self.merge_scale!r}") from None
+            if not math.isfinite(value):
+                raise UserError(f"--merge-scale must be a finite number or 'auto', got {self.merge_scale}")
+            self.merge_scale = str(value)
+        self.merge_scale_grid = tuple(float(x) for x in self.merge_scale_grid)
+        if not self.merge_scale_grid or not all(math.isfinite(x) for x in self.merge_scale_grid):
+            raise UserError(f"--merge-scale-grid must be finite numbers, got {list(self.merge_scale_grid)}")
+        if self.keep is not None and not (math.isfinite(self.keep) and 0 < self.keep <= 1):
+            raise UserError(f"--keep must be in (0, 1], got {self.keep}")
         if self.rank is not None and self.rank != "full":
             try:
                 self.rank = int(self.rank)
@@ -62,7 +89,7 @@ class MergeConfig:
                 raise UserError(f"--rank must be a positive integer or 'full', got {self.rank!r}") from None
             if self.rank < 1:
                 raise UserError(f"--rank must be a positive integer or 'full', got {self.rank}")
-        if self.density is not None and not 0 < self.density <= 1:
+        if self.density is not None and not (math.isfinite(self.density) and 0 < self.density <= 1):
             raise UserError(f"--density must be in (0, 1], got {self.density}")
         if self.weights is not None:
             self.weights = tuple(self.weights)
@@ -85,6 +112,45 @@ class Env:
     adapters: dict[str, Adapter] = field(default_factory=dict)   # task -> RUN/adapters/<task>
     digests: dict[str, str] = field(default_factory=dict)        # task -> sha256 of its files
     built: dict[str, object] = field(default_factory=dict)       # method -> what build() made
+    model_name: str = ""                                         # what the model was given as
+    dtype: str = ""
+    model_loader: Callable[[], tuple] | None = None              # () -> (model, tokenizer), called once
+    data: dict = field(default_factory=dict)                     # tasks.load_capped's data, data_dir, hub_nli
+    eval_ids: dict[str, set] = field(default_factory=dict)       # task -> ids evaluated (shots never take them)
+    _model: tuple | None = field(default=None, repr=False)
+    _shots: dict = field(default_factory=dict, repr=False)
+
+    def model(self) -> tuple:
+        """(model, tokenizer), loaded on first use (a build step that needs it, or evaluation)."""
+        if self._model is None:
+            if self.model_loader is None:
+                raise UserError("this step needs the base model, and none was given")
+            self._model = self.model_loader()
+        return self._model
+
+    def shots(self, tasks: Sequence[str], n: int) -> dict[str, list]:
+        """{task: n training examples}: the seeded subset (seed `self.seed`) of the training split,
+        never an evaluated example; the few examples LoraHub searches on and --merge-scale auto
+        scores on. More than the split holds is an error."""
+        from src.tasks import load_examples, shuffled
+
+        key = (tuple(tasks), n)
+        if key not in self._shots:
+            spec = {"data": "sample", "data_dir": None, "hub_nli": "multi_nli", **self.data}
+            got = {}
+            for t in tasks:
+                if spec["data"] == "hub":    # the hub's train split is never evaluated on
+                    got[t] = load_examples(t, "train", "hub", None, n, self.seed, spec["hub_nli"])
+                    continue
+                every = load_examples(t, "train", spec["data"], spec["data_dir"], None, self.seed)
+                skip = self.eval_ids.get(t, set())
+                left = [every[i] for i in shuffled(len(every), self.seed) if every[i].id not in skip]
+                if len(left) < n:
+                    raise UserError(f"--lorahub-shots {n}: the training split of task {t} holds only {len(left)} "
+                                    f"examples that are not evaluated")
+                got[t] = left[:n]
+            self._shots[key] = got
+        return self._shots[key]
 
     def opt(self, cls: type):
         if cls not in self.options:
@@ -304,8 +370,7 @@ def merge_options(method: str, options: dict) -> dict:
     included: --density means nothing to concat, so it is not passed to it (nor recorded
     in its fingerprint)."""
     name, resolved = merging.resolve_method(method, {})
-    params = inspect.signature(merging.MERGES[name]).parameters
-    takes = {p for p, v in params.items() if v.kind is v.KEYWORD_ONLY}
+    takes = set(merging.options_of(merging.MERGES[name]))
     if "generator" in takes:
         takes.add("seed")
     chosen = {k: v for k, v in options.items() if v is not None and k in takes}
@@ -321,14 +386,27 @@ class Merge(Method):
         self.name = name
         self.groups = ("merges",) if name in merging.MERGES else ()
         base, preset = merging.resolve_method(name, {})
+        if "scale" in merging.options_of(merging.MERGES[base]):
+            self.configs = (MergeConfig, LoraHubConfig)    # --merge-scale auto scores on LoraHub's shots
         self.help = (merging.MERGES[base].__doc__ or "").strip().splitlines()[0]
         if name in merging.VARIANTS:
             self.help = f"{base} with {', '.join(f'{k}={v!r}' for k, v in preset.items())}"
 
     def options(self, env: Env) -> dict:
         c = env.opt(MergeConfig)
+        scale = c.merge_scale if c.merge_scale in (None, "auto") else float(c.merge_scale)
         return merge_options(self.name, {"density": c.density, "rank": c.rank, "seed": env.seed,
-                                         "majority_sign": c.majority_sign, "space": c.space})
+                                         "majority_sign": c.majority_sign, "space": c.space,
+                                         "core_merge": c.core_merge, "keep": c.keep, "scale": scale})
+
+    def scale_search(self, env: Env) -> dict | None:
+        """What --merge-scale auto depends on (None when the scale is not searched)."""
+        if self.options(env).get("scale") != "auto":
+            return None
+        hub = env.opt(LoraHubConfig)
+        return {"grid": list(env.opt(MergeConfig).merge_scale_grid), "shots": hub.lorahub_shots,
+                "max_len": hub.lorahub_max_len, "seed": env.seed, "model": env.model_name, "dtype": env.dtype,
+                "shot_data": shot_hash(env, env.tasks)}
 
     def check(self, env):
         super().check(env)
@@ -337,8 +415,11 @@ class Merge(Method):
             raise UserError(f"--weights has {len(w)} values for {len(env.tasks)} tasks")
 
     def fingerprint(self, env, task):
-        return {"merge": {"options": self.options(env), "weights": env.opt(MergeConfig).weights,
-                          "adapters": [env.digests[t] for t in env.tasks]}}
+        fp = {"options": self.options(env), "weights": env.opt(MergeConfig).weights,
+              "adapters": [env.digests[t] for t in env.tasks]}
+        if (searched := self.scale_search(env)) is not None:
+            fp["scale_search"] = searched
+        return {"merge": fp}
 
     def build(self, env):
         """RUN/merged/<method>/ reused when made from the same adapters, options and weights."""
@@ -347,23 +428,177 @@ class Merge(Method):
         recipe = {"method": self.name, "tasks": list(env.tasks), "options": self.options(env),
                   "weights": list(weights) if weights is not None else None,
                   "adapters": {t: env.digests[t] for t in env.tasks}}
-        info = folder / "merge_info.json"
-        if not env.force and info.is_file():
-            try:
-                if json.loads(info.read_text()).get("recipe") == json.loads(json.dumps(recipe)):
-                    return Built(load_adapter(folder), True, where=folder)
-            except json.JSONDecodeError:
-                pass
+        searched = self.scale_search(env)
+        if searched is not None:
+            recipe["scale_search"] = searched
+        reused = _reuse(folder, recipe, env.force)
+        if reused is not None:
+            return Built(reused, True, where=folder)
+        options = self.options(env)
+        if searched is not None:
+            options["scale"] = 1.0
         merged = merging.merge_adapters([env.adapters[t] for t in env.tasks], self.name,
-                                        list(weights) if weights is not None else None, **self.options(env))
+                                        list(weights) if weights is not None else None, **options)
+        record = {"recipe": recipe}
+        if searched is not None:   # the coefficient from the grid, on training shots only
+            model, tokenizer = env.model()
+            check_adapter_fits(model, merged)
+            shots = env.shots(env.tasks, searched["shots"])
+            hub = env.opt(LoraHubConfig)
+            loss = ShotLoss(model, tokenizer, [ex for t in env.tasks for ex in shots[t]], hub.lorahub_max_len,
+                            hub.lorahub_batch_size)
+            found = lorahub.scale_search(model, merged, loss, searched["grid"])
+            merged = scaled(merged, found["chosen"])
+            record["scale_search"] = {**found, "shot_ids": {t: [ex.id for ex in shots[t]] for t in env.tasks}}
+            print(f"  {self.name}: --merge-scale auto chose {found['chosen']} (shot loss "
+                  f"{min(found['losses']):.4f}; grid {found['grid']})", file=sys.stderr)
 
         def save():
-            save_adapter(merged, folder, extra_json={"merge_info.json": {"recipe": recipe}})
+            save_adapter(merged, folder, extra_json={"merge_info.json": record})
             return load_adapter(folder)   # exactly what a rerun will read
         return Built(merged, False, save, folder)
 
     def prepare(self, model, env, task):
         return static(model, env.built[self.name])
+
+
+def scaled(adapter: Adapter, c: float) -> Adapter:
+    """`adapter` with every delta multiplied by c (folded into A; ranks and scales kept)."""
+    return make_adapter({n: (a * c, b) for n, (a, b) in adapter.factors.items()}, dict(adapter.scales),
+                        adapter.base_model, name=adapter.name)
+
+
+def shot_hash(env: Env, tasks: Sequence[str]) -> str:
+    """The data hash of the shots of `tasks` (what a search on them depends on)."""
+    from src.tasks import data_hash
+    return data_hash(env.shots(tasks, env.opt(LoraHubConfig).lorahub_shots))
+
+
+def _reuse(folder: Path, recipe: dict, force: bool) -> Adapter | None:
+    """The adapter saved in `folder` when its merge_info.json records the same recipe."""
+    info = folder / "merge_info.json"
+    if force or not info.is_file():
+        return None
+    try:
+        if json.loads(info.read_text()).get("recipe") == json.loads(json.dumps(recipe)):
+            return load_adapter(folder)
+    except json.JSONDecodeError:
+        pass
+    return None
+
+
+# --------------------------------------------------------------------------- LoraHub
+
+class LoraHub(Method):
+    """LoraHub (Huang et al., COLM 2024): one weight per adapter, searched by nevergrad on a few
+    training examples; the merge is folded like any other (src/lorahub.py)."""
+
+    name = "lorahub"
+    scope = "all"
+    configs = (LoraHubConfig,)
+    help = "LoraHub: adapter weights searched (nevergrad) on training shots of every task, one merge for all"
+
+    def targets(self, env: Env) -> list[str | None]:
+        return [None] if self.scope == "all" else list(env.tasks)
+
+    def pool(self, env: Env, target: str | None) -> list[str]:
+        if target is not None and env.opt(LoraHubConfig).lorahub_leave_out:
+            return [t for t in env.tasks if t != target]
+        return list(env.tasks)
+
+    def check(self, env):
+        super().check(env)
+        env.load_adapters(env.tasks)
+        cfg = env.opt(LoraHubConfig)
+        for target in self.targets(env):
+            pool = self.pool(env, target)
+            if not pool:
+                raise UserError(f"{self.name}: --lorahub-leave-out leaves no adapter for task {target}")
+            lorahub.Composer([env.adapters[t] for t in pool], cfg.lorahub_space)   # ranks fit the space
+        env.shots(env.tasks, cfg.lorahub_shots)                                     # enough shots
+
+    def recipe(self, env: Env, target: str | None) -> dict:
+        pool = self.pool(env, target)
+        return {"method": self.name, "scope": self.scope, "target": target, "pool": pool,
+                "adapters": {t: env.digests[t] for t in pool}, "search": env.opt(LoraHubConfig).recipe(),
+                "seed": env.seed, "model": env.model_name, "dtype": env.dtype,
+                "shot_data": shot_hash(env, list(env.tasks) if target is None else [target])}
+
+    def fingerprint(self, env, task):
+        return {"lorahub": self.recipe(env, None if self.scope == "all" else task)}
+
+    def folder(self, env: Env, target: str | None) -> Path:
+        root = runs.merged_dir(env.run_dir, self.name)
+        return root if target is None else root / target
+
+    def build(self, env):
+        cfg = env.opt(LoraHubConfig)
+        made, saves = {}, []
+        for target in self.targets(env):
+            recipe, folder = self.recipe(env, target), self.folder(env, target)
+            reused = _reuse(folder, recipe, env.force)
+            if reused is not None:
+                made[target] = reused
+                continue
+            made[target], record = self.search(env, target, cfg)
+            saves.append((target, folder, made[target], {"recipe": recipe, "search": record}))
+
+        def save():
+            for target, folder, adapter, record in saves:
+                save_adapter(adapter, folder, extra_json={"merge_info.json": record})
+                made[target] = load_adapter(folder)
+            return made
+        return Built(made, not saves, save if saves else None, self.folder(env, None))
+
+    def search(self, env: Env, target: str | None, cfg: LoraHubConfig) -> tuple[Adapter, dict]:
+        from tqdm.auto import tqdm
+
+        model, tokenizer = env.model()
+        pool = [env.adapters[t] for t in self.pool(env, target)]
+        for ad in pool:
+            check_adapter_fits(model, ad)
+        scored = list(env.tasks) if target is None else [target]
+        shots = env.shots(scored, cfg.lorahub_shots)
+        loss = ShotLoss(model, tokenizer, [ex for t in scored for ex in shots[t]], cfg.lorahub_max_len,
+                        cfg.lorahub_batch_size)
+        composer = lorahub.Composer(pool, cfg.lorahub_space)
+        bar = tqdm(total=cfg.lorahub_budget, desc=f"{self.name} {target or 'all tasks'}", unit="cand",
+                   leave=False, disable=not sys.stderr.isatty())
+
+        def progress(done: int, best: float) -> None:
+            bar.update(1)
+            bar.set_postfix(best=f"{best:.4f}")
+
+        side = lorahub.SidePath(model, composer.ranks())
+        try:
+            found = lorahub.search(lambda w: (composer.write(side, w), loss())[1], len(pool), cfg.lorahub_budget,
+                                   cfg.lorahub_bounds, cfg.lorahub_l1, env.seed, cfg.lorahub_optimizer, progress)
+        finally:
+            side.remove()
+            bar.close()
+        method = "weight_sum" if cfg.lorahub_space == "factor" else "concat"
+        adapter = merging.merge_adapters(pool, method, found.weights)
+        adapter.name = self.name
+        names = self.pool(env, target)
+        print(f"  {self.name} {target or 'all tasks'}: weights "
+              + ", ".join(f"{t} {w:+.3f}" for t, w in zip(names, found.weights))
+              + f"; objective {found.start_loss:.4f} -> {found.loss:.4f} in {found.seconds:.0f} s", file=sys.stderr)
+        record = {"weights": dict(zip(names, found.weights)), "objective": found.loss,
+                  "start_objective": found.start_loss, "trace": found.trace, "budget": cfg.lorahub_budget,
+                  "seed": env.seed, "shot_ids": {t: [ex.id for ex in shots[t]] for t in scored},
+                  "n_shot_tokens": loss.n_tokens, "seconds": round(found.seconds, 3),
+                  "seconds_forward": round(loss.seconds, 3), "composed_as": method}
+        return adapter, record
+
+    def prepare(self, model, env, task):
+        made = env.built[self.name]
+        return static(model, made[None] if self.scope == "all" else made[task])
+
+
+class LoraHubTask(LoraHub):
+    name = "lorahub_task"
+    scope = "task"
+    help = "LoraHub per task (its own setting): adapter weights searched on each task's training shots"
 
 
 # --------------------------------------------------------------------------- MoA
@@ -496,5 +731,7 @@ register(Oracle())
 register(MoA())
 register(MoAStudy())
 register(Arrow())
+register(LoraHub())
+register(LoraHubTask())
 for _name in [*merging.MERGES, *merging.VARIANTS]:
     register(Merge(_name))

@@ -80,14 +80,36 @@ def lowrank_svd(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tens
     Returns A' = S_r V_r^T [rank, in], B' = U_r [out, rank] with B' @ A' the best rank-`rank`
     approximation of M (M itself when rank >= R).
     """
+    u, s, vh = lowrank_usv(a, b, rank)
+    return (s[:, None] * vh).float(), u.float().contiguous()
+
+
+def lowrank_usv(a: torch.Tensor, b: torch.Tensor, rank: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD M = B @ A = U diag(s) Vh, from the factors (as `lowrank_svd`), in float64:
+    U [out, k], s [k], Vh [k, in] with k = min(rank, R) (all R when rank is None)."""
     qb, rb = torch.linalg.qr(b.double())            # qb: [out, k], rb: [k, R]
     qa, ra = torch.linalg.qr(a.double().T)          # qa: [in, k'], ra: [k', R]
     uc, s, vch = torch.linalg.svd(rb @ ra.T)        # core: [k, k']
-    rank = min(rank, s.numel())
+    rank = s.numel() if rank is None else min(rank, s.numel())
     # LAPACK's Q is column-major; multiplying through its transpose is ~20x faster on CPU
     u = (uc[:, :rank].T @ qb.mT).mT                 # [out, rank]
     vh = vch[:rank] @ qa.mT                         # [rank, in]
-    return (s[:rank, None] * vh).float(), u.float().contiguous()
+    return u, s[:rank], vh
+
+
+def polar(x: torch.Tensor) -> torch.Tensor:
+    """The closest matrix with orthonormal columns to x [n, k] (n >= k): P Q^T from x = P S Q^T
+    (orthogonal Procrustes), as TSV-Merge orthogonalises its stacked singular vectors."""
+    p, _, qh = torch.linalg.svd(x, full_matrices=False)
+    return p @ qh
+
+
+def nonzero(s: torch.Tensor, tol: float = 1e-7) -> int:
+    """How many of the singular values s (descending) are non-zero: above tol * max(s)."""
+    if s.numel() == 0 or float(s[0]) <= 0:
+        return 0
+    return int((s > tol * s[0]).sum())
 
 
 def dense_svd(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -322,6 +344,155 @@ def dare_ties(factors: Factors, scales: Sequence[float], weights: Sequence[float
                           rank, generator, "dare_ties")
 
 
+# --------------------------------------------------------------------------- merges in a shared basis
+#
+# The four below work in a basis the adapters share, computed from the factors: thin QRs or
+# SVDs of the stacked A's and B's (at most sum r_i wide), never a dense [out, in] delta. Each
+# folds w_i s_i into task i's delta dW_i = w_i s_i B_i A_i, applies its scaling coefficient
+# `scale` to the merged delta (data-free default 1: the merged delta at the size the method
+# gives it; `--merge-scale auto` picks it on training shots) and returns a LoRA of scale 1
+# whose rank is stated in its docstring. Adapters of different ranks are accepted.
+
+def _task_deltas(factors: Factors, scales: Sequence[float], weights: Sequence[float]
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each task's (A_i, c_i B_i) in float64 with c_i = w_i s_i: dW_i = c_i B_i A_i."""
+    return [(a.detach().double(), b.detach().double() * (w * s)) for (a, b), s, w in zip(factors, scales, weights)]
+
+
+def _as_lora(b: torch.Tensor, a: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A, B, 1) float32 for dW = scale * b @ a (the coefficient folded into A)."""
+    return (a * scale).float().contiguous(), b.float().contiguous(), 1.0
+
+
+def knots(factors: Factors, scales: Sequence[float], weights: Sequence[float], *,
+          density: float = 0.2, majority_sign: str = "total", scale: float = 1.0
+          ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """KnOTS (Stoica et al., "Model merging with SVD to tie the KnOTS", ICLR 2025;
+    gstoica27/KnOTS): align the tasks in one SVD basis, then TIES-merge their coordinates.
+
+    Space: the joint SVD of the task deltas side by side, [dW_1 | ... | dW_N] = U S [V_1 | ... | V_N]^T
+    (U shared by all tasks; computed from the factors: a QR of the stacked B's, one QR per A_i,
+    an SVD of the sum(r_i)^2 core; components with s <= 1e-7 s_max dropped). Each task is
+    represented by S V_i^T [k, in] (S folded in, as KnOTS); these are merged by TIES (trim to the
+    top `density` magnitudes per task, `majority_sign` election, disjoint mean: `sparse_merge`),
+    and dW = scale * U (merged S V^T). KnOTS trims each task over the whole model's flattened
+    parameters; here, as every merge of this module, per module. Defaults: density 0.2 (KnOTS-TIES,
+    topK 20), scale 1 (KnOTS searches its alpha on validation data; --merge-scale auto on shots).
+    Returns a LoRA of rank k <= sum r_i, scale 1.
+    """
+    density = _check_density(density, "knots")
+    deltas = _task_deltas(factors, scales, weights)
+    qb, rb = torch.linalg.qr(torch.cat([b for _, b in deltas], 1))         # [out, R], [R, R]
+    qas, ras = zip(*(torch.linalg.qr(a.T) for a, _ in deltas))             # A_i^T = Qa_i Ra_i
+    uc, s, vch = torch.linalg.svd(rb @ torch.block_diag(*[r.T for r in ras]))
+    k = nonzero(s)
+    u = (uc[:, :k].T @ qb.mT).mT                                           # [out, k]
+    starts = [0]
+    for r in ras:
+        starts.append(starts[-1] + r.shape[1])
+    reps = [s[:k, None] * (vch[:k, starts[i]:starts[i + 1]] @ qas[i].mT) for i in range(len(deltas))]
+    merged = sparse_merge(reps, [1.0] * len(reps), density, "magnitude", majority_sign)
+    return _as_lora(u, merged, scale)
+
+
+CORE_MERGES = ("ta", "ties", "tsv", "iso_c")
+
+
+def core_space(factors: Factors, scales: Sequence[float], weights: Sequence[float], *,
+               core_merge: str = "ta", density: float = 0.2, scale: float = 1.0
+               ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Core Space merging (Panariello et al., "Accurate and Efficient Low-Rank Model Merging in
+    Core Space", NeurIPS 2025; apanariello4/core-space-merging).
+
+    Space: reference bases shared by all tasks, U_ref from the SVD of the stacked B's
+    [B_1 ... B_N] [out, R] and V_ref from the SVD of the stacked A's [A_1; ...; A_N] [R, in]
+    (R = sum r_i). Each task's core M_i = U_ref^T dW_i V_ref = (U_ref^T B_i)(A_i V_ref) is
+    R x R; the cores are merged by `core_merge`: "ta" (task arithmetic, sum M_i), "ties" (trim
+    to `density` per task, sign election, disjoint mean), "tsv" (TSV-Merge of the cores, each
+    keeping its full rank r_i, as the reference does) or "iso_c" (the sum with its spectrum
+    made flat). dW = scale * U_ref M V_ref^T. No [out, in] matrix is ever formed. Lossless:
+    with "ta" and scale 1 it equals `concat` exactly (every dW_i lies in the two bases).
+    Defaults: core_merge ta, density 0.2, scale 1 (the paper tunes alpha on validation data;
+    --merge-scale auto on shots). Returns a LoRA of rank R = sum r_i, scale 1.
+    """
+    if core_merge not in CORE_MERGES:
+        raise UserError(f"core_merge must be one of {', '.join(CORE_MERGES)}, got {core_merge!r}")
+    deltas = _task_deltas(factors, scales, weights)
+    u_ref = torch.linalg.svd(torch.cat([b for _, b in deltas], 1), full_matrices=False)[0]   # [out, R]
+    vh_ref = torch.linalg.svd(torch.cat([a for a, _ in deltas], 0), full_matrices=False)[2]  # [R, in]
+    cores = [(u_ref.T @ b) @ (a @ vh_ref.T) for a, b in deltas]                            # R x R each
+    if core_merge == "ta":
+        m = sum(cores)
+    elif core_merge == "ties":
+        m = sparse_merge(cores, [1.0] * len(cores), _check_density(density, "core_space ties"),
+                         "magnitude", "total")
+    elif core_merge == "tsv":
+        ma, mb, _ = tsv([(c, torch.eye(c.shape[0], dtype=c.dtype)) for c in cores], [1.0] * len(cores),
+                        [1.0] * len(cores), keep=[a.shape[0] for a, _ in deltas], _dtype=torch.float64)
+        m = mb @ ma
+    else:
+        ma, mb, _ = iso_c([(c, torch.eye(c.shape[0], dtype=c.dtype)) for c in cores], [1.0] * len(cores),
+                          [1.0] * len(cores), _dtype=torch.float64)
+        m = mb @ ma
+    return _as_lora(u_ref, m.double() @ vh_ref, scale)
+
+
+def tsv(factors: Factors, scales: Sequence[float], weights: Sequence[float], *,
+        keep: float | Sequence[int] | None = None, scale: float = 1.0, _dtype: torch.dtype = torch.float32
+        ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """TSV-Merge (Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model
+    Merging", CVPR 2025; AntoAndGar/task_singular_vectors).
+
+    Space: each task's own singular vectors, dW_i = U_i S_i V_i^T (from the factors,
+    `lowrank_usv`). Each task keeps its top k_i = min(r_i, int(keep * min(out, in)))
+    components (keep default 1/N, the paper's rule: for LoRA adapters this is every component),
+    the kept U_i and V_i are stacked side by side and each stack is replaced by its closest
+    orthonormal matrix (`polar`: P Q^T of its SVD), removing the interference between tasks,
+    and dW = scale * U_perp diag(S) V_perp^T with the singular values as they were. Default
+    scale 1 (the paper searches alpha in 0.1..3 on validation data; --merge-scale auto on
+    shots). Returns a LoRA of rank sum k_i, scale 1.
+    """
+    deltas = _task_deltas(factors, scales, weights)
+    out_f, in_f = deltas[0][1].shape[0], deltas[0][0].shape[1]
+    n = len(deltas)
+    if keep is None or isinstance(keep, (int, float)):
+        frac = 1.0 / n if keep is None else float(keep)
+        if not 0 < frac <= 1:
+            raise UserError(f"tsv keep must be in (0, 1], got {keep}")
+        ks = [max(1, min(a.shape[0], int(frac * min(out_f, in_f)))) for a, _ in deltas]
+    else:
+        ks = list(keep)
+    us, ss, vhs = [], [], []
+    for (a, b), k in zip(deltas, ks):
+        u, s, vh = lowrank_usv(a, b, k)
+        us.append(u)
+        ss.append(s)
+        vhs.append(vh)
+    u_perp = polar(torch.cat(us, 1))                 # [out, K]
+    v_perp = polar(torch.cat(vhs, 0).T)              # [in, K]
+    return (torch.cat(ss)[:, None] * v_perp.T * scale).to(_dtype).contiguous(), u_perp.to(_dtype).contiguous(), 1.0
+
+
+def iso_c(factors: Factors, scales: Sequence[float], weights: Sequence[float], *,
+          scale: float = 1.0, _dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Iso-C (Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and
+    Task-Specific Subspaces", ICML 2025; danielm1405/iso-merging).
+
+    Space: the singular vectors of the task-arithmetic sum dW = sum_i dW_i = U S V^T (from the
+    stacked factors, `lowrank_usv`). Its spectrum is made flat: dW_iso = scale * sbar U V^T,
+    sbar the mean singular value. The mean is over the non-zero spectrum only (s > 1e-7 s_max,
+    at most sum r_i values): the reference averages all min(out, in) values of a full-rank
+    sum, which for a low-rank LoRA sum would shrink sbar by R / min(out, in). Default scale 1
+    (the paper searches alpha in 0.1..3 on validation data; --merge-scale auto on shots).
+    Returns a LoRA of rank k <= sum r_i (the non-zero spectrum), scale 1.
+    """
+    deltas = _task_deltas(factors, scales, weights)
+    u, s, vh = lowrank_usv(torch.cat([a for a, _ in deltas], 0), torch.cat([b for _, b in deltas], 1))
+    k = nonzero(s)
+    sbar = s[:k].mean() if k else s.new_zeros(())
+    return (vh[:k] * (sbar * scale)).to(_dtype).contiguous(), u[:, :k].to(_dtype).contiguous(), 1.0
+
+
 MERGES: dict[str, Callable] = {
     "concat": concat,
     "weight_sum": weight_sum,
@@ -330,6 +501,10 @@ MERGES: dict[str, Callable] = {
     "ties": ties,
     "dare_linear": dare_linear,
     "dare_ties": dare_ties,
+    "knots": knots,
+    "core_space": core_space,
+    "tsv": tsv,
+    "iso_c": iso_c,
 }
 
 # Named option sets: {name: (method, options)}.
@@ -338,13 +513,16 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "svd_full": ("svd", {"average": False, "rank": "full"}),   # rank sum(r_i): equals concat
     "concat_unscaled": ("concat", {"scaled": False}),          # the study's unpublished run
     "weight_avg": ("weight_sum", {"average": True}),           # w_i = 1/N
+    "core_space_tsv": ("core_space", {"core_merge": "tsv"}),   # TSV-Merge inside the core space
 }
 
 
 # --------------------------------------------------------------------------- entry point
 
-def _options_of(fn: Callable) -> list[str]:
-    return [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
+def options_of(fn: Callable) -> list[str]:
+    """A method's keyword options (`generator` included; private `_` ones are not options)."""
+    return [p.name for p in inspect.signature(fn).parameters.values()
+            if p.kind is p.KEYWORD_ONLY and not p.name.startswith("_")]
 
 
 def resolve_method(method: str, options: dict) -> tuple[str, dict]:
@@ -361,9 +539,9 @@ def method_options(method: str, **options) -> tuple[str, dict]:
     """(registry name, every option with its value: the method's defaults, the variant's
     preset, then `options`), e.g. for recording a merge next to its result."""
     name, options = resolve_method(method, options)
-    params = inspect.signature(MERGES[name]).parameters.values()
-    full = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name != "generator"}
-    if any(p.name == "generator" for p in params):
+    params = inspect.signature(MERGES[name]).parameters
+    full = {o: params[o].default for o in options_of(MERGES[name]) if o != "generator"}
+    if "generator" in params:
         full["seed"] = 0
     full.update({k: v for k, v in options.items() if v is not None})
     return name, full
@@ -412,8 +590,8 @@ def merge_adapters(adapters: list[Adapter], method: str, weights: list[float] | 
     weights = [float(w) for w in weights]
     if len(weights) != len(adapters):
         raise UserError(f"{len(weights)} weights for {len(adapters)} adapters")
-    allowed = [o for o in _options_of(fn) if o != "generator"]
-    random = "generator" in _options_of(fn)
+    allowed = [o for o in options_of(fn) if o != "generator"]
+    random = "generator" in options_of(fn)
     options = {k: v for k, v in options.items() if v is not None}
     unknown = sorted(set(options) - set(allowed) - ({"seed"} if random else set()))
     if unknown:

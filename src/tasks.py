@@ -443,7 +443,7 @@ def _hub_rows(source: HubSource, split: str):
                                  revision=source.revision)
 
 
-def _shuffled(n: int, seed: int) -> list[int]:
+def shuffled(n: int, seed: int) -> list[int]:
     order = list(range(n))
     random.Random(seed).shuffle(order)
     return order
@@ -468,7 +468,7 @@ def _load_hub(task: Task, split: str, source: HubSource, size: int | None, seed:
     missing = [c for c in source.columns if c not in rows.column_names]
     if missing:
         raise UserError(f"{name} lacks column(s) {', '.join(missing)} (task {task.name})")
-    order = range(len(rows)) if size is None else _shuffled(len(rows), seed)
+    order = range(len(rows)) if size is None else shuffled(len(rows), seed)
     examples: list[Example] = []
     for idx in order:
         example = source.to_example(rows[idx], idx)
@@ -526,7 +526,7 @@ def load_examples(task: str, split: str, data: str = "sample", data_dir: str | P
         return examples
     if size > len(examples) and not allow_fewer:
         raise _too_few(t.name, split, size, len(examples))
-    return [examples[i] for i in _shuffled(len(examples), seed)[:size]]
+    return [examples[i] for i in shuffled(len(examples), seed)[:size]]
 
 
 def load_task_data(tasks: str | Sequence[str], split: str, data: str = "sample",
@@ -563,7 +563,7 @@ def load_capped(tasks: str | Sequence[str], split: str, data: str, data_dir: str
         skip = set((exclude or {}).get(task, ()))
         if skip and data != "hub":
             every = load_examples(task, split, data, data_dir, None, seed)
-            left = [every[i] for i in _shuffled(len(every), seed) if every[i].id not in skip]
+            left = [every[i] for i in shuffled(len(every), seed) if every[i].id not in skip]
             if size is not None and len(left) < size:
                 print(f"note: {data_dir or 'data/sample'} holds {len(left)} {split} examples of task {task} "
                       f"besides the {len(every) - len(left)} that chose checkpoints; using them all ({flag} {size})",

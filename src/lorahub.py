@@ -1,0 +1,306 @@
+"""LoraHub: one weight per adapter, searched without gradients on a few training examples.
+
+Huang et al., "LoraHub: Efficient Cross-Task Generalization via Dynamic LoRA Composition",
+COLM 2024 (arXiv 2307.13269); reference code: sail-sg/lorahub (`lorahub/algorithm.py`).
+
+The merged adapter for weights w is
+
+    factor space (LoraHub's):  A = sum_i w_i A_i,  B = sum_i w_i B_i,  dW = s B A
+                               (our `weight_sum` with weights; equal ranks and scales)
+    delta space (an option):   dW = sum_i w_i s_i B_i A_i  (our `concat` with weights)
+
+and the search minimises, over w in [lower, upper]^N starting from w = 0 (the base model),
+
+    loss(w) = mean target-token cross-entropy of the merged model on the shots
+              + l1 * mean_i |w_i|                                  (LoraHub's regulariser)
+
+with nevergrad's NGOpt (LoraHub's optimizer) for `budget` candidates. The first candidate
+is the start w = 0, and the result is the best candidate seen, so the search never returns
+a loss worse than its start (LoraHub takes nevergrad's recommendation, which may differ).
+
+Each candidate costs one forward pass over the shots and nothing else: the merge is applied
+as a low-rank side path on the adapted layers (`SidePath`, injected once, its factors
+overwritten per candidate and removed at the end), so no weight is re-loaded or re-folded.
+The same shots and side path serve `--merge-scale auto` (`scale_search`), which picks a merge's
+scaling coefficient from a small grid.
+
+Pure math and search first (`compose_factors`, `l1_penalty`, `search`), then the model side
+(`ShotLoss`, `SidePath`, `scale_search`).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from src.errors import UserError
+from src.lora import Adapter, LoRALinear, set_module
+
+SPACES = ("factor", "delta")
+OPTIMIZERS = ("NGOpt", "OnePlusOne", "CMA", "TwoPointsDE", "RandomSearch")
+
+
+def _finite(name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+
+
+@dataclass
+class LoraHubConfig:
+    """LoraHub search (lorahub, lorahub_task) and the shots --merge-scale auto reads."""
+
+    lorahub_budget: int = field(default=40, metadata={"help": "candidates evaluated by the search (LoraHub: 40)"})
+    lorahub_shots: int = field(default=5, metadata={
+        "help": "training examples per task the search (and --merge-scale auto) scores on; never evaluation data"})
+    lorahub_bounds: tuple[float, ...] = field(default=(-1.5, 1.5), metadata={
+        "help": "lower and upper bound of every weight (LoraHub: -1.5 1.5); the search starts at 0 (clipped into them)"})
+    lorahub_l1: float = field(default=0.05, metadata={"help": "weight of the L1 term l1 * mean|w| (LoraHub: 0.05)"})
+    lorahub_space: str = field(default="factor", metadata={
+        "help": "factor: A = sum w A_i, B = sum w B_i (LoraHub); delta: dW = sum w dW_i (concat with weights)",
+        "choices": SPACES})
+    lorahub_optimizer: str = field(default="NGOpt", metadata={
+        "help": "nevergrad optimizer", "choices": OPTIMIZERS})
+    lorahub_leave_out: bool = field(default=False, metadata={
+        "help": "lorahub_task: leave the target task's own adapter out of the pool (LoraHub's unseen-task setting)"})
+    lorahub_batch_size: int = field(default=8, metadata={"help": "shots per forward pass"})
+    lorahub_max_len: int = field(default=320, metadata={"help": "most tokens per shot (prompt cut on the left)"})
+
+    def __post_init__(self):
+        self.lorahub_bounds = tuple(float(b) for b in self.lorahub_bounds)
+        for name in ("lorahub_budget", "lorahub_shots", "lorahub_batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.lorahub_max_len < 8:
+            raise UserError(f"--lorahub-max-len must be at least 8, got {self.lorahub_max_len}")
+        if len(self.lorahub_bounds) != 2:
+            raise UserError(f"--lorahub-bounds takes two numbers (lower upper), got {len(self.lorahub_bounds)}")
+        for b in self.lorahub_bounds:
+            _finite("lorahub_bounds", b)
+        _finite("lorahub_l1", self.lorahub_l1)
+        lo, hi = self.lorahub_bounds
+        if not lo < hi:
+            raise UserError(f"--lorahub-bounds: the lower bound must be below the upper, got {lo} {hi}")
+        if self.lorahub_l1 < 0:
+            raise UserError(f"--lorahub-l1 must be >= 0, got {self.lorahub_l1}")
+
+    def recipe(self) -> dict:
+        """What a search result depends on (besides adapters, model, shots and seed)."""
+        return {"budget": self.lorahub_budget, "shots": self.lorahub_shots, "bounds": list(self.lorahub_bounds),
+                "l1": self.lorahub_l1, "space": self.lorahub_space, "optimizer": self.lorahub_optimizer,
+                "max_len": self.lorahub_max_len}
+
+
+# --------------------------------------------------------------------------- pure math
+
+def compose_factors(a: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, w: torch.Tensor, space: str
+                    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One module's merged LoRA for weights `w` [N], from stacked factors.
+
+    factor: a [N, r, in], b [N, out, r], one common scale -> (sum w_i A_i, sum w_i B_i, s), as
+    `merging.weight_sum`. delta: a [sum r, in], b [out, sum r] (the adapters' factors stacked,
+    `scales` [sum r] each row's s_i) -> rows scaled by w_i s_i, B as is, scale 1: the product
+    sum_i w_i s_i B_i A_i of `merging.concat` (which splits the coefficient as sqrt on each side).
+    """
+    if space == "factor":
+        return torch.einsum("n,nri->ri", w, a), torch.einsum("n,nor->or", w, b), float(scales[0])
+    return a * scales[:, None], b, 1.0
+
+
+def l1_penalty(w: Sequence[float], l1: float) -> float:
+    """LoraHub's regulariser: l1 * mean_i |w_i|."""
+    return l1 * sum(abs(x) for x in w) / len(w)
+
+
+@dataclass
+class SearchResult:
+    weights: list[float]
+    loss: float                      # best objective (loss + l1 term)
+    start_loss: float                # objective at the start point
+    trace: list[dict]                # per candidate: weights, loss, objective
+    seconds: float
+    seconds_in_loss: float           # of which inside the loss function (forward passes)
+
+
+def search(loss_fn: Callable[[list[float]], float], n: int, budget: int, bounds: tuple[float, float],
+           l1: float, seed: int, optimizer: str = "NGOpt", progress: Callable[[int, float], None] | None = None
+           ) -> SearchResult:
+    """Minimise loss_fn(w) + l1 * mean|w| over w in bounds^n with a nevergrad optimizer.
+
+    Seeded (the parametrization's random state), so a seed gives the same candidates; the
+    first candidate is the start (0 clipped into the bounds); returns the best seen.
+    """
+    import numpy as np
+    import nevergrad as ng
+
+    lo, hi = bounds
+    start = [min(max(0.0, lo), hi)] * n
+    param = ng.p.Array(init=np.array(start), lower=lo, upper=hi)
+    param.random_state = np.random.RandomState(seed)
+    opt = ng.optimizers.registry[optimizer](parametrization=param, budget=budget, num_workers=1)
+    opt.suggest(np.array(start))
+    trace: list[dict] = []
+    t0, in_loss = time.perf_counter(), 0.0
+    for _ in range(budget):
+        cand = opt.ask()
+        w = [float(x) for x in cand.value]
+        t = time.perf_counter()
+        loss = float(loss_fn(w))
+        in_loss += time.perf_counter() - t
+        objective = loss + l1_penalty(w, l1)
+        if not math.isfinite(objective):
+            objective = float("inf")
+        opt.tell(cand, objective if math.isfinite(objective) else 1e30)
+        trace.append({"weights": w, "loss": loss, "objective": objective})
+        if progress is not None:
+            progress(len(trace), min(r["objective"] for r in trace))
+    best = min(range(len(trace)), key=lambda i: trace[i]["objective"])
+    return SearchResult(trace[best]["weights"], trace[best]["objective"], trace[0]["objective"], trace,
+                        time.perf_counter() - t0, in_loss)
+
+
+# --------------------------------------------------------------------------- the model side
+
+class ShotLoss:
+    """Mean target-token cross-entropy of a model on a fixed set of encoded shots.
+
+    The shots are encoded once (prompt + target + EOS, the loss on the target only, as
+    training), sorted by length and batched; each call is one forward pass over them.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, examples: Sequence, max_len: int = 320,
+                 batch_size: int = 8):
+        from src.training import collate, encode_examples
+
+        if not examples:
+            raise UserError("no shots to score on")
+        self.model = model
+        max_target = max(1, min(96, max_len // 2))
+        items = encode_examples(tokenizer, examples, max_len=max_len, max_target_len=max_target)
+        items.sort(key=lambda it: len(it["input_ids"]))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.batches = [collate(items[i:i + batch_size], pad) for i in range(0, len(items), batch_size)]
+        self.n_tokens = sum(b["n_tokens"] for b in self.batches)
+        self.seconds = 0.0               # spent in forward passes, over all calls
+
+    @torch.inference_mode()
+    def __call__(self) -> float:
+        from src.training import target_only_loss, to_device
+
+        t0 = time.perf_counter()
+        device = next(self.model.parameters()).device
+        total = 0.0
+        for batch in self.batches:
+            total += float(target_only_loss(self.model, to_device(batch, device)))
+        self.seconds += time.perf_counter() - t0
+        return total / self.n_tokens
+
+
+class SidePath:
+    """LoRA side paths on `modules` of `model` whose factors are overwritten in place.
+
+    `set(module, A, B, scale)` changes what a layer adds (any rank up to the one it was made
+    with: the rest is zero); `remove()` puts the plain nn.Linear layers back. The model's own
+    weights are never touched.
+    """
+
+    def __init__(self, model: nn.Module, shapes: dict[str, int]):
+        self.model = model
+        self.layers: dict[str, LoRALinear] = {}
+        for name, rank in shapes.items():
+            linear = model.get_submodule(name)
+            if not isinstance(linear, nn.Linear):
+                raise UserError(f"module {name}: not an nn.Linear (is another adapter applied?)")
+            a = torch.zeros(rank, linear.in_features)
+            b = torch.zeros(linear.out_features, rank)
+            layer = LoRALinear.from_factors(linear, a, b, 1.0).to(linear.weight.device)
+            layer.requires_grad_(False)
+            set_module(model, name, layer)
+            self.layers[name] = layer
+
+    @torch.no_grad()
+    def set(self, name: str, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        layer = self.layers[name]
+        r = a.shape[0]
+        layer.lora_A[:r].copy_(a)
+        layer.lora_B[:, :r].copy_(b)
+        if r < layer.lora_A.shape[0]:
+            layer.lora_A[r:].zero_()
+            layer.lora_B[:, r:].zero_()
+        layer.scale = float(scale)
+
+    def set_adapter(self, adapter: Adapter, factor: float = 1.0) -> None:
+        for n, (a, b) in adapter.factors.items():
+            self.set(n, a, b, adapter.scales[n] * factor)
+
+    def remove(self) -> None:
+        for name, layer in self.layers.items():
+            set_module(self.model, name, layer.linear)
+        self.layers = {}
+
+
+class Composer:
+    """The merged adapter of `adapters` for any weight vector, written into a SidePath.
+
+    Stacks every module's factors once; per candidate only the weighted sums are computed.
+    """
+
+    def __init__(self, adapters: Sequence[Adapter], space: str):
+        from src.merging import check_compatible
+
+        check_compatible(list(adapters))
+        self.space = space
+        self.modules = list(adapters[0].factors)
+        self.stacked: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        for m in self.modules:
+            fs = [ad.factors[m] for ad in adapters]
+            ss = [ad.scales[m] for ad in adapters]
+            ranks = [a.shape[0] for a, _ in fs]
+            if space == "factor":
+                if len(set(ranks)) > 1 or len({round(s, 12) for s in ss}) > 1:
+                    what, vals = ("ranks", ranks) if len(set(ranks)) > 1 else ("scales", ss)
+                    listed = ", ".join(f"{ad.name or f'adapter #{i + 1}'} ({v})" for i, (ad, v) in
+                                       enumerate(zip(adapters, vals)))
+                    raise UserError(f"lorahub in factor space needs adapters of equal {what}; module {m}: "
+                                    f"{listed} (use --lorahub-space delta)")
+                a = torch.stack([x.detach().float() for x, _ in fs])
+                b = torch.stack([y.detach().float() for _, y in fs])
+                self.stacked[m] = (a, b, torch.tensor(ss))
+            else:
+                a = torch.cat([x.detach().float() for x, _ in fs])
+                b = torch.cat([y.detach().float() for _, y in fs], 1)
+                self.stacked[m] = (a, b, torch.cat([torch.full((r,), s) for r, s in zip(ranks, ss)]))
+        self.row_task = {m: torch.repeat_interleave(torch.arange(len(adapters)),
+                                                    torch.tensor([ad.factors[m][0].shape[0] for ad in adapters]))
+                         for m in self.modules} if space == "delta" else {}
+
+    def ranks(self) -> dict[str, int]:
+        return {m: (a.shape[1] if self.space == "factor" else a.shape[0]) for m, (a, _, _) in self.stacked.items()}
+
+    def write(self, side: SidePath, w: Sequence[float]) -> None:
+        wt = torch.tensor(list(w), dtype=torch.float32)
+        for m, (a, b, s) in self.stacked.items():
+            if self.space == "factor":
+                ma, mb, scale = compose_factors(a, b, s, wt, "factor")
+            else:
+                ma, mb, scale = compose_factors(a, b, s * wt[self.row_task[m]], wt, "delta")
+            side.set(m, ma, mb, scale)
+
+
+def scale_search(model: nn.Module, adapter: Adapter, loss: ShotLoss, grid: Sequence[float]) -> dict:
+    """The scaling coefficient c from `grid` minimising the shot loss of the model with c * dW
+    (the merged adapter's deltas scaled by c). Returns {"grid", "losses", "chosen"}; ties
+    go to the first grid point."""
+    side = SidePath(model, {n: a.shape[0] for n, (a, _) in adapter.factors.items()})
+    try:
+        losses = []
+        for c in grid:
+            side.set_adapter(adapter, c)
+            losses.append(loss())
+    finally:
+        side.remove()
+    best = min(range(len(grid)), key=lambda i: losses[i])
+    return {"grid": list(grid), "losses": losses, "chosen": grid[best]}
