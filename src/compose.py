@@ -22,7 +22,6 @@ docs/compose.md for a worked example. Routers yielded by dynamic methods follow 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import math
 import sys

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -130,8 +131,10 @@ def search(loss_fn: Callable[[list[float]], float], n: int, budget: int, bounds:
            ) -> SearchResult:
     """Minimise loss_fn(w) + l1 * mean|w| over w in bounds^n with a nevergrad optimizer.
 
-    Seeded (the parametrization's random state), so a seed gives the same candidates; the
-    first candidate is the start (0 clipped into the bounds); returns the best seen.
+    Seeded (the parametrization's random state), so a seed gives the same candidates (NGOpt
+    often picks a deterministic inner optimizer at this budget: then every seed does). The
+    start is 0 clipped into the bounds, NGOpt's first candidate (scored once more if an
+    optimizer's first candidate is another); returns the best seen, never worse than the start.
     """
     import numpy as np
     import nevergrad as ng
@@ -141,24 +144,30 @@ def search(loss_fn: Callable[[list[float]], float], n: int, budget: int, bounds:
     param = ng.p.Array(init=np.array(start), lower=lo, upper=hi)
     param.random_state = np.random.RandomState(seed)
     opt = ng.optimizers.registry[optimizer](parametrization=param, budget=budget, num_workers=1)
-    opt.suggest(np.array(start))
     trace: list[dict] = []
     t0, in_loss = time.perf_counter(), 0.0
-    for _ in range(budget):
-        cand = opt.ask()
-        w = [float(x) for x in cand.value]
+
+    def evaluate(w: list[float]) -> dict:
+        nonlocal in_loss
         t = time.perf_counter()
         loss = float(loss_fn(w))
         in_loss += time.perf_counter() - t
         objective = loss + l1_penalty(w, l1)
-        if not math.isfinite(objective):
-            objective = float("inf")
-        opt.tell(cand, objective if math.isfinite(objective) else 1e30)
-        trace.append({"weights": w, "loss": loss, "objective": objective})
-        if progress is not None:
-            progress(len(trace), min(r["objective"] for r in trace))
-    best = min(range(len(trace)), key=lambda i: trace[i]["objective"])
-    return SearchResult(trace[best]["weights"], trace[best]["objective"], trace[0]["objective"], trace,
+        return {"weights": w, "loss": loss, "objective": objective if math.isfinite(objective) else float("inf")}
+
+    with warnings.catch_warnings():          # nevergrad's inner scipy optimizers warn about their settings
+        warnings.simplefilter("ignore")
+        for _ in range(budget):
+            cand = opt.ask()
+            trace.append(evaluate([float(x) for x in cand.value]))
+            opt.tell(cand, min(trace[-1]["objective"], 1e30))
+            if progress is not None:
+                progress(len(trace), min(r["objective"] for r in trace))
+    # NGOpt's first candidate is the start; another optimizer's may not be: score the start too
+    start_rec = trace[0] if trace[0]["weights"] == start else evaluate(start)
+    pool = trace + ([] if start_rec is trace[0] else [start_rec])
+    best = min(pool, key=lambda r: r["objective"])
+    return SearchResult(best["weights"], best["objective"], start_rec["objective"], trace,
                         time.perf_counter() - t0, in_loss)
 
 

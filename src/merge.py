@@ -5,10 +5,14 @@
     python -m src.merge --method svd --rank 16 --out OUT A B C
     python -m src.merge --method ties --density 0.2 --majority-sign total --out OUT A B C
     python -m src.merge --method dare_linear --density 0.5 --seed 1 --space delta --out OUT A B
+    python -m src.merge --method knots --density 0.2 --merge-scale 0.8 --out OUT A B C
+    python -m src.merge --method core_space --core-merge tsv --out OUT A B C
     python -m src.merge --method concat --out OUT --export-model MODEL_OUT --base BASE A B
 
-Methods: concat, weight_sum, svd, task_arithmetic, ties, dare_linear, dare_ties, and the
-variants svd_sum, svd_full, concat_unscaled, weight_avg (see src/merging.py).
+Methods: concat, weight_sum, svd, task_arithmetic, ties, dare_linear, dare_ties, knots,
+core_space, tsv, iso_c, and the variants svd_sum, svd_full, concat_unscaled, weight_avg,
+core_space_tsv (see src/merging.py and docs/merging.md). --merge-scale auto needs a model and
+training shots: it is an option of full_evaluation.py, not of this command.
 Writes OUT/ (adapter_config.json, adapter_model.safetensors: a PEFT adapter) and
 OUT/merge_info.json (method, options, weights, source adapters; the name evaluation's
 merges use too); with --export-model,
@@ -57,8 +61,13 @@ class MergeCommand:
 
 def method_options_of(cmd: MergeCommand, opts: MergeConfig) -> dict:
     """The method options the user set (others keep the method's defaults)."""
-    keys = ("rank", "density", "majority_sign", "space")
+    keys = ("rank", "density", "majority_sign", "space", "core_merge", "keep")
     out = {k: getattr(opts, k) for k in keys if getattr(opts, k) is not None}
+    if opts.merge_scale == "auto":
+        raise UserError("--merge-scale auto picks the scale on training shots with a model: use it with "
+                        "full_evaluation.py; here give a number")
+    if opts.merge_scale is not None:
+        out["scale"] = float(opts.merge_scale)
     if cmd.seed is not None:
         out["seed"] = cmd.seed
     return out

@@ -597,6 +597,8 @@ def merge_adapters(adapters: list[Adapter], method: str, weights: list[float] | 
     if unknown:
         raise UserError(f"method {name} has no option {', '.join(unknown)}; "
                         f"its options: {', '.join(allowed + ['seed'] * random) or 'none'}")
+    if "scale" in options and not (isinstance(options["scale"], (int, float)) and math.isfinite(options["scale"])):
+        raise UserError(f"{name}: the scale must be a finite number, got {options['scale']!r}")
     if random:
         options["generator"] = torch.Generator().manual_seed(int(options.pop("seed", 0)))
 
