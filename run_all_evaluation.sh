@@ -11,7 +11,7 @@ MODEL="${MODEL:-smollm2-135m}"   # hub id, local HF folder, .gguf file or alias
 TASKS="${TASKS:-5tasks}"         # comma-separated task names or a preset (5tasks, 7tasks)
 RUN="${RUN:-runs/demo}"          # the run folder written by train_all_tasks.sh and train_moa.sh
 DATA="${DATA:-sample}"           # sample | hub | a folder holding <task>/<split>.jsonl
-METHODS="${METHODS:-moa,arrow,concat,weight_sum,svd,task_arithmetic,ties,dare_linear,dare_ties}"  # + base, oracle
+METHODS="${METHODS:-moa,arrow,concat,weight_sum,svd,task_arithmetic,ties,dare_linear,dare_ties,knots,core_space,tsv,iso_c,lorahub}"  # + base, oracle
 DENSITY="${DENSITY:-0.5}"         # share of entries TIES / DARE keep (the other methods ignore it)
 PYTHON="${PYTHON:-python}"
 

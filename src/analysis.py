@@ -433,6 +433,61 @@ def plot_comparison_per_task(summaries: Sequence[dict], labels: Sequence[str] | 
 
 # ------------------------------------------------------------------------- the command
 
+def search_records(run_dir: Path, methods: Sequence[str] | None = None) -> list[dict]:
+    """The searches of a run's build steps, from RUN/merged/*/merge_info.json (only the methods
+    of its summary when `methods` is given): LoraHub's weight searches
+    ({"method", "target", "weights", "trace", ...}) and --merge-scale auto's scale searches
+    ({"method", "grid", "losses", "chosen"})."""
+    root = Path(run_dir) / "merged"
+    out = []
+    for info in sorted(root.glob("**/merge_info.json")) if root.is_dir() else []:
+        method = info.relative_to(root).parts[0]
+        if methods is not None and method not in methods:
+            continue
+        try:
+            rec = json.loads(info.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        target = (rec.get("recipe") or {}).get("target")
+        if isinstance(rec.get("search"), dict) and "trace" in rec["search"]:
+            out.append({"method": method, "target": target, "kind": "weights", **rec["search"]})
+        if isinstance(rec.get("scale_search"), dict):
+            out.append({"method": method, "target": None, "kind": "scale", **rec["scale_search"]})
+    return out
+
+
+def plot_searches(records: Sequence[dict]):
+    """Left: each LoraHub search's objective per candidate and its best so far; right: the
+    weights it found per adapter (and the scale searches' loss per grid point)."""
+    weights = [r for r in records if r["kind"] == "weights"]
+    scales = [r for r in records if r["kind"] == "scale"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for r in weights:
+        obj = [t["objective"] for t in r["trace"]]
+        best = [min(obj[:i + 1]) for i in range(len(obj))]
+        label = r["method"] + (f" ({r['target']})" if r["target"] else "")
+        axes[0].plot(range(1, len(obj) + 1), obj, ".", alpha=0.4)
+        axes[0].plot(range(1, len(obj) + 1), best, label=label)
+    axes[0].set(xlabel="candidate", ylabel="shot loss + L1", title="LoraHub search (best so far)")
+    if weights:
+        axes[0].legend(fontsize=8)
+        names = list(weights[0]["weights"])
+        width = 0.8 / len(weights)
+        for i, r in enumerate(weights):
+            axes[1].bar([j + i * width for j in range(len(names))], [r["weights"].get(n, 0.0) for n in names],
+                        width, label=r["method"] + (f" ({r['target']})" if r["target"] else ""))
+        axes[1].set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, rotation=30)
+        axes[1].axhline(0, color="k", lw=0.5)
+        axes[1].set(title="weights found per adapter")
+    for r in scales:
+        axes[2].plot(r["grid"], r["losses"], marker="o", label=f"{r['method']} (chose {r['chosen']:g})")
+    axes[2].set(xlabel="scaling coefficient", ylabel="shot loss", title="--merge-scale auto")
+    if scales:
+        axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -460,6 +515,9 @@ def plot_run(run_dir: Path, cosines: bool = True) -> list[Path]:
             table = summary.get("routing", {}).get(method, {})
             if table.get("per_layer"):
                 written.append(_save(plot_routing_per_layer(table, method), out / f"routing_{method}_per_layer.png"))
+        searches = search_records(run_dir, summary["methods"])
+        if searches:
+            written.append(_save(plot_searches(searches), out / "searches.png"))
     return written
 
 

@@ -387,7 +387,8 @@ class Merge(Method):
         base, preset = merging.resolve_method(name, {})
         if "scale" in merging.options_of(merging.MERGES[base]):
             self.configs = (MergeConfig, LoraHubConfig)    # --merge-scale auto scores on LoraHub's shots
-        self.help = (merging.MERGES[base].__doc__ or "").strip().splitlines()[0]
+        first = " ".join((merging.MERGES[base].__doc__ or "").strip().split("\n\n")[0].split())
+        self.help = first.split(". ")[0].rstrip(".")       # the docstring's first sentence
         if name in merging.VARIANTS:
             self.help = f"{base} with {', '.join(f'{k}={v!r}' for k, v in preset.items())}"
 
@@ -412,6 +413,8 @@ class Merge(Method):
         w = env.opt(MergeConfig).weights
         if w is not None and len(w) != len(env.tasks):
             raise UserError(f"--weights has {len(w)} values for {len(env.tasks)} tasks")
+        if self.options(env).get("scale") == "auto":
+            env.shots(env.tasks, env.opt(LoraHubConfig).lorahub_shots)      # enough shots, before any build
 
     def fingerprint(self, env, task):
         fp = {"options": self.options(env), "weights": env.opt(MergeConfig).weights,

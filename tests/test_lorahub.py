@@ -180,6 +180,11 @@ def test_lorahub_and_auto_scale_search_on_training_shots_only(run):
             assert list(per_task[t]["search"]["shot_ids"]) == [t]
         assert len(info["search"]["trace"]) == 4 and info["search"]["objective"] <= info["search"]["start_objective"]
         assert scaled["scale_search"]["chosen"] in (0.5, 1.0)
+    from src import analysis
+    found = analysis.search_records(folder)
+    assert sorted((r["method"], r["target"] or "", r["kind"]) for r in found) == sorted(
+        [("lorahub", "", "weights"), ("knots", "", "scale")] + [("lorahub_task", t, "weights") for t in TASKS])
+    assert "searches.png" in {p.name for p in analysis.plot_run(folder, cosines=False)}
     (folder / "eval" / "cells" / "lorahub" / "qa.json").unlink()
     again = go("--methods", "lorahub,lorahub_task,knots", "--lorahub-budget", "4", "--lorahub-shots", "2",
                "--merge-scale", "auto", "--merge-scale-grid", "0.5", "1", "--split", "train")
