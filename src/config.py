@@ -16,6 +16,7 @@ and a preset is just a dict of field values applied under what the user typed:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from src.errors import UserError
@@ -26,11 +27,23 @@ DEFAULT_MODEL = "smollm2-135m"
 PAPER_MODEL = "Qwen/Qwen2-1.5B"
 
 
+def _finite(value) -> bool:
+    """A finite int or float (a bool is neither: JSON and Python would let it pass as 0 / 1)."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+
+
 def _positive(name: str, value, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if not _finite(value) or value <= 0:  # nan <= 0 is False: nan and inf need the finite check
+        raise UserError(f"--{name.replace('_', '-')} must be positive and finite, got {value}")
+
+
+def _not_negative(name: str, value) -> None:
+    if not _finite(value) or value < 0:
+        raise UserError(f"--{name.replace('_', '-')} must be finite and not negative, got {value}")
 
 
 @dataclass
@@ -110,8 +123,7 @@ class TrainConfig:
         _positive("lr", self.lr)
         _positive("log_every", self.log_every)
         for name in ("weight_decay", "warmup_steps", "max_grad_norm", "eval_every", "patience", "save_every"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+            _not_negative(name, getattr(self, name))
         for name in ("batch_size", "grad_accum", "warmup_steps", "eval_every", "patience", "save_every",
                      "log_every"):
             if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
@@ -152,8 +164,7 @@ class RouterConfig:
 
     def __post_init__(self):
         MoAConfig(router=self.router, inference=self.inference)  # one place validates both
-        if self.eta < 0:
-            raise UserError(f"--eta must not be negative, got {self.eta}")
+        _not_negative("eta", self.eta)
         if self.eta == 0 and not self.lm_loss:
             raise UserError("--eta 0 without --lm-loss leaves nothing to train")
 

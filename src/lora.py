@@ -45,6 +45,21 @@ def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
+def _number(x) -> bool:
+    """A finite int or float (not a bool, which JSON and Python would let pass as 0 / 1)."""
+    if isinstance(x, bool):
+        return False
+    return isinstance(x, int) or (isinstance(x, float) and math.isfinite(x))
+
+
+def _positive_number(x) -> bool:
+    return _number(x) and x > 0
+
+
+def _positive_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
 @dataclass
 class LoraConfig:
     """LoRA hyperparameters (the study: r 8, alpha 16, q/k/v/gate/up/down)."""
@@ -60,9 +75,11 @@ class LoraConfig:
         if isinstance(self.target_modules, str):
             self.target_modules = tuple(t for t in self.target_modules.split(",") if t)
         self.target_modules = tuple(self.target_modules)
-        if self.rank <= 0:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
             raise UserError(f"--rank must be a positive integer, got {self.rank}")
-        if not 0.0 <= self.dropout < 1.0:
+        if not _positive_number(self.alpha):
+            raise UserError(f"--alpha must be positive and finite, got {self.alpha}")
+        if not (_number(self.dropout) and 0.0 <= self.dropout < 1.0):  # also refuses nan
             raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not self.target_modules:
             raise UserError("--target-modules is empty")
@@ -304,8 +321,95 @@ def save_adapter(adapter: Adapter, folder: str | os.PathLike,
     return folder
 
 
+# PEFT LoraConfig features that change what an adapter computes beyond W0 x + s B A x, or
+# that need tensors besides lora_A / lora_B: refused by field name, never silently dropped.
+# (VeLoRA, EVA, MiCA, orthogonal or Gaussian init, layers_to_transform, exclude_modules end
+# in a plain LoRA and load as one.)
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def _is_set(value) -> bool:
+    return value not in (None, False, "", [], {})
+
+
+def _changes_base(init) -> bool:
+    return isinstance(init, str) and init.startswith(_BASE_CHANGING_INITS)
+
+
+_UNSUPPORTED = (
+    ("use_dora", _is_set, "DoRA adapters are not supported"),
+    ("lora_bias", _is_set, "a bias on lora_B is not supported"),
+    ("bias", lambda v: v not in (None, "none"), "bias tensors are not supported"),
+    ("fan_in_fan_out", _is_set, "transposed (fan_in, fan_out) weights are not supported"),
+    ("modules_to_save", _is_set, "fully trained copies of modules are not supported"),
+    ("trainable_token_indices", _is_set, "trainable token embeddings are not supported"),
+    ("layer_replication", _is_set, "layer replication is not supported"),
+    ("megatron_config", _is_set, "Megatron parallel layers are not supported"),
+    ("target_parameters", _is_set, "LoRA on bare parameters is not supported"),
+    ("alora_invocation_tokens", _is_set, "Activated LoRA (aLoRA) is not supported"),
+    ("use_qalora", _is_set, "QALoRA is not supported"),
+    ("use_bdlora", _is_set, "block-diagonal LoRA (BD-LoRA) is not supported"),
+    ("kasa_config", _is_set, "KaSA adapters are not supported"),
+    ("monteclora_config", _is_set, "MonteCLoRA adapters are not supported"),
+    ("arrow_config", _is_set, "PEFT's Arrow routing is not supported"),
+    ("init_lora_weights", _changes_base, ("this initialisation also changes the base weights, which the "
+                                          "adapter files do not hold (convert it to a plain LoRA with PEFT)")),
+)
+
+_LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
+
+
+def _shown(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else "set"
+
+
+def check_adapter_config(cfg, path: Path) -> None:
+    """A UserError naming the field when an adapter_config.json is not a plain LoRA we can apply."""
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path}: not a JSON object (got {type(cfg).__name__})")
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise UserError(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    for name, is_set, why in _UNSUPPORTED:
+        if is_set(cfg.get(name)):
+            raise UserError(f"{path}: {name} is {_shown(cfg[name])}: {why} (only plain LoRA)")
+    if "r" in cfg and not _positive_int(cfg["r"]):
+        raise UserError(f"{path}: r must be a positive integer, got {_shown(cfg['r'])}")
+    if "lora_alpha" in cfg and not _positive_number(cfg["lora_alpha"]):
+        raise UserError(f"{path}: lora_alpha must be positive and finite, got {_shown(cfg['lora_alpha'])}")
+    if not isinstance(cfg.get("use_rslora", False), bool):
+        raise UserError(f"{path}: use_rslora must be true or false, got {_shown(cfg['use_rslora'])}")
+    for name, ok, what in (("rank_pattern", _positive_int, "a positive integer"),
+                           ("alpha_pattern", _positive_number, "positive and finite")):
+        patterns = cfg.get(name) or {}
+        if not isinstance(patterns, dict):
+            raise UserError(f"{path}: {name} must be an object, got {_shown(patterns)}")
+        for key, value in patterns.items():
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise UserError(f"{path}: {name} key {key!r} is not a valid regex ({e})") from None
+            if not ok(value):
+                raise UserError(f"{path}: {name}[{key!r}] must be {what}, got {_shown(value)}")
+
+
+def _foreign_tensor(key: str) -> str:
+    """What a tensor that is not a lora_A / lora_B weight holds, for the error message."""
+    for part, what in (("lora_magnitude_vector", "a DoRA magnitude vector"),
+                       ("modules_to_save", "a modules_to_save copy of a module"),
+                       ("trainable_tokens", "trainable token embeddings"),
+                       ("lora_embedding", "a LoRA on an embedding")):
+        if part in key:
+            return what
+    return "a bias" if key.endswith(".bias") else "not a LoRA factor"
+
+
 def load_adapter(folder: str | os.PathLike) -> Adapter:
-    """Read a PEFT LoRA adapter folder (ours or PEFT's), honouring rank/alpha patterns and rsLoRA."""
+    """Read a PEFT LoRA adapter folder (ours or PEFT's), honouring rank/alpha patterns and rsLoRA.
+
+    Anything beyond a plain LoRA (a config feature in `_UNSUPPORTED`, a tensor that is not a
+    lora_A / lora_B weight) is a UserError naming it, never silently dropped.
+    """
     folder = Path(folder)
     cfg_path, w_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     for p in (cfg_path, w_path):
@@ -315,22 +419,22 @@ def load_adapter(folder: str | os.PathLike) -> Adapter:
         cfg = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{cfg_path}: not valid JSON ({e})") from None
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise UserError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    check_adapter_config(cfg, cfg_path)
     try:
         tensors = load_file(str(w_path))
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{w_path}: unreadable safetensors file ({e})") from None
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+    for key, t in sorted(tensors.items()):
+        m = _LORA_KEY.fullmatch(key)
         if not m:
-            continue  # e.g. modules_to_save or bias tensors: not part of the LoRA update
+            raise UserError(f"{w_path}: tensor {key} is {_foreign_tensor(key)}: only plain LoRA "
+                            f"(<module>.lora_A.weight / lora_B.weight) is supported")
         pairs.setdefault(m.group(1), {})[m.group(2)] = t
     if not pairs:
         raise UserError(f"{w_path}: no LoRA tensors (keys like base_model.model.<module>.lora_A.weight)")
     r0, alpha0 = cfg.get("r", 8), cfg.get("lora_alpha", 8)
-    rslora = bool(cfg.get("use_rslora", False))
+    rslora = cfg.get("use_rslora", False)
     factors, scales = {}, {}
     for n, ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:

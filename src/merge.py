@@ -17,7 +17,8 @@ Writes OUT/ (adapter_config.json, adapter_model.safetensors: a PEFT adapter) and
 OUT/merge_info.json (method, options, weights, source adapters; the name evaluation's
 merges use too); with --export-model,
 also a plain Hugging Face model folder with the merged adapter folded into BASE's weights.
-Bad input: one line `error: ...`, exit 2, nothing written.
+Bad input: one line `error: ...`, exit 2, nothing written. An output folder may not be,
+hold or lie inside an input (even with --force).
 """
 from __future__ import annotations
 
@@ -78,6 +79,21 @@ def _free(folder: Path, force: bool, flag: str) -> None:
         raise UserError(f"{flag} {folder} exists; pass --force to replace it")
 
 
+def _apart(folder: Path, flag: str, inputs: Sequence[tuple[str, str]]) -> None:
+    """Refuse an output folder that is, holds or lies inside an input (resolved paths): writing
+    it (with --force, replacing it) would destroy what is being read."""
+    out = folder.resolve()
+    for what, path in inputs:
+        src = Path(path).resolve()
+        if out == src:
+            also = f" ({path})" if str(path) != str(folder) else ""
+            raise UserError(f"{flag} {folder} is {what}{also}")
+        if src in out.parents:
+            raise UserError(f"{flag} {folder} lies inside {what}, {path}")
+        if out in src.parents:
+            raise UserError(f"{flag} {folder} contains {what}, {path}")
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = build_parser("python -m src.merge", __doc__, MergeCommand, MergeConfig)
     parser.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR", help="adapter folders to merge")
@@ -87,6 +103,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
     # ---- check everything before writing anything
     out = Path(cfg.out)
+    inputs = [("one of the adapters being merged", d) for d in ns.adapters]
+    if cfg.base and Path(cfg.base).exists():  # a local folder or file (not a hub id or alias)
+        inputs.append(("the --base model", cfg.base))
+    _apart(out, "--out", inputs)
+    if cfg.export_model:
+        _apart(Path(cfg.export_model), "--export-model", [*inputs, ("the --out folder", cfg.out)])
     _free(out, cfg.force, "--out")
     if cfg.export_model:
         _free(Path(cfg.export_model), cfg.force, "--export-model")

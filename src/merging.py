@@ -370,7 +370,7 @@ def knots(factors: Factors, scales: Sequence[float], weights: Sequence[float], *
     """KnOTS (Stoica et al., "Model merging with SVD to tie the KnOTS", ICLR 2025;
     gstoica27/KnOTS): align the tasks in one SVD basis, then TIES-merge their coordinates.
 
-    Space: the joint SVD of the task deltas side by side, [dW_1 | ... | dW_N] = U S [V_1 | ... | V_N]^T
+    Acts on the deltas, through their factors. Space: the joint SVD of the task deltas side by side, [dW_1 | ... | dW_N] = U S [V_1 | ... | V_N]^T
     (U shared by all tasks; computed from the factors: a QR of the stacked B's, one QR per A_i,
     an SVD of the sum(r_i)^2 core; components with s <= 1e-7 s_max dropped). Each task is
     represented by S V_i^T [k, in] (S folded in, as KnOTS); these are merged by TIES (trim to the
@@ -404,7 +404,8 @@ def core_space(factors: Factors, scales: Sequence[float], weights: Sequence[floa
     """Core Space merging (Panariello et al., "Accurate and Efficient Low-Rank Model Merging in
     Core Space", NeurIPS 2025; apanariello4/core-space-merging).
 
-    Space: reference bases shared by all tasks, U_ref from the SVD of the stacked B's
+    Acts on the deltas, through their factors. Space: reference bases shared by all tasks,
+    U_ref from the SVD of the stacked B's
     [B_1 ... B_N] [out, R] and V_ref from the SVD of the stacked A's [A_1; ...; A_N] [R, in]
     (R = sum r_i). Each task's core M_i = U_ref^T dW_i V_ref = (U_ref^T B_i)(A_i V_ref) is
     R x R; the cores are merged by `core_merge`: "ta" (task arithmetic, sum M_i), "ties" (trim
@@ -443,7 +444,8 @@ def tsv(factors: Factors, scales: Sequence[float], weights: Sequence[float], *,
     """TSV-Merge (Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model
     Merging", CVPR 2025; AntoAndGar/task_singular_vectors).
 
-    Space: each task's own singular vectors, dW_i = U_i S_i V_i^T (from the factors,
+    Acts on the deltas, through their factors. Space: each task's own singular vectors,
+    dW_i = U_i S_i V_i^T (from the factors,
     `lowrank_usv`). Each task keeps its top k_i = min(r_i, int(keep * min(out, in)))
     components (keep default 1/N, the paper's rule: for LoRA adapters this is every component),
     the kept U_i and V_i are stacked side by side and each stack is replaced by its closest
@@ -478,7 +480,8 @@ def iso_c(factors: Factors, scales: Sequence[float], weights: Sequence[float], *
     """Iso-C (Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and
     Task-Specific Subspaces", ICML 2025; danielm1405/iso-merging).
 
-    Space: the singular vectors of the task-arithmetic sum dW = sum_i dW_i = U S V^T (from the
+    Acts on the deltas, through their factors. Space: the singular vectors of the
+    task-arithmetic sum dW = sum_i dW_i = U S V^T (from the
     stacked factors, `lowrank_usv`). Its spectrum is made flat: dW_iso = scale * sbar U V^T,
     sbar the mean singular value. The mean is over the non-zero spectrum only (s > 1e-7 s_max,
     at most sum r_i values): the reference averages all min(out, in) values of a full-rank

@@ -22,7 +22,7 @@ Exactness: one optimizer step minimises sum_k w_k * (sum of term k over the GLOB
 processes; so `--grad-accum` and several processes give the single-process step (up to
 float summation order). Checkpoints hold trainable tensors, optimizer, scheduler, RNG
 states and the data position, so a resumed run ends where an uninterrupted one does; they
-hold tensors and plain values only and are loaded with torch.load(weights_only=True).
+are a safetensors file and a JSON file (no pickle), written atomically.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ import os
 import random
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,12 +42,16 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from src.errors import UserError
+from src.runs import atomic_path, write_text_atomic
 from src.tasks import TASKS, Example, tokenize_example
 
 IGNORE = -100
-STATE_FILE = "state.pt"
+STATE_FILE = "state.json"          # a checkpoint's commit file; its tensors are in a .safetensors beside it
+LEGACY_STATE_FILE = "state.pt"     # checkpoints of earlier versions (torch.save), still read
+CHECKPOINT_FORMAT = 1
 
 
 # ------------------------------------------------------------------------------ data
@@ -301,27 +306,120 @@ def planned_steps(n_examples: int, global_batch: int, epochs: float, max_steps: 
 
 
 # ------------------------------------------------------------------------ checkpoints
+# A checkpoint is two files in its folder: the tensors in `state-<id>.safetensors` and
+# everything else (numbers, strings, the nesting) in `state.json`, which names the tensors
+# file. Both are written to a temporary file and renamed, the tensors first: `state.json`
+# is the commit, so a kill at any moment leaves the previous checkpoint or the new one,
+# whole. No pickle is written or read (LEGACY_STATE_FILE, from older versions, is still
+# read with torch.load(weights_only=True), which unpickles tensors and plain values only).
+
+# JSON has no tensors, tuples or non-string keys: they become one-key objects with these tags.
+_TENSOR, _TUPLE, _ITEMS = "__tensor__", "__tuple__", "__items__"
+_TAGS = (_TENSOR, _TUPLE, _ITEMS)
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _join(path: str, key) -> str:
+    return f"{path}/{key}" if path else str(key)
+
+
+def _flatten(value, path: str, tensors: dict[str, torch.Tensor]):
+    """`value` as JSON; its tensors go into `tensors` under their path ("optimizer/state/0/exp_avg").
+
+    Dicts keep their keys when all are strings (else a list of [key, value] pairs); tuples
+    stay tuples; anything but tensors, dicts, lists, tuples and plain values is a TypeError.
+    """
+    if torch.is_tensor(value):
+        key = path if path not in tensors else f"{path}#{len(tensors)}"
+        tensors[key] = value
+        return {_TENSOR: key}
+    if type(value) in _PLAIN:
+        return value
+    if isinstance(value, (list, tuple)):
+        items = [_flatten(v, _join(path, i), tensors) for i, v in enumerate(value)]
+        return {_TUPLE: items} if isinstance(value, tuple) else items
+    if isinstance(value, dict):
+        if all(type(k) is str and k not in _TAGS for k in value):
+            return {k: _flatten(v, _join(path, k), tensors) for k, v in value.items()}
+        return {_ITEMS: [[_flatten(k, _join(path, f"key{i}"), tensors), _flatten(v, _join(path, k), tensors)]
+                         for i, (k, v) in enumerate(value.items())]}
+    raise TypeError(f"checkpoint value {path or '/'}: a {type(value).__name__} is neither a tensor "
+                    f"nor a plain value (dict, list, tuple, number, string, None)")
+
+
+def _unflatten(value, tensors: dict[str, torch.Tensor]):
+    """The inverse of `_flatten`: JSON plus the tensors file -> the state that was saved."""
+    if isinstance(value, list):
+        return [_unflatten(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if len(value) == 1 and next(iter(value)) in _TAGS:
+        (tag, inner), = value.items()
+        if tag == _TENSOR:
+            return tensors[inner]
+        if tag == _TUPLE:
+            return tuple(_unflatten(v, tensors) for v in inner)
+        return {_unflatten(k, tensors): _unflatten(v, tensors) for k, v in inner}
+    return {k: _unflatten(v, tensors) for k, v in value.items()}
+
+
+def _cpu_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, none sharing memory with another (safetensors refuses that)."""
+    out, seen = {}, set()
+    for key, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        out[key] = t.clone() if ptr in seen else t
+        seen.add(ptr)
+    return out
+
 
 def save_checkpoint(folder: Path, state: dict) -> None:
-    """torch.save to a temporary file, then rename: a checkpoint is whole or absent."""
+    """Write `state` (tensors and plain values, nested) as a checkpoint in `folder`, atomically.
+
+    The tensors file first, then `state.json` naming it (the commit); then the files of the
+    previous checkpoint go. A value that is neither a tensor nor plain is a TypeError, raised
+    before anything is written.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    doc = {"format": CHECKPOINT_FORMAT, "tensors": f"state-{uuid.uuid4().hex[:12]}.safetensors",
+           "state": _flatten(state, "", tensors)}
+    text = json.dumps(doc, indent=1) + "\n"
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{STATE_FILE}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, folder / STATE_FILE)
+    with atomic_path(folder / doc["tensors"]) as tmp:
+        save_file(_cpu_tensors(tensors), tmp, metadata={"format": "pt"})
+    write_text_atomic(folder / STATE_FILE, text)
+    for old in [*folder.glob("state-*.safetensors"), folder / LEGACY_STATE_FILE]:
+        if old.name != doc["tensors"]:
+            old.unlink(missing_ok=True)
+
+
+def checkpoint_file(folder: Path) -> Path | None:
+    """The file that marks a checkpoint in `folder` (`state.json`, else a legacy `state.pt`)."""
+    for name in (STATE_FILE, LEGACY_STATE_FILE):
+        if (folder / name).is_file():
+            return folder / name
+    return None
 
 
 def load_checkpoint(folder: Path) -> dict | None:
     """The checkpoint in `folder`, or None when there is none.
 
-    Loaded with weights_only=True: a checkpoint holds tensors and plain values (dicts, lists,
-    tuples, numbers, strings, None), so reading one never runs pickled code. A truncated or
-    corrupt file, or one that needs unpickling, is a UserError.
+    `state.json` and the tensors file it names; without them a legacy `state.pt`, loaded with
+    torch.load(weights_only=True) (tensors and plain values only, no pickled code). A
+    truncated, corrupt or incomplete checkpoint, or a legacy one that needs unpickling, is a
+    UserError.
     """
-    path = folder / STATE_FILE
-    if not path.is_file():
+    path = checkpoint_file(folder)
+    if path is None:
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        if path.name == LEGACY_STATE_FILE:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        doc = json.loads(path.read_text())
+        if doc.get("format") != CHECKPOINT_FORMAT or Path(doc["tensors"]).name != doc["tensors"]:
+            raise ValueError("not a checkpoint of this format")
+        return _unflatten(doc["state"], load_file(str(folder / doc["tensors"])))
     except Exception as e:  # noqa: BLE001 - a truncated/corrupt file is a user-facing condition
         raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it or use --force") from None
 
@@ -400,7 +498,7 @@ def fit(model: nn.Module, params: dict[str, nn.Parameter], train: Sequence[dict]
 
     cfg: a TrainConfig (epochs, max_steps, batch_size, grad_accum, lr, weight_decay,
     warmup_steps, max_grad_norm, eval_every, patience, save_every, log_every, resume, progress).
-    state_dir: where resumable checkpoints go (`state.pt`); log_path: the JSONL log (only
+    state_dir: where resumable checkpoints go (`state.json` + tensors); log_path: the JSONL log (only
     rank 0 writes either). With cfg.resume and a checkpoint in state_dir, training
     continues from it; `fingerprint` (e.g. the resolved config) must then match the saved one.
     on_step(step) runs after every optimizer step (and its checkpoint): for progress hooks,
@@ -525,10 +623,9 @@ class _Trainer:
         step_loss = sum(w * flat[i] / max(counts[k], 1) for i, (k, (w, _)) in enumerate(terms.items()))
         if not math.isfinite(step_loss):
             self.bar.close()
-            saved = self.state_dir / STATE_FILE
             raise TrainingDiverged(
                 f"task {self.name}: loss is {step_loss} at step {self.progress.step + 1}; stopped. "
-                f"Last good checkpoint: {saved if saved.exists() else 'none'}")
+                f"Last good checkpoint: {checkpoint_file(self.state_dir) or 'none'}")
         self._all_reduce_grads()
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm)

@@ -136,8 +136,9 @@ def test_dare_reproduces_only_with_the_same_seed(peft3):
 # --------------------------------------------------------------------------- invariants
 
 def test_registry_names():
-    assert list(MERGES) == ["concat", "weight_sum", "svd", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
-    assert {"svd_sum", "svd_full", "concat_unscaled", "weight_avg"} <= set(VARIANTS)
+    assert list(MERGES) == ["concat", "weight_sum", "svd", "task_arithmetic", "ties", "dare_linear", "dare_ties",
+                            "knots", "core_space", "tsv", "iso_c"]
+    assert {"svd_sum", "svd_full", "concat_unscaled", "weight_avg", "core_space_tsv"} <= set(VARIANTS)
     for fn in MERGES.values():  # every method documents its space, scale and paper
         doc = fn.__doc__
         assert doc and ("A and B" in doc or "delta" in doc) and "scale" in doc

@@ -110,7 +110,7 @@ def test_kill_and_resume_gives_the_uninterrupted_adapter(tiny_dir, tmp_path, mon
     cut = tmp_path / "cut"
     assert run_main(train_loras.main, _args(tiny_dir, cut, *args)) == 130
     assert not (cut / "adapters" / "sentiment").exists()  # nothing half-written is visible
-    assert torch.load(cut / "checkpoints" / "sentiment" / "state.pt", weights_only=True)["step"] == 4
+    assert training.load_checkpoint(cut / "checkpoints" / "sentiment")["step"] == 4
     monkeypatch.setattr(train_loras, "fit", real_fit)
 
     capsys.readouterr()

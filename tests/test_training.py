@@ -125,7 +125,7 @@ def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(tmp_path, item
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path / "cut", items, tokenizer, max_steps=6, save_every=2, eval_every=3, on_step=kill)
-    assert (tmp_path / "cut" / "ckpt" / "state.pt").is_file()
+    assert (tmp_path / "cut" / "ckpt" / "state.json").is_file()
     resumed, _ = _run(tmp_path / "cut", items, tokenizer, max_steps=6, save_every=2, eval_every=3, resume=True)
     assert resumed.steps == full.steps == 6
     for k in full.params:
@@ -152,7 +152,8 @@ def test_nan_loss_stops_naming_task_and_step_and_keeps_the_checkpoint(tmp_path, 
         return {"lm": loss * float("nan") if calls["n"] == 3 else loss}
     with pytest.raises(TrainingDiverged, match=r"task sentiment: loss is nan at step 3"):
         _run(tmp_path, items, tokenizer, save_every=2, objective=Objective(poisoned))
-    state = torch.load(tmp_path / "ckpt" / "state.pt", weights_only=True)  # plain values only: no unpickling
+    from src.training import load_checkpoint
+    state = load_checkpoint(tmp_path / "ckpt")  # safetensors + JSON: no unpickling
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["params"].values())
 
 
@@ -177,7 +178,10 @@ def test_checkpoints_load_without_unpickling_and_bad_files_are_one_line_errors(t
     scheduler.load_state_dict(state["scheduler"])
     assert scheduler.get_last_lr() == state["scheduler"]["_last_lr"]
 
-    save_checkpoint(tmp_path / "pickled", {"x": fractions.Fraction(1, 3)})  # needs unpickling: refused
+    with pytest.raises(TypeError, match="Fraction"):                       # only tensors and plain values
+        save_checkpoint(tmp_path / "new", {"x": fractions.Fraction(1, 3)})
+    (tmp_path / "pickled").mkdir()                                          # an old torch.save checkpoint
+    torch.save({"x": fractions.Fraction(1, 3)}, tmp_path / "pickled" / "state.pt")   # needs unpickling: refused
     (tmp_path / "corrupt").mkdir()
     (tmp_path / "corrupt" / "state.pt").write_bytes(b"not a checkpoint")
     for folder in ("pickled", "corrupt"):
