@@ -162,7 +162,7 @@ def main(argv=None):
                 cells[(m, t)] = cell
 
     # ------------------------------------------------------------------ build steps (before any
-    # generation: a merge that cannot be built, e.g. ties without --density, fails the run here)
+    # generation: a merge that cannot be built, e.g. ties with --rank in space ab, fails the run here)
     with runs.file_lock(run_dir):   # processes sharing RUN build each result once
         built = compose.build_all(list(pending), env)
     n_todo = sum(len(v) for v in pending.values())

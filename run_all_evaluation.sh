@@ -13,20 +13,52 @@ RUN="${RUN:-runs/demo}"          # the run folder written by train_all_tasks.sh 
 DATA="${DATA:-sample}"           # sample | hub | a folder holding <task>/<split>.jsonl
 METHODS="${METHODS:-moa,arrow,concat,weight_sum,svd,task_arithmetic,ties,dare_linear,dare_ties,knots,core_space,tsv,iso_c,lorahub}"  # + base, oracle
 DENSITY="${DENSITY:-0.5}"         # share of entries TIES / DARE keep (the other methods ignore it)
-PYTHON="${PYTHON:-python}"
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"   # the repository; paths stay relative to the caller
 export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
+
+# The Python: $PYTHON when set, else the .venv next to this script (bash setup.sh), else `python`;
+# it must have the project's packages (torch, transformers).
+PYTHON_SET=${PYTHON:+1}
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -e "$HERE/.venv/bin/python" ]]; then PYTHON="$HERE/.venv/bin/python"; else PYTHON=python; fi
+fi
+has_packages() {
+    "$PYTHON" -c 'import importlib.util as u, sys; sys.exit(not (u.find_spec("torch") and u.find_spec("transformers")))' \
+        >/dev/null 2>&1
+}
+no_python() {
+    echo "error: no Python environment with the project's packages: run 'bash setup.sh' first (or set PYTHON=...)${PYTHON_SET:+ (PYTHON=$PYTHON cannot import torch and transformers)}" >&2
+    exit 2
+}
+# How to open the notebook on run folder $1 with what this environment has installed.
+notebook_hint() {
+    local run py=$PYTHON nb=$HERE/visualize_lora.ipynb
+    run=$(cd "$1" 2>/dev/null && pwd) || run=$1
+    if [[ "$PWD" == "$HERE" ]]; then run=${run#"$HERE/"}; py=${py#"$HERE/"}; nb=visualize_lora.ipynb; fi
+    if "$PYTHON" -m jupyter execute --version >/dev/null 2>&1; then
+        echo "notebook: RUN_DIR=$run $py -m jupyter execute --output=$run/visualize_lora $nb   (writes $run/visualize_lora.ipynb with the figures)"
+    else
+        echo "notebook: $py -m pip install notebook, then RUN_DIR=$run $py -m jupyter notebook $nb"
+    fi
+}
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
     sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
     echo
     echo "Variables (environment overrides): MODEL=$MODEL TASKS=$TASKS RUN=$RUN DATA=$DATA"
-    echo "  METHODS=$METHODS DENSITY=$DENSITY"
+    echo "  METHODS=$METHODS DENSITY=$DENSITY PYTHON=$PYTHON"
     echo
-    "$PYTHON" "$HERE/full_evaluation.py" -h
+    if ! has_packages; then
+        echo "(full_evaluation.py's flags need the project's Python: run 'bash setup.sh' first, or set PYTHON=...)"
+    elif ! flags=$("$PYTHON" "$HERE/full_evaluation.py" -h 2>&1); then
+        echo "(could not list full_evaluation.py's flags: $(tail -n 1 <<<"$flags"))"
+    else
+        echo "$flags"
+    fi
     exit 0
 fi
+has_packages || no_python
 
 if [[ -d "$DATA" ]]; then
     data_flags=(--data dir --data-dir "$DATA")
@@ -37,4 +69,5 @@ fi
 "$PYTHON" "$HERE/full_evaluation.py" --model "$MODEL" --output-dir "$RUN" --tasks "$TASKS" --methods "$METHODS" \
     --density "$DENSITY" "${data_flags[@]}" "$@"
 "$PYTHON" -m src.analysis "$RUN"
-echo "table: $RUN/eval/results.md   plots: $RUN/plots/   notebook: RUN_DIR=$RUN jupyter notebook visualize_lora.ipynb"
+echo "table: $RUN/eval/results.md   plots: $RUN/plots/"
+notebook_hint "$RUN"

@@ -2,23 +2,39 @@
 # The whole pipeline on a CPU: the embedded SmolLM2-135M-Instruct and the bundled sample
 # data (data/sample: a tiny hand-written set; the numbers it gives make no research claim).
 #
-#   bash run_demo.sh            # after `bash setup.sh`; about 15 minutes on 2 CPU cores
+#   bash run_demo.sh            # after `bash setup.sh`; about 6.5 minutes on 2 CPU cores (README)
 #   RUN=runs/mine TASKS=sentiment,nli bash run_demo.sh
 #
 # Trains one LoRA per task, trains the MoA routers, evaluates base / oracle / MoA / every
 # merge, writes the table and the plots, and prints the table. Rerunning reuses what is
-# finished (adapters, router, evaluation cells).
+# finished (adapters, router, evaluation cells). PYTHON=... picks the interpreter (default:
+# .venv/bin/python, which setup.sh makes).
 set -euo pipefail
 cd "$(dirname "$0")"
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
+HERE=$PWD
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
 
-export PYTHON=${PYTHON:-.venv/bin/python}
+# The Python: $PYTHON when set, else the .venv next to this script (bash setup.sh), else `python`;
+# it must have the project's packages (torch, transformers).
+PYTHON_SET=${PYTHON:+1}
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -e "$HERE/.venv/bin/python" ]]; then PYTHON="$HERE/.venv/bin/python"; else PYTHON=python; fi
+fi
+has_packages() {
+  "$PYTHON" -c 'import importlib.util as u, sys; sys.exit(not (u.find_spec("torch") and u.find_spec("transformers")))' \
+    >/dev/null 2>&1
+}
+no_python() {
+  echo "error: no Python environment with the project's packages: run 'bash setup.sh' first (or set PYTHON=...)${PYTHON_SET:+ (PYTHON=$PYTHON cannot import torch and transformers)}" >&2
+  exit 2
+}
+has_packages || no_python
+export PYTHON
 export MODEL=${MODEL:-smollm2-135m}
 export TASKS=${TASKS:-5tasks}
 export RUN=${RUN:-runs/demo}
 export DATA=${DATA:-sample}
 export METHODS=${METHODS:-moa,concat,weight_sum,svd,svd_sum,ties,dare_ties}
-[[ -x "$PYTHON" ]] || { echo "error: $PYTHON not found: run 'bash setup.sh' first (or set PYTHON)" >&2; exit 2; }
 
 start=$SECONDS
 echo "== 1/3 training one LoRA per task ($TASKS) on $MODEL"
@@ -26,9 +42,7 @@ bash train_all_tasks.sh --preset demo
 echo "== 2/3 training the MoA routers"
 bash train_moa.sh --preset demo
 echo "== 3/3 evaluating base, oracle and $METHODS"
+# prints the table (once), then where the table, the plots and the notebook are
 bash run_all_evaluation.sh --eval-size 12 --batch-size 12 --max-new-tokens 32
 echo
-cat "$RUN/eval/results.md"
-echo
 echo "demo finished in $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s"
-echo "table: $RUN/eval/results.md  plots: $RUN/plots/  notebook: RUN_DIR=$RUN jupyter notebook visualize_lora.ipynb"

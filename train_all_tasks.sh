@@ -20,9 +20,36 @@ MODEL=${MODEL:-}
 TASKS=${TASKS:-}
 RUN=${RUN:-runs/default}
 DATA=${DATA:-}
-PYTHON=${PYTHON:-python}
 
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
+# The Python: $PYTHON when set, else the .venv next to this script (bash setup.sh), else `python`;
+# it must have the project's packages (torch, transformers).
+PYTHON_SET=${PYTHON:+1}
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -e "$HERE/.venv/bin/python" ]]; then PYTHON="$HERE/.venv/bin/python"; else PYTHON=python; fi
+fi
+has_packages() {
+  "$PYTHON" -c 'import importlib.util as u, sys; sys.exit(not (u.find_spec("torch") and u.find_spec("transformers")))' \
+    >/dev/null 2>&1
+}
+no_python() {
+  echo "error: no Python environment with the project's packages: run 'bash setup.sh' first (or set PYTHON=...)${PYTHON_SET:+ (PYTHON=$PYTHON cannot import torch and transformers)}" >&2
+  exit 2
+}
+
+# -h: this header, then the flags of SCRIPT ($1) that extra arguments go to (never a traceback).
+show_help() {
+  sed -n "$2" "$0" | sed 's/^# \{0,1\}//'
+  echo
+  if ! has_packages; then
+    echo "($1's flags need the project's Python: run 'bash setup.sh' first, or set PYTHON=...)"
+  elif ! flags=$("$PYTHON" "$HERE/$1" -h 2>&1); then
+    echo "(could not list $1's flags: $(tail -n 1 <<<"$flags"))"
+  else
+    echo "$flags"
+  fi
+}
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then show_help train_individual_loras.py '2,14p'; exit 0; fi
+has_packages || no_python
 
 # Explicit flags beat a --preset in "$@"; flags later in "$@" beat these.
 common=(--output-dir "$RUN")
@@ -46,8 +73,9 @@ try:
     (data, _, _), _ = parse_configs(sys.argv[1:], "train_all_tasks.sh", "", DataConfig, TrainConfig, LoraConfig,
                                     presets=PRESETS)
     print(",".join(resolve_tasks(data.tasks)))
-except UserError as e:
-    sys.exit(f"error: {e}")
+except UserError as e:   # one line, exit 2 (as the training script itself would)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 PY
 )
 IFS=',' read -ra tasks <<< "$tasks_csv"

@@ -120,9 +120,37 @@ def run_cosines(run_dir: Path) -> dict:
     tasks = _task_order(run_dir, sorted(p.name for p in folder.glob("*") if (p / "adapter_config.json").is_file()))
     if len(tasks) < 1:
         raise UserError(f"{folder}: no adapters to compare")
-    result = cosine_matrices({t: load_adapter(folder / t) for t in tasks})
+    adapters = {t: load_adapter(folder / t) for t in tasks}
+    result = cosine_matrices(adapters)
+    result.update(adapters_info(folder, adapters))
     write_json_atomic(analysis_dir(run_dir) / "cosine.json", result)
     return result
+
+
+def adapters_info(folder: Path, adapters: Mapping[str, object]) -> dict:
+    """What the compared adapters are, for the plots' titles: {"model": their base model(s),
+    "rank": their LoRA rank(s), "train_examples": {task: training examples}} (keys that
+    the adapters' configs and training_config.json do not give are left out)."""
+    out: dict = {}
+    models = sorted({str(a.base_model) for a in adapters.values() if getattr(a, "base_model", None)})
+    if models:
+        out["model"] = ", ".join(models)
+    ranks = sorted({a.config["r"] for a in adapters.values() if isinstance(getattr(a, "config", None), dict)
+                    and isinstance(a.config.get("r"), int)})
+    if ranks:
+        out["rank"] = "/".join(str(r) for r in ranks)
+    n = {}
+    for t in adapters:
+        info = Path(folder) / t / "training_config.json"
+        try:
+            n_train = json.loads(info.read_text()).get("n_train") if info.is_file() else None
+        except (OSError, json.JSONDecodeError):
+            n_train = None
+        if isinstance(n_train, int):
+            n[t] = n_train
+    if n:
+        out["train_examples"] = n
+    return out
 
 
 def _task_order(run_dir: Path, names: list[str]) -> list[str]:
@@ -198,6 +226,11 @@ def routing_confusion(run_dir: Path, tasks: Sequence[str] | None, method: str) -
     routed = list(dict.fromkeys([*[t for t in true if any(t in r for r in rows.values())],
                                  *sorted({r for row in rows.values() for r in row})]))
     out = {"method": method, "true": true, "routed": routed}
+    if summary_path(run_dir).is_file():
+        try:
+            out["model"] = json.loads(summary_path(run_dir).read_text()).get("model")
+        except (OSError, json.JSONDecodeError):
+            pass
     if token:
         out["share"] = [[rows[t].get(r, 0.0) / n[t] for r in routed] for t in true]
         out["counts"] = [[n[t]] * len(routed) for t in true]
@@ -206,10 +239,46 @@ def routing_confusion(run_dir: Path, tasks: Sequence[str] | None, method: str) -
     return out
 
 
+def _model_name(model) -> str:
+    return str(model or "?").rstrip("/").split("/")[-1]
+
+
+def _size_range(sizes) -> str | None:
+    """"12" or "12-100" from a collection of sizes (None when there is none)."""
+    sizes = sorted({int(n) for n in sizes if n})
+    if not sizes:
+        return None
+    return f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+
+
+def examples_per_task(summary: dict) -> str | None:
+    """Evaluated examples per task ("12", or "12-100" when tasks differ) from summary.json."""
+    return _size_range(c.get("n") for e in summary.get("methods", {}).values()
+                       for c in (e.get("per_task") or {}).values())
+
+
 def run_label(summary: dict) -> str:
-    """"SmolLM2-135M, 7 tasks, toolkit scoring": what a plot of this summary shows."""
-    model = str(summary.get("model", "?")).rstrip("/").split("/")[-1]
-    return f"{model}, {len(summary.get('tasks', []))} tasks, {summary.get('scoring', 'toolkit')} scoring"
+    """"SmolLM2-135M, 7 tasks, 100 examples per task, toolkit scoring": what a plot of this
+    summary shows."""
+    parts = [_model_name(summary.get("model")), f"{len(summary.get('tasks', []))} tasks"]
+    n = examples_per_task(summary)
+    if n:
+        parts.append(f"{n} examples per task")
+    parts.append(f"{summary.get('scoring', 'toolkit')} scoring")
+    return ", ".join(parts)
+
+
+def cosine_label(cos: dict) -> str:
+    """"smollm2-135m LoRAs (r 8), 5 tasks, 32 training examples per task": what a cosine
+    plot shows (cosine.json written before these keys existed gives just the tasks)."""
+    parts = []
+    if cos.get("model"):
+        parts.append(f"{_model_name(cos['model'])} LoRAs" + (f" (r {cos['rank']})" if cos.get("rank") else ""))
+    parts.append(f"{len(cos.get('tasks', []))} tasks")
+    n = _size_range((cos.get("train_examples") or {}).values())
+    if n:
+        parts.append(f"{n} training examples per task")
+    return ", ".join(parts)
 
 
 # ------------------------------------------------------------------------- plots
@@ -244,17 +313,33 @@ def _heatmap(ax, mat, labels_y, labels_x, vmin, vmax, cmap="RdBu_r", fmt="{:.2f}
     return im
 
 
-def plot_cosine(cos: dict, title: str = "Cosine similarity of the tasks' LoRA deltas"):
+def _off_diagonal_max(mat) -> float | None:
+    """The largest |value| off the diagonal (NaN skipped), None when there is none."""
+    vals = [abs(v) for i, row in enumerate(mat) for j, v in enumerate(row) if i != j and not math.isnan(v)]
+    return max(vals) if vals else None
+
+
+def plot_cosine(cos: dict, title: str = "Cosine similarity of the tasks' LoRA deltas", label: str | None = None):
+    """Task x task cosine of the whole deltas. The colour range is the largest |cos| off the
+    diagonal (as in the per-layer plot): near-orthogonal deltas would all be white on a
+    +-1 scale; the diagonal (1) lies beyond it."""
     tasks = cos["tasks"]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(tasks), 1.0 + 0.7 * len(tasks)))
-    im = _heatmap(ax, cos["overall"], tasks, tasks, -1, 1)
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    ax.set_title(title, fontsize=10)
+    off = _off_diagonal_max(cos["overall"])
+    vmax = max(off, 1e-6) if off is not None else 1.0
+    mat = [[float("nan") if i == j else v for j, v in enumerate(row)] for i, row in enumerate(cos["overall"])]
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="0.85")   # the diagonal (1 by definition): grey
+    fig, ax = plt.subplots(figsize=(2.2 + 0.9 * len(tasks), 1.8 + 0.75 * len(tasks)))
+    im = _heatmap(ax, mat, tasks, tasks, -vmax, vmax, cmap=cmap, fmt="{:.3f}" if vmax < 0.1 else "{:.2f}")
+    for i in range(len(tasks)):
+        ax.text(i, i, "1", ha="center", va="center", fontsize=8, color="0.3")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="cosine")
+    ax.set_title(f"{title}\n{label or cosine_label(cos)}\n(colour range \u00b1{vmax:.3f} off the diagonal)",
+                 fontsize=10)
     fig.tight_layout()
     return fig
 
 
-def plot_cosine_per_layer(cos: dict):
+def plot_cosine_per_layer(cos: dict, label: str | None = None):
     """Rows: task pairs; columns: layers; colour scaled to the largest |cos| off the diagonal."""
     tasks, layers = cos["tasks"], list(cos["per_layer"])
     pairs = [(i, j) for i in range(len(tasks)) for j in range(i + 1, len(tasks))]
@@ -270,7 +355,8 @@ def plot_cosine_per_layer(cos: dict):
                   fmt="{:.3f}", annotate=len(layers) <= 12)
     ax.set_xlabel("layer")
     fig.colorbar(im, ax=ax, fraction=0.046, label="cosine")
-    ax.set_title(f"Cosine similarity per layer (colour range \u00b1{vmax:.3f})", fontsize=10)
+    ax.set_title(f"Cosine similarity per layer: {label or cosine_label(cos)}\n(colour range \u00b1{vmax:.3f})",
+                 fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -278,7 +364,7 @@ def plot_cosine_per_layer(cos: dict):
 def plot_multitask(summary: dict, title: str | None = None):
     methods = list(summary["methods"])
     vals = [summary["methods"][m]["multitask_score"] for m in methods]
-    fig, ax = plt.subplots(figsize=(1.5 + 0.8 * len(methods), 3.5))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.5 + 0.8 * len(methods)), 4.0))
     heights = [v if v is not None else 0.0 for v in vals]
     ivs = [summary["methods"][m].get("multitask_interval") for m in methods]
     err = None
@@ -289,25 +375,39 @@ def plot_multitask(summary: dict, title: str | None = None):
         err = [[max(x, 0.0) for x in side] for side in err]   # a bootstrap interval need not hold the point
     bars = ax.bar(methods, heights, color=_colors(methods), yerr=err, capsize=3 if err else 0,
                   error_kw={"elinewidth": 0.8, "ecolor": "0.2"})
-    for b, v in zip(bars, vals):
-        ax.text(b.get_x() + b.get_width() / 2, b.get_height(), "n/a" if v is None else f"{v:.3f}",
-                ha="center", va="bottom", fontsize=8)
+    tops = [h + (err[1][i] if err else 0.0) for i, h in enumerate(heights)]
+    for b, v, top in zip(bars, vals, tops):
+        ax.text(b.get_x() + b.get_width() / 2, top, "n/a" if v is None else f"{v:.3f}",
+                ha="center", va="bottom", fontsize=9)
     ax.axhline(1.0, color="0.3", lw=0.8, ls="--")
-    ax.set_ylabel("multitask score (vs oracle)")
-    ax.set_title(title or f"Multitask score: {run_label(summary)}", fontsize=10)
-    ax.tick_params(axis="x", rotation=30)
+    ax.set_ylim(0, max(tops + [1.0]) * 1.12)
+    ax.set_ylabel("multitask score (vs oracle)", fontsize=10)
+    ax.set_title(title or f"Multitask score (mean of method / oracle over tasks)\n{run_label(summary)}",
+                 fontsize=11)
+    ax.tick_params(axis="x", rotation=30, labelsize=9)
     fig.tight_layout()
     return fig
 
 
+def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
+    """(rows, cols) for n panels, rows filled as evenly as possible (5 -> 2 x 3, 7 -> 2 x 4)."""
+    rows = max(1, math.ceil(n / max_cols))
+    return rows, max(1, math.ceil(n / rows))
+
+
+def _value(v: float) -> str:
+    return f"{v:.3f}" if abs(v) < 10 else f"{v:.2f}"
+
+
 def plot_per_task(summary: dict):
-    """One panel per task (the metrics' scales differ): raw primary metric per method."""
+    """One panel per task (the metrics' scales differ): raw primary metric per method, its
+    value on each bar (a score of 0 gets its label and a mark on the axis)."""
     tasks, methods = summary["tasks"], list(summary["methods"])
-    cols = min(len(tasks), 4)
-    rows = math.ceil(len(tasks) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(0.5 + (0.45 * len(methods) + 0.8) * cols, 3.0 * rows),
+    rows, cols = _grid(len(tasks), 4 if len(methods) <= 8 else 2)
+    fig, axes = plt.subplots(rows, cols, figsize=(0.5 + (0.55 * len(methods) + 1.0) * cols, 0.6 + 3.6 * rows),
                              squeeze=False)
     colors = _colors(methods)
+    vertical = len(methods) > 6        # value labels upright once they would overlap side by side
     for k, t in enumerate(tasks):
         ax = axes[k // cols][k % cols]
         cells = [summary["methods"][m]["per_task"][t] for m in methods]
@@ -316,21 +416,31 @@ def plot_per_task(summary: dict):
         if all(c.get("interval") for c in cells):   # bootstrap 95% intervals
             err = [[v - c["interval"][0] for v, c in zip(vals, cells)], [c["interval"][1] - v for v, c in zip(vals, cells)]]
             err = [[max(x, 0.0) for x in side] for side in err]
-        ax.bar(range(len(methods)), vals, color=colors, yerr=err, capsize=2 if err else 0,
+        xs = list(range(len(methods)))
+        ax.bar(xs, vals, color=colors, yerr=err, capsize=2 if err else 0,
                error_kw={"elinewidth": 0.7, "ecolor": "0.2"})
-        ax.set_ylim(bottom=0)
-        ax.set_xticks(range(len(methods)), methods, rotation=60, ha="right", fontsize=7)
-        ax.set_title(f"{t} ({summary['methods'][methods[0]]['per_task'][t]['primary']})", fontsize=9)
-    for k in range(len(tasks), rows * cols):
-        axes[k // cols][k % cols].axis("off")
-    fig.suptitle(f"Raw primary metric per task: {run_label(summary)}", fontsize=10)
+        tops = [v + (err[1][i] if err else 0.0) for i, v in enumerate(vals)]
+        for i, (v, top) in enumerate(zip(vals, tops)):
+            if v == 0:      # no bar to see: mark the zero on the axis
+                ax.plot(i, 0, marker="_", markersize=12, markeredgewidth=3, color=colors[i], clip_on=False, zorder=3)
+            ax.text(i, max(top, 0.0), " " + _value(v) if vertical else _value(v), ha="center", va="bottom",
+                    fontsize=8.5, rotation=90 if vertical else 0)
+        top = max(tops + [0.0])
+        ax.set_ylim(0, (top if top > 0 else 1.0) * (1.4 if vertical else 1.15))
+        ax.set_xticks(xs, methods, rotation=60, ha="right", fontsize=9)
+        ax.tick_params(axis="y", labelsize=9)
+        ax.set_title(f"{t} ({cells[0]['primary']}, n={cells[0].get('n', '?')})", fontsize=11)
+    for k in range(len(tasks), rows * cols):     # no empty panels
+        fig.delaxes(axes[k // cols][k % cols])
+    fig.suptitle(f"Raw primary metric per task and method: {run_label(summary)}", fontsize=12)
     fig.tight_layout()
     return fig
 
 
-def plot_routing(conf: dict):
+def plot_routing(conf: dict, label: str | None = None):
     """Rows: the true task; columns: the experts. A per-sequence router's share of examples
-    routed to each expert, or a per-token router's mean gate share over the prompts' tokens."""
+    routed to each expert, or a per-token router's mean gate share over the prompts' tokens.
+    `label` (default: the model, when known) and the examples per task go in the title."""
     import numpy as np
 
     counts = np.array(conf["counts"], dtype=float)
@@ -340,21 +450,25 @@ def plot_routing(conf: dict):
     im = _heatmap(ax, share, conf["true"], conf["routed"], 0, 1, cmap="Blues", annotate=False)
     for i in range(share.shape[0]):
         for j in range(share.shape[1]):
-            label = f"{share[i, j]:.2f}" if token else f"{share[i, j]:.2f}\n({int(counts[i, j])})"
-            ax.text(j, i, label, ha="center", va="center", fontsize=7,
+            cell = f"{share[i, j]:.2f}" if token else f"{share[i, j]:.2f}\n({int(counts[i, j])})"
+            ax.text(j, i, cell, ha="center", va="center", fontsize=7,
                     color="white" if share[i, j] > 0.6 else "black")
     ax.set_xlabel("expert (mean gate share over prompt tokens and layers)" if token else "routed to expert")
     ax.set_ylabel("true task")
     own = [share[i, conf["routed"].index(t)] for i, t in enumerate(conf["true"]) if t in conf["routed"]]
     name = conf.get("method", "router")
     what = "mean own-expert share" if token else "accuracy"
-    ax.set_title(f"{name} routing ({what} {np.mean(own) if own else float('nan'):.3f})", fontsize=10)
+    n = _size_range(row[0] if token else sum(row) for row in conf["counts"])
+    about = label or ", ".join(x for x in (_model_name(conf["model"]) if conf.get("model") else None,
+                                           f"{len(conf['true'])} tasks",
+                                           f"{n} examples per task" if n else None) if x)
+    ax.set_title(f"{name} routing ({what} {np.mean(own) if own else float('nan'):.3f})\n{about}", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, label="share of the row")
     fig.tight_layout()
     return fig
 
 
-def plot_routing_per_layer(table: dict, method: str = "router"):
+def plot_routing_per_layer(table: dict, method: str = "router", label: str | None = None):
     """A per-token router's expert share per layer: one panel per true task (layers x experts),
     from summary.json's routing table."""
     import numpy as np
@@ -375,9 +489,9 @@ def plot_routing_per_layer(table: dict, method: str = "router"):
         ax.set_yticks(range(0, len(layers), step), short[::step], fontsize=6)
         ax.set_title(t, fontsize=9)
     for k in range(len(tasks), rows * cols):
-        axes[k // cols][k % cols].axis("off")
-    fig.colorbar(im, ax=axes, fraction=0.02, label="mean gate share")
-    fig.suptitle(f"{method}: expert share per layer (prompt tokens)", fontsize=10)
+        fig.delaxes(axes[k // cols][k % cols])
+    fig.colorbar(im, ax=list(fig.axes), fraction=0.02, label="mean gate share")
+    fig.suptitle(f"{method}: expert share per layer (prompt tokens)" + (f"\n{label}" if label else ""), fontsize=10)
     return fig
 
 
@@ -425,8 +539,10 @@ def plot_comparison_per_task(summaries: Sequence[dict], labels: Sequence[str] | 
         ax.axhline(1.0, color="0.3", lw=0.8, ls="--")
         ax.set_title(f"{t}: method / oracle", fontsize=9)
     for n in range(len(tasks), rows * cols):
-        axes[n // cols][n % cols].axis("off")
+        fig.delaxes(axes[n // cols][n % cols])
     axes[0][0].legend(fontsize=7)
+    fig.suptitle("Each task's score relative to its oracle, across runs (legend: model, tasks, examples per task)",
+                 fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -456,7 +572,7 @@ def search_records(run_dir: Path, methods: Sequence[str] | None = None) -> list[
     return out
 
 
-def plot_searches(records: Sequence[dict]):
+def plot_searches(records: Sequence[dict], label: str | None = None):
     """Left: each LoraHub search's objective per candidate and its best so far; right: the
     weights it found per adapter (and the scale searches' loss per grid point)."""
     weights = [r for r in records if r["kind"] == "weights"]
@@ -484,6 +600,8 @@ def plot_searches(records: Sequence[dict]):
     axes[2].set(xlabel="scaling coefficient", ylabel="shot loss", title="--merge-scale auto")
     if scales:
         axes[2].legend(fontsize=8)
+    if label:
+        fig.suptitle(f"Searches of the build steps: {label}", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -511,18 +629,20 @@ def plot_run(run_dir: Path, cosines: bool = True) -> list[Path]:
         for method in routing_methods(run_dir):
             conf = routing_confusion(run_dir, summary["tasks"], method)
             if conf:
-                written.append(_save(plot_routing(conf), out / f"routing_{method}.png"))
+                written.append(_save(plot_routing(conf, run_label(summary)), out / f"routing_{method}.png"))
             table = summary.get("routing", {}).get(method, {})
             if table.get("per_layer"):
-                written.append(_save(plot_routing_per_layer(table, method), out / f"routing_{method}_per_layer.png"))
+                written.append(_save(plot_routing_per_layer(table, method, run_label(summary)),
+                                     out / f"routing_{method}_per_layer.png"))
         searches = search_records(run_dir, summary["methods"])
         if searches:
-            written.append(_save(plot_searches(searches), out / "searches.png"))
+            written.append(_save(plot_searches(searches, run_label(summary)), out / "searches.png"))
     return written
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m src.analysis", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m src.analysis", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s)")
     parser.add_argument("--out", default=None, help="folder for the comparison plots (default: the first RUN/plots)")
     parser.add_argument("--no-cosine", action="store_true", help="skip the cosine analysis (needs torch)")

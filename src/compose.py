@@ -47,7 +47,8 @@ SCALE_GRID = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 class MergeConfig:
     """Options of the merge methods; each method gets only those it takes."""
 
-    density: float | None = field(default=None, metadata={"help": "ties / dare: share of entries kept"})
+    density: float | None = field(default=None, metadata={
+        "help": "ties, dare, knots, core_space ties: share of entries kept; None: 0.2 (TIES' top 20%, PEFT's guide)"})
     rank: str | None = field(default=None, metadata={"help": "svd (and ties/dare in delta space): rank, or 'full'"})
     majority_sign: str | None = field(default=None, metadata={
         "help": "ties / dare_ties sign election: total or frequency; None: total", "choices": ("total", "frequency")})
@@ -395,9 +396,13 @@ class Merge(Method):
     def options(self, env: Env) -> dict:
         c = env.opt(MergeConfig)
         scale = c.merge_scale if c.merge_scale in (None, "auto") else float(c.merge_scale)
-        return merge_options(self.name, {"density": c.density, "rank": c.rank, "seed": env.seed,
-                                         "majority_sign": c.majority_sign, "space": c.space,
-                                         "core_merge": c.core_merge, "keep": c.keep, "scale": scale})
+        options = merge_options(self.name, {"density": c.density, "rank": c.rank, "seed": env.seed,
+                                            "majority_sign": c.majority_sign, "space": c.space,
+                                            "core_merge": c.core_merge, "keep": c.keep, "scale": scale})
+        base = merging.resolve_method(self.name, {})[0]
+        if "density" in merging.options_of(merging.MERGES[base]) and "density" not in options:
+            options["density"] = merging.DENSITY      # the default, recorded (a changed default is a new cell)
+        return options
 
     def scale_search(self, env: Env) -> dict | None:
         """What --merge-scale auto depends on (None when the scale is not searched)."""

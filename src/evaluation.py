@@ -519,11 +519,11 @@ def results_markdown(summary: dict) -> str:
 
 
 def results_csv(summary: dict) -> str:
-    """The table as CSV (raw numbers); `#` comment lines first carry the run's meta."""
+    """The table as CSV (raw numbers): a header, then one row per method, nothing else, so
+    `pandas.read_csv(path)` and `csv.DictReader` read it as it is. The run's provenance
+    (model, data, seed, commit, command, config) is summary.json's "meta" and the head of
+    results.md."""
     buf = io.StringIO()
-    for line in _meta_lines(summary):
-        buf.write(f"# {line}\n")
-    buf.write(f"# config: {json.dumps(summary['meta']['config'], sort_keys=True)}\n")
     tasks = summary["tasks"]
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["method", *tasks, "multitask_score", "multitask_lo", "multitask_hi"])

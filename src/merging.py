@@ -131,6 +131,9 @@ def _resolve_rank(rank: int | str | None, ranks: Sequence[int]) -> int:
     return rank
 
 
+DENSITY = 0.2   # share of entries TIES and DARE keep by default: TIES' top 20% (Yadav et al.), PEFT's guide
+
+
 def _check_density(density: float | None, method: str) -> float:
     if density is None:
         raise UserError(f"{method} needs a density (fraction of entries kept, in (0, 1])")
@@ -298,11 +301,11 @@ def _sparse_method(factors: Factors, scales: Sequence[float], weights: Sequence[
 
 
 def ties(factors: Factors, scales: Sequence[float], weights: Sequence[float], *,
-         density: float | None = None, majority_sign: str = "total", space: str = "ab",
+         density: float = DENSITY, majority_sign: str = "total", space: str = "ab",
          rank: int | str | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """TIES (Yadav et al., "TIES-Merging", NeurIPS 2023): trim each task tensor to its top
     `density` magnitudes, elect a sign per entry ("total" or "frequency"), average the
-    weighted entries that agree with it.
+    weighted entries that agree with it. Default density 0.2 (the paper's top 20%).
 
     space="ab" (default, PEFT `ties`): acts on A and on B separately, with w_i s_i split as
     sign sqrt on A and sqrt on B; equal ranks required; result scale 1.
@@ -315,10 +318,11 @@ def ties(factors: Factors, scales: Sequence[float], weights: Sequence[float], *,
 
 
 def dare_linear(factors: Factors, scales: Sequence[float], weights: Sequence[float], *,
-                density: float | None = None, space: str = "ab", rank: int | str | None = None,
+                density: float = DENSITY, space: str = "ab", rank: int | str | None = None,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """DARE (Yu et al., "Language Models are Super Mario", ICML 2024) with a linear merge:
     drop each entry with probability 1 - density, rescale the rest by 1/density, weighted sum.
+    Default density 0.2 (as PEFT's merging guide).
 
     space="ab" (default, PEFT `dare_linear`): on A and B separately, w_i s_i split as in
     `ties`, equal ranks, scale 1. space="delta" (PEFT `dare_linear_svd`): on the dense
@@ -330,11 +334,11 @@ def dare_linear(factors: Factors, scales: Sequence[float], weights: Sequence[flo
 
 
 def dare_ties(factors: Factors, scales: Sequence[float], weights: Sequence[float], *,
-              density: float | None = None, majority_sign: str = "total", space: str = "ab",
+              density: float = DENSITY, majority_sign: str = "total", space: str = "ab",
               rank: int | str | None = None, generator: torch.Generator | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """DARE drop-and-rescale (Yu et al., ICML 2024) followed by TIES sign election and
-    disjoint mean (Yadav et al., NeurIPS 2023).
+    disjoint mean (Yadav et al., NeurIPS 2023). Default density 0.2 (as PEFT's merging guide).
 
     space="ab" (default, PEFT `dare_ties`): on A and B separately, w_i s_i split as in
     `ties`, equal ranks, scale 1. space="delta" (PEFT `dare_ties_svd`): on the dense deltas,
@@ -365,7 +369,7 @@ def _as_lora(b: torch.Tensor, a: torch.Tensor, scale: float) -> tuple[torch.Tens
 
 
 def knots(factors: Factors, scales: Sequence[float], weights: Sequence[float], *,
-          density: float = 0.2, majority_sign: str = "total", scale: float = 1.0
+          density: float = DENSITY, majority_sign: str = "total", scale: float = 1.0
           ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """KnOTS (Stoica et al., "Model merging with SVD to tie the KnOTS", ICLR 2025;
     gstoica27/KnOTS): align the tasks in one SVD basis, then TIES-merge their coordinates.
@@ -399,7 +403,7 @@ CORE_MERGES = ("ta", "ties", "tsv", "iso_c")
 
 
 def core_space(factors: Factors, scales: Sequence[float], weights: Sequence[float], *,
-               core_merge: str = "ta", density: float = 0.2, scale: float = 1.0
+               core_merge: str = "ta", density: float = DENSITY, scale: float = 1.0
                ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Core Space merging (Panariello et al., "Accurate and Efficient Low-Rank Model Merging in
     Core Space", NeurIPS 2025; apanariello4/core-space-merging).
