@@ -6,8 +6,6 @@ caller passes only the first one (test_build_parser_shows_the_callers_whole_docs
 """
 from __future__ import annotations
 
-import dataclasses
-import io
 import json
 import os
 import re
