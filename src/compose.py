@@ -617,9 +617,13 @@ def moa_experts(folder: Path) -> tuple[list[str], bool]:
         cfg = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: unreadable ({e})") from None
-    if not isinstance(cfg.get("tasks"), list):
-        raise UserError(f"{path}: no 'tasks' list (not a saved MixtureOfLoRAs)")
-    return list(cfg["tasks"]), bool(cfg.get("experts_saved"))
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("tasks"), list) or not cfg["tasks"] \
+            or not all(isinstance(t, str) and t for t in cfg["tasks"]):
+        raise UserError(f"{path}: no 'tasks' list of task names (not a saved MixtureOfLoRAs)")
+    saved = cfg.get("experts_saved", False)
+    if not isinstance(saved, bool):
+        raise UserError(f"{path}: 'experts_saved' must be true or false, got {saved!r}")
+    return list(cfg["tasks"]), saved
 
 
 class MoA(Method):

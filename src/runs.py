@@ -266,8 +266,10 @@ def load_cell(run: Path, method: str, task: str, fingerprint: dict) -> dict | No
         cell = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
-    if cell.get("fingerprint") != json.loads(json.dumps(fingerprint)):
+    if not isinstance(cell, dict) or cell.get("fingerprint") != json.loads(json.dumps(fingerprint)):
         return None
+    if not isinstance(cell.get("records"), list) or not isinstance(cell.get("result"), dict):
+        return None                      # damaged: recomputed, as a missing cell
     if not predictions_path(run, method, task).is_file():
         write_predictions(run, method, task, cell["records"])
     return cell

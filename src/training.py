@@ -415,11 +415,17 @@ def load_checkpoint(folder: Path) -> dict | None:
         return None
     try:
         if path.name == LEGACY_STATE_FILE:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict):
+                raise ValueError("the state is not a mapping")
+            return state
         doc = json.loads(path.read_text())
         if doc.get("format") != CHECKPOINT_FORMAT or Path(doc["tensors"]).name != doc["tensors"]:
             raise ValueError("not a checkpoint of this format")
-        return _unflatten(doc["state"], load_file(str(folder / doc["tensors"])))
+        state = _unflatten(doc["state"], load_file(str(folder / doc["tensors"])))
+        if not isinstance(state, dict):
+            raise ValueError("the state is not a mapping")
+        return state
     except Exception as e:  # noqa: BLE001 - a truncated/corrupt file is a user-facing condition
         raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it or use --force") from None
 
@@ -583,18 +589,24 @@ class _Trainer:
             diff = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
             raise UserError(f"task {self.name}: --resume with a different setting ({', '.join(diff)}) than "
                             f"the checkpoint in {self.state_dir}; use --force to restart")
-        with torch.no_grad():
-            for k, p in self.params.items():
-                p.copy_(state["params"][k])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        self.progress = _Progress(step=state["step"], best_val=state["best_val"], best_step=state["best_step"],
-                                  bad_evals=state["bad_evals"], tokens=state["tokens"], elapsed_s=state["elapsed_s"],
-                                  best_params=state["best_params"])
+        try:
+            with torch.no_grad():
+                for k, p in self.params.items():
+                    p.copy_(state["params"][k])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            set_rng_state(state["rng"])
+            self.progress = _Progress(step=state["step"], best_val=state["best_val"], best_step=state["best_step"],
+                                      bad_evals=state["bad_evals"], tokens=state["tokens"],
+                                      elapsed_s=state["elapsed_s"], best_params=state["best_params"])
+            offset = int(state["log_offset"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+            raise UserError(f"task {self.name}: the checkpoint in {self.state_dir} is incomplete or damaged "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}); "
+                            f"use --force to restart") from None
         if self.d.main and self.log_path.exists():  # drop log lines written after the checkpoint
             with open(self.log_path, "r+b") as f:
-                f.truncate(state["log_offset"])
+                f.truncate(offset)
 
     # --------------------------------------------------------------------- step
 
