@@ -21,6 +21,7 @@ import json
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,8 @@ from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Iterator, Sequence
+
+from src.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -176,6 +179,102 @@ def file_lock(path: Path, wait: bool = True) -> Iterator[bool]:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+class OwnedLock:
+    """A non-blocking flock on `path` whose file names its holder ({"pid", "host", "since"}):
+    how one training stage (a task's LoRA, the MoA) keeps a second process off its checkpoint
+    and log. `acquire()` is False when another process holds it (`holder()` then says who);
+    `release()` deletes the file, then unlocks. Like file_lock, the kernel drops the lock
+    when its holder dies; the file a dead holder leaves is simply taken over.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.fd: int | None = None
+        self._holder: dict | None = None
+
+    def acquire(self) -> bool:
+        for _ in range(20):  # the file may be deleted by a releasing holder between open and flock
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # the folder was removed by a releasing holder: again
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._holder = _read_holder(fd)
+                os.close(fd)
+                return False
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if not same:  # we locked a file its holder had just deleted: take the new one
+                os.close(fd)
+                continue
+            record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (record + "\n").encode(), 0)
+            self.fd = fd
+            return True
+        raise OSError(f"{self.path}: could not take the lock (the file keeps disappearing)")
+
+    def holder(self) -> str:
+        """'process PID on host HOST' of the process that holds the lock (after a failed acquire)."""
+        h = self._holder or {}
+        if h.get("pid"):
+            return f"process {h['pid']} on host {h.get('host', '?')}"
+        return "another process"
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def _read_holder(fd: int) -> dict | None:
+    try:
+        doc = json.loads(os.pread(fd, 4096, 0).decode() or "null")
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def check_writable(folder: Path) -> None:
+    """UserError unless `folder` exists as a writable folder or can be created: the nearest
+    existing folder on its path must be a folder (not a file) that this process may write in."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"cannot write {folder}: it is a file, not a folder")
+    p = folder
+    while not p.exists():
+        if p == p.parent:
+            break
+        p = p.parent
+    if not p.is_dir():
+        raise UserError(f"cannot create {folder}: {p} is a file, not a folder")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {folder}: no write permission in {p}")
+
+
+def make_dirs(folder: Path) -> list[Path]:
+    """mkdir -p `folder`; the folders it created, outermost first (to remove again on failure)."""
+    folder = Path(folder)
+    missing = []
+    p = folder
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing[::-1]
 
 
 def cell_lock(run: Path, method: str, task: str) -> Path:
