@@ -18,7 +18,8 @@ Writes, per task, RUN/adapters/<task>/: adapter_config.json + adapter_model.safe
 (PEFT format), training_config.json (resolved config, seed, git commit, data hash, result)
 and log.jsonl (loss, lr, tokens/s, validation loss). The folder appears only when complete
 (written beside, then renamed); a task whose folder is complete is skipped unless --force.
-Resumable state lives in RUN/checkpoints/<task>/ until the task finishes.
+Resumable state lives in RUN/checkpoints/<task>/ until the task finishes; while a process
+trains a task it holds RUN/checkpoints/<task>.lock, and a second process is refused by name.
 All inputs (tasks, data, model, sizes) are checked before any training starts.
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ from src.cli import config_dict, parse_configs
 from src.config import PRESETS, DataConfig, TrainConfig
 from src.errors import run_main
 from src.lora import LoraConfig, add_lora, adapter_from_model, lora_layers, save_adapter, unload_lora
-from src.models import load_base_model, resolve_model_path
+from src.models import load_base_model, model_identity, resolve_model_path
 from src.tasks import data_hash, resolve_tasks
 from src.training import (TrainingDiverged, barrier, encode_examples, finish_distributed, fit, init_distributed,
                           load_data, process_device)
@@ -54,10 +55,20 @@ def main(argv=None) -> None:
     run = Path(train_cfg.output_dir)
     d = init_distributed(train_cfg.device)
     say = stages.main_printer(d)
-    todo = stages.pending([stages.adapter_stage(run, t) for t in tasks], train_cfg, say)
-    if not todo:
-        return
+    # the tasks to train are checked writable and locked (RUN/checkpoints/<task>.lock) before any loading
+    failed: list[str] = []
+    with stages.claim([stages.adapter_stage(run, t) for t in tasks], train_cfg, say, d) as todo:
+        if todo:
+            failed = _train(todo, run, data_cfg, train_cfg, lora_cfg, d, say)
+    stages.remove_empty_checkpoints(run, d)
+    finish_distributed(d)
+    if failed:
+        print(f"error: training diverged for {', '.join(failed)}; see the messages above", file=sys.stderr)
+        raise SystemExit(1)
 
+
+def _train(todo, run, data_cfg, train_cfg, lora_cfg, d, say) -> list[str]:
+    """Train the stages of `todo` in turn; the tasks whose training diverged."""
     # ------------------------------------------------------------------- setup
     # Everything is loaded and checked before anything is written.
     names = [stage.task for stage in todo]
@@ -104,7 +115,8 @@ def main(argv=None) -> None:
             for k, v in result.params.items():
                 named[k].copy_(v)
         if d.main:
-            adapter = adapter_from_model(model, base_model=train_cfg.model, name=task)
+            # the base model as a resolved path (or hub id / alias): `runs/../m` and `m` agree
+            adapter = adapter_from_model(model, base_model=model_identity(train_cfg.model), name=task)
             info = {"task": task, "seed": data_cfg.seed, "git_commit": runs.git_commit(), "data_hash": hashes,
                     "model": train_cfg.model, "world_size": d.world, "global_batch": global_batch,
                     "n_train": len(train_data[task]), "n_validation": len(val_data[task]),
@@ -122,11 +134,7 @@ def main(argv=None) -> None:
         barrier(d)
         unload_lora(model)
 
-    stages.remove_empty_checkpoints(run, d)
-    finish_distributed(d)
-    if failed:
-        print(f"error: training diverged for {', '.join(failed)}; see the messages above", file=sys.stderr)
-        raise SystemExit(1)
+    return failed
 
 
 if __name__ == "__main__":

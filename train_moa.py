@@ -22,8 +22,10 @@ then holds the prompts alone, since a router reads the prompt's last token.
 Reads RUN/adapters/<task>/ for every task of --tasks (missing ones are named). Writes RUN/moa/:
 moa_config.json + routers.safetensors (+ experts/<task>/ with --joint), training_config.json,
 log.jsonl, routing_accuracy.json (per task, on the validation data; also printed). RUN/moa
-appears only when complete; it is skipped on rerun unless --force; --resume continues a
-killed run from RUN/checkpoints/moa.
+appears only when complete. On rerun it is skipped when it was built from the same inputs
+(task list, settings, model, the adapters' sha256, recorded in its training_config.json)
+and refused when not, unless --force retrains it; --resume continues a killed run from
+RUN/checkpoints/moa. A second process on the same RUN/moa is refused (RUN/checkpoints/moa.lock).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from src.cli import config_dict, parse_configs
 from src.config import MOA_PRESETS, DataConfig, RouterConfig, TrainConfig
 from src.errors import UserError, run_main
 from src.lora import load_adapter
-from src.models import load_base_model, resolve_model_path
+from src.models import load_base_model, model_identity, resolve_model_path, same_model
 from src.moa import MixtureOfLoRAs, MoAConfig
 from src.tasks import data_hash, resolve_tasks
 from src.training import (TrainingDiverged, barrier, encode_examples, finish_distributed, fit, init_distributed,
@@ -60,8 +62,22 @@ def main(argv=None) -> None:
     d = init_distributed(train_cfg.device)
     say = stages.main_printer(d)
     stage = stages.moa_stage(run)
-    if not stages.pending([stage], train_cfg, say):
-        return
+    global_batch = train_cfg.batch_size * train_cfg.grad_accum * d.world
+    resolved = config_dict(data_cfg, train_cfg, router_cfg)
+    # what RUN/moa is built from: a complete one is reused only when this matches
+    built_from = stages.fingerprint(resolved, ignore={"tasks", "model"}, tasks=tasks,
+                                    model=model_identity(train_cfg.model), global_batch=global_batch,
+                                    adapters={t: runs.adapter_digest(runs.adapter_dir(run, t)) for t in tasks})
+    # RUN/moa and RUN/checkpoints must be writable, and RUN/checkpoints/moa.lock free, before any loading
+    with stages.claim([stage], train_cfg, say, d, built_from=lambda _: built_from) as todo:
+        if todo:
+            _train(stage, run, tasks, data_cfg, train_cfg, router_cfg, d, say, resolved, global_batch, built_from)
+    stages.remove_empty_checkpoints(run, d)
+    finish_distributed(d)
+
+
+def _train(stage, run, tasks, data_cfg, train_cfg, router_cfg, d, say, resolved, global_batch, built_from) -> None:
+    """Train the routers and publish RUN/moa (rank 0)."""
     if router_cfg.lm_loss and not router_cfg.joint:
         say("note: --lm-loss without --joint: under teacher forcing L_LM does not reach the routers "
             "(it is computed and logged only)")
@@ -72,7 +88,8 @@ def main(argv=None) -> None:
     val_data = load_data(data_cfg, tasks, "validation")
     model, tokenizer = load_base_model(train_cfg.model, process_device(d, train_cfg.device), train_cfg.dtype)
     amp = model.device.type == "cuda" and model.dtype != torch.float32
-    others = sorted({a.base_model for a in adapters.values() if a.base_model and a.base_model != train_cfg.model})
+    others = sorted({a.base_model for a in adapters.values()
+                     if a.base_model and not same_model(a.base_model, train_cfg.model)})
     if others:
         say(f"note: the adapters were trained on {', '.join(others)}; --model is {train_cfg.model}")
 
@@ -92,10 +109,10 @@ def main(argv=None) -> None:
     if router_cfg.joint:
         moa.set_experts_trainable(True)
     params = {n: p for n, p in moa.named_parameters() if p.requires_grad}
-    resolved = config_dict(data_cfg, train_cfg, router_cfg)
     hashes = {"train": data_hash(train_data), "validation": data_hash(val_data)}
-    global_batch = train_cfg.batch_size * train_cfg.grad_accum * d.world
-    fingerprint = stages.fingerprint(resolved, data_hash=hashes["train"], global_batch=global_batch)
+    # a --resume must match this; the experts' digests too: routers half-trained on other experts are not resumed
+    fingerprint = stages.fingerprint(resolved, data_hash=hashes["train"], global_batch=global_batch,
+                                     adapters=built_from["adapters"])
     say(f"MoA over {', '.join(tasks)}: {len(moa.routers)} {router_cfg.router} routers, "
         f"{sum(p.numel() for p in params.values()):,} trainable parameters; {len(train_items)} training sequences; "
         f"loss {'L_LM + ' if router_cfg.lm_loss else ''}{router_cfg.eta:g} * L_cls")
@@ -122,19 +139,17 @@ def main(argv=None) -> None:
             runs.write_json_atomic(folder / "routing_accuracy.json", accuracy)
             runs.write_json_atomic(folder / "training_config.json", {
                 "tasks": tasks, "seed": data_cfg.seed, "git_commit": runs.git_commit(), "data_hash": hashes,
-            "selection_ids": {t: [ex.id for ex in val_data[t]] for t in tasks},   # evaluation leaves these out
+                "selection_ids": {t: [ex.id for ex in val_data[t]] for t in tasks},  # evaluation leaves these out
                 "model": train_cfg.model, "world_size": d.world, "global_batch": global_batch,
                 "steps": result.steps, "best_step": result.best_step, "best_val_loss": result.best_val_loss,
                 "stopped_early": result.stopped_early, "elapsed_s": round(result.elapsed_s, 2), "config": resolved,
-                "versions": runs.versions()})
-        stages.remove_empty_checkpoints(run)
+                stages.BUILT_FROM: built_from, "versions": runs.versions()})
         width = max(len(t) for t in tasks)
         say(f"routing accuracy on validation ({router_cfg.inference} rule):")
         for t in tasks:
             say(f"  {t:<{width}}  {accuracy['per_task'][t]:.3f}  (n={accuracy['n'][t]})")
         say(f"  {'mean':<{width}}  {accuracy['mean']:.3f}   -> {stage.out_dir}")
     barrier(d)
-    finish_distributed(d)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,88 @@ def resolve_model_path(model: str) -> tuple[str, str | None]:
     return model, None
 
 
+def model_identity(model: str) -> str:
+    """One name per model however it is spelled, for comparing models: an existing local folder
+    or file as its resolved absolute path (`runs/../tiny`, `tiny` and a symlink to it agree),
+    the GGUF of an alias as the alias, an alias or a hub id as given. Never raises: a recorded
+    path that does not exist here stays as it is."""
+    if model in ALIASES:
+        return model
+    try:
+        path = Path(model).expanduser()
+        if not path.exists():
+            return model
+        resolved = path.resolve()
+    except (OSError, RuntimeError, ValueError):
+        return model
+    for alias in ALIASES:
+        try:
+            folder, fname = resolve_model_path(alias)
+        except UserError:
+            continue
+        if (Path(folder) / fname).resolve() == resolved:
+            return alias
+    return str(resolved)
+
+
+def same_model(a: str | None, b: str | None) -> bool:
+    """Whether two model names (--model values, adapters' base_model) are the same model."""
+    if not a or not b:
+        return a == b
+    return a == b or model_identity(a) == model_identity(b)
+
+
+# What a local model folder must hold besides config.json (the weights file names that
+# from_pretrained reads, sharded or not; a tokenizer in any of its usual forms).
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+            "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack", "model.ckpt.index")
+_TOKENIZER = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+              "sentencepiece.bpe.model", "tokenizer.tiktoken", "vocab.model")
+GGUF_MAGIC = b"GGUF"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _tokenizer_is_empty(tokenizer) -> bool:
+    """transformers builds a tokenizer with no vocabulary from a folder without tokenizer files."""
+    try:
+        return not tokenizer("hello world", add_special_tokens=False)["input_ids"]
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot encode is as good as none
+        return True
+
+
+def check_model_files(model: str) -> None:
+    """UserError naming the path and what is missing for a local model that cannot load: a
+    .gguf file that is not GGUF; a folder without weights files or tokenizer files."""
+    name, gguf = resolve_model_path(model)
+    if gguf:
+        path = Path(name) / gguf
+        try:
+            with open(path, "rb") as f:
+                magic = f.read(4)
+        except OSError as e:
+            raise UserError(f"--model {model}: cannot read {path} ({e.strerror or e})") from None
+        if magic != GGUF_MAGIC:
+            raise UserError(f"--model {model}: {path} is not a GGUF file (it does not start with "
+                            f"the GGUF magic bytes; a truncated or corrupt download?)")
+        return
+    folder = Path(name)
+    if not folder.is_dir():
+        return  # a hub id: the hub decides
+    no_weights = not any((folder / f).is_file() for f in _WEIGHTS)
+    no_tokenizer = not any((folder / f).is_file() for f in _TOKENIZER) and not any(folder.glob("*.tiktoken"))
+    weights = f"no weights ({', '.join(_WEIGHTS[:3])}, ...)"
+    if no_weights and no_tokenizer:
+        raise UserError(f"--model {model}: the folder {folder} has config.json but {weights} and no tokenizer "
+                        f"(tokenizer.json, tokenizer.model, vocab.json, ...)")
+    if no_weights:
+        raise UserError(f"--model {model}: the folder {folder} has {weights}")
+    # no tokenizer files: a few tokenizers need none; load_base_model checks that it encodes
+
+
 def prepare_tokenizer(tokenizer):
     """Left padding and a pad token: the existing one, else EOS, else UNK."""
     tokenizer.padding_side = "left"
@@ -113,13 +195,26 @@ def load_base_model(model: str, device: str = "auto", dtype: str = "auto"):
     name, gguf = resolve_model_path(model)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    check_model_files(model)
     kw = {"gguf_file": gguf} if gguf else {}
+    where = str(Path(name) / gguf) if gguf else name
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **kw)
+    except OSError as e:  # hub id not found / offline / unreadable folder
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--model {model}: cannot load ({first})") from None
+    except Exception as e:  # noqa: BLE001 - a corrupt or foreign file: one line (--debug shows the cause)
+        raise UserError(f"--model {model}: cannot load the tokenizer of {where} ({_first_line(e)})") from e
+    if _tokenizer_is_empty(tokenizer):
+        raise UserError(f"--model {model}: {where} has no usable tokenizer (no tokenizer.json, "
+                        f"tokenizer.model or vocab.json; it encodes text to nothing)")
+    try:
         lm = AutoModelForCausalLM.from_pretrained(name, dtype=dt, **kw)
     except OSError as e:  # hub id not found / offline / unreadable folder
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"--model {model}: cannot load ({first})") from None
+    except Exception as e:  # noqa: BLE001 - corrupt weights (SafetensorError, a bad GGUF, ...): one line
+        raise UserError(f"--model {model}: cannot load the weights of {where} ({_first_line(e)})") from e
     quantizer = getattr(lm, "hf_quantizer", None)
     if gguf and quantizer is not None and all(p.is_floating_point() for p in lm.parameters()):
         # transformers dequantised the GGUF weights on load: from here on this is a plain float

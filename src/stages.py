@@ -3,35 +3,51 @@
 A stage is one output folder a script trains (RUN/adapters/<task>, RUN/moa) and its
 resumable checkpoint (RUN/checkpoints/<name>). Every stage goes the same way:
 
-    todo = pending(stages, train_cfg, say)   # skip complete outputs unless --force; refuse an
-                                             # interrupted checkpoint without --resume / --force
-    for stage in todo:
-        restart(stage, train_cfg, d)         # --force: the old checkpoint goes first
-        result = fit(..., state_dir=stage.state_dir, log_path=stage.log_path,
-                     fingerprint=fingerprint(resolved, ...))  # what a --resume must match
-        if d.main:
-            with publish(stage) as folder:   # write the output into `folder`; on success it is
-                ...                          # renamed into place with log.jsonl, the checkpoint goes
+    with claim(stages, train_cfg, say, d) as todo:   # pending(), then each stage checked writable
+        for stage in todo:                             # and locked; a held lock names its holder
+            restart(stage, train_cfg, d)               # --force: the old checkpoint goes first
+            result = fit(..., state_dir=stage.state_dir, log_path=stage.log_path,
+                         fingerprint=fingerprint(resolved, ...))  # what a --resume must match
+            if d.main:
+                with publish(stage) as folder:  # write the output into `folder`; on success it is
+                    ...                         # renamed into place with log.jsonl, the checkpoint goes
     remove_empty_checkpoints(run, d)
+
+`pending` (inside `claim`) skips complete outputs unless --force, and refuses an interrupted
+checkpoint without --resume / --force.
 
 An output folder appears only when complete (built under the checkpoint, then renamed), so
 a killed run leaves its checkpoint and never half an output.
+
+A stage may record what its output was built from (`built_from`: settings, inputs' digests)
+in the output's training_config.json; a complete output is then skipped only when that
+matches the present fingerprint, and refused ("rerun with --force") when it does not. An
+output without the record (an older version's) is skipped with a note.
+
+While a process trains a stage, it holds the stage's lock, RUN/checkpoints/<name>.lock
+(`lock_path`; it records the holder's pid and host, and goes when the stage does): a
+second process on the same stage is refused by name instead of interleaving the log.
 """
 from __future__ import annotations
 
+import json
 import shutil
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+import torch
+
 from src import runs
 from src.errors import UserError
-from src.training import Dist, barrier, remove_checkpoints
+from src.training import Dist, _all_reduce, barrier, remove_checkpoints
 
 # Settings that may change between a run and its --resume (the rest must match the checkpoint).
 RESUMABLE = {"output_dir", "resume", "force", "progress", "device", "log_every"}
 LOG_NAME = "log.jsonl"
+INFO_NAME = "training_config.json"   # every stage's output records its provenance here
+BUILT_FROM = "built_from"            # ... and, under this key, what the output was built from
 
 
 @dataclass(frozen=True)
@@ -72,26 +88,168 @@ def main_printer(d: Dist) -> Callable[..., None]:
     return print if d.main else (lambda *a, **k: None)
 
 
-def pending(stages: Iterable[Stage], cfg, say: Callable[..., None] = print) -> list[Stage]:
-    """The stages to train, checked before anything is loaded or written.
+def lock_path(stage: Stage) -> Path:
+    """RUN/checkpoints/<name>.lock: held while a process trains the stage."""
+    return stage.state_dir.with_name(f"{stage.state_dir.name}.lock")
 
-    A stage whose output is complete is skipped (said) unless cfg.force. A stage to train
-    whose checkpoint folder exists is an interrupted run: without cfg.resume or cfg.force
-    that is a UserError, for the first such stage.
-    """
-    todo = []
-    for stage in stages:
-        if stage.complete() and not cfg.force:
-            skip = f"skip {stage.task}" if stage.task else "skip"
-            say(f"{skip}: {stage.out_dir} is complete (--force retrains)")
+
+def recorded_built_from(stage: Stage) -> dict | None:
+    """What the complete output of `stage` records it was built from; None when it records
+    nothing (an older version's output) or its training_config.json is unreadable."""
+    try:
+        doc = json.loads((stage.out_dir / INFO_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    rec = doc.get(BUILT_FROM) if isinstance(doc, dict) else None
+    return rec if isinstance(rec, dict) else None
+
+
+_UNSET = object()  # a key one record has and the other lacks
+
+
+def _show(value) -> str:
+    if value is _UNSET:
+        return "(not recorded)"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value)) or "(none)"
+    return "none" if value is None else str(value)
+
+
+def _label(key: str) -> str:
+    """"RouterConfig.router" -> "--router"; other keys as they are."""
+    cls, _, field = key.partition(".")
+    return f"--{field.replace('_', '-')}" if field and cls.endswith("Config") else key.replace("_", " ")
+
+
+def changes(old: dict, new: dict) -> list[str]:
+    """What differs between two built_from records, in words ("tasks a,b -> a,b,c", ...);
+    under "adapters" ({task: digest}) only the tasks on both sides whose digest changed."""
+    old, new = json.loads(json.dumps(old, default=str)), json.loads(json.dumps(new, default=str))
+    out = []
+    for key in list(new) + [k for k in old if k not in new]:
+        a, b = old.get(key, _UNSET), new.get(key, _UNSET)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict) and key.endswith("adapters"):
+            redone = [t for t in b if t in a and a[t] != b[t]]
+            if redone:
+                out.append(f"the adapter{'s' if len(redone) > 1 else ''} of {','.join(redone)} "
+                           f"{'were' if len(redone) > 1 else 'was'} retrained since")
+            continue  # an added or dropped task shows in the task list
+        out.append(f"{_label(key)} {_show(a)} -> {_show(b)}")
+    return out
+
+
+def _skip(stage: Stage, cfg, say: Callable[..., None], built_from: Callable[[Stage], dict] | None) -> bool:
+    """True when the stage's output is complete and is to be kept (said); UserError when it is
+    complete but was built from other inputs than `built_from(stage)` now names."""
+    if not stage.complete() or cfg.force:
+        return False
+    what = f"skip {stage.task}" if stage.task else "skip"
+    if built_from is not None:
+        recorded, now = recorded_built_from(stage), built_from(stage)
+        if recorded is None:
+            say(f"note: {stage.out_dir} records nothing of what it was built from (an older version "
+                f"made it), so it is kept unchecked; --force retrains it")
         else:
-            todo.append(stage)
+            diff = changes(recorded, now)
+            if diff:
+                shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
+                raise UserError(f"{stage.out_dir} was built from other inputs than now ({shown}): "
+                                f"rerun with --force to retrain it")
+    say(f"{what}: {stage.out_dir} is complete (--force retrains)")
+    return True
+
+
+def _check_interrupted(todo: list[Stage], cfg) -> None:
     for stage in todo:
         if stage.state_dir.exists() and not (cfg.resume or cfg.force):
             run_of = f" of task {stage.task}" if stage.task else ""
             raise UserError(f"{stage.state_dir} holds an interrupted run{run_of}: "
                             f"pass --resume to continue it or --force to restart")
+
+
+def pending(stages: Iterable[Stage], cfg, say: Callable[..., None] = print,
+            built_from: Callable[[Stage], dict] | None = None) -> list[Stage]:
+    """The stages to train, checked before anything is loaded or written.
+
+    A stage whose output is complete is skipped (said) unless cfg.force; with `built_from`,
+    only when the output's record of what it was built from matches built_from(stage) (else
+    UserError; no record: skipped with a note). A stage to train whose checkpoint folder
+    exists is an interrupted run: without cfg.resume or cfg.force that is a UserError, for
+    the first such stage.
+    """
+    todo = [stage for stage in stages if not _skip(stage, cfg, say, built_from)]
+    _check_interrupted(todo, cfg)
     return todo
+
+
+def _held(stage: Stage, lock: runs.OwnedLock) -> str:
+    run = stage.state_dir.parent.parent
+    what = f"task {stage.task} in {run}" if stage.task else str(stage.out_dir)
+    return f"{what} is being trained by {lock.holder()} (lock {lock.path})"
+
+
+@contextmanager
+def claim(stages: Iterable[Stage], cfg, say: Callable[..., None] = print, d: Dist = Dist(),
+          built_from: Callable[[Stage], dict] | None = None) -> Iterator[list[Stage]]:
+    """`pending`, with each stage to train made sure of and held for the block.
+
+    Before anything is loaded: every output and checkpoint folder must be creatable and
+    writable (else UserError), and rank 0 takes each stage's lock (`lock_path`); one held by
+    another process is a UserError naming it (pid, host). Only then are interrupted
+    checkpoints judged, so a run in progress is not mistaken for a killed one. On leaving,
+    the locks go, then the run folders this call created if they are still empty (bad
+    input found later leaves nothing behind) and RUN/checkpoints once it is empty.
+    """
+    todo = [stage for stage in stages if not _skip(stage, cfg, say, built_from)]
+    with ExitStack() as stack:
+        failure = None
+        if todo and d.main:
+            try:
+                for stage in todo:
+                    runs.check_writable(stage.out_dir.parent)
+                    runs.check_writable(stage.state_dir.parent)
+                    if stage.out_dir.exists() and not stage.out_dir.is_dir():
+                        raise UserError(f"cannot write {stage.out_dir}: it is a file, not a folder")
+                for stage in todo:
+                    folder = lock_path(stage).parent
+                    try:
+                        created = runs.make_dirs(folder)
+                    except OSError as e:
+                        raise UserError(f"cannot create {folder} ({e.strerror or e})") from None
+                    stack.callback(_remove_if_empty, list(dict.fromkeys([*created, folder])))
+                    lock = runs.OwnedLock(lock_path(stage))
+                    try:
+                        got = lock.acquire()
+                    except OSError as e:
+                        raise UserError(f"cannot write {lock.path} ({e.strerror or e})") from None
+                    if not got:
+                        raise UserError(_held(stage, lock))
+                    stack.callback(lock.release)
+            except UserError as e:
+                failure = e
+        if d.world > 1:  # every process learns whether rank 0 got the stages
+            failed = _all_reduce(torch.tensor([1.0 if failure else 0.0]), d).item() > 0
+            if failed and not d.main:
+                raise SystemExit(2)  # rank 0 says why
+        if failure is not None:
+            raise failure
+        # a stage another process finished while this one waited for its lock is skipped now
+        todo = [stage for stage in todo if not _skip(stage, cfg, say, built_from)]
+        _check_interrupted(todo, cfg)
+        yield todo
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """rmdir each folder, innermost first, while it is empty."""
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return
 
 
 def restart(stage: Stage, cfg, d: Dist = Dist()) -> None:
