@@ -199,11 +199,16 @@ def test_lorahub_and_auto_scale_search_on_training_shots_only(run):
     (["--lorahub-bounds", "1", "-1"], "error: --lorahub-bounds: the lower bound must be below the upper, got 1.0 -1.0"),
     (["--merge-scale", "nan"], "error: --merge-scale must be a finite number or 'auto', got nan"),
 ])
-def test_bad_input_one_line_exit_2_nothing_written(run, extra, msg):
-    folder, go = run
+def test_bad_input_one_line_exit_2_nothing_written(run, extra, msg, monkeypatch, capsys):
+    import full_evaluation
+    from src.errors import run_main
+    folder, _ = run
+    monkeypatch.chdir(folder.parent)                   # in-process: the same command, without a new Python
     before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
-    out = go("--methods", "lorahub,knots", *extra)
-    assert out.returncode == 2 and out.stderr.strip().splitlines() == [msg], out.stderr[-2000:]
+    capsys.readouterr()
+    rc = run_main(full_evaluation.main, _cmd("--methods", "lorahub,knots", *extra)[2:])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip().splitlines() == [msg], err[-2000:]
     assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
 
 
