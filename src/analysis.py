@@ -600,6 +600,11 @@ def plot_searches(records: Sequence[dict], label: str | None = None):
     axes[2].set(xlabel="scaling coefficient", ylabel="shot loss", title="--merge-scale auto")
     if scales:
         axes[2].legend(fontsize=8)
+    else:                                   # no --merge-scale auto in this run: no empty panel
+        fig.delaxes(axes[2])
+    if not weights:
+        fig.delaxes(axes[0])
+        fig.delaxes(axes[1])
     if label:
         fig.suptitle(f"Searches of the build steps: {label}", fontsize=10)
     fig.tight_layout()
