@@ -14,20 +14,7 @@ cd "$(dirname "$0")"
 HERE=$PWD
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
 
-# The Python: $PYTHON when set, else the .venv next to this script (bash setup.sh), else `python`;
-# it must have the project's packages (torch, transformers).
-PYTHON_SET=${PYTHON:+1}
-if [[ -z "${PYTHON:-}" ]]; then
-  if [[ -e "$HERE/.venv/bin/python" ]]; then PYTHON="$HERE/.venv/bin/python"; else PYTHON=python; fi
-fi
-has_packages() {
-  "$PYTHON" -c 'import importlib.util as u, sys; sys.exit(not (u.find_spec("torch") and u.find_spec("transformers")))' \
-    >/dev/null 2>&1
-}
-no_python() {
-  echo "error: no Python environment with the project's packages: run 'bash setup.sh' first (or set PYTHON=...)${PYTHON_SET:+ (PYTHON=$PYTHON cannot import torch and transformers)}" >&2
-  exit 2
-}
+source "$HERE/drivers.sh"   # PYTHON, has_packages, no_python, show_help, notebook_hint
 has_packages || no_python
 export PYTHON
 export MODEL=${MODEL:-smollm2-135m}

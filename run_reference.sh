@@ -16,31 +16,7 @@ cd "$(dirname "$0")"
 HERE=$PWD
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
 
-# The Python: $PYTHON when set, else the .venv next to this script (bash setup.sh), else `python`;
-# it must have the project's packages (torch, transformers).
-PYTHON_SET=${PYTHON:+1}
-if [[ -z "${PYTHON:-}" ]]; then
-  if [[ -e "$HERE/.venv/bin/python" ]]; then PYTHON="$HERE/.venv/bin/python"; else PYTHON=python; fi
-fi
-has_packages() {
-  "$PYTHON" -c 'import importlib.util as u, sys; sys.exit(not (u.find_spec("torch") and u.find_spec("transformers")))' \
-    >/dev/null 2>&1
-}
-no_python() {
-  echo "error: no Python environment with the project's packages: run 'bash setup.sh' first (or set PYTHON=...)${PYTHON_SET:+ (PYTHON=$PYTHON cannot import torch and transformers)}" >&2
-  exit 2
-}
-# How to open the notebook on run folder $1 with what this environment has installed.
-notebook_hint() {
-  local run py=$PYTHON nb=$HERE/visualize_lora.ipynb
-  run=$(cd "$1" 2>/dev/null && pwd) || run=$1
-  if [[ "$PWD" == "$HERE" ]]; then run=${run#"$HERE/"}; py=${py#"$HERE/"}; nb=visualize_lora.ipynb; fi
-  if "$PYTHON" -m jupyter execute --version >/dev/null 2>&1; then
-    echo "notebook: RUN_DIR=$run $py -m jupyter execute --output=$run/visualize_lora $nb   (writes $run/visualize_lora.ipynb with the figures)"
-  else
-    echo "notebook: $py -m pip install notebook, then RUN_DIR=$run $py -m jupyter notebook $nb"
-  fi
-}
+source "$HERE/drivers.sh"   # PYTHON, has_packages, no_python, show_help, notebook_hint
 DATA=${DATA:-../shared/data}
 RUN=${RUN:-runs/reference}
 RUN5=${RUN5:-$RUN-5tasks}

@@ -19,33 +19,8 @@ RUN=${RUN:-runs/default}
 DATA=${DATA:-}
 NPROC=${NPROC:-1}
 
-# The Python: $PYTHON when set, else the .venv next to this script (bash setup.sh), else `python`;
-# it must have the project's packages (torch, transformers).
-PYTHON_SET=${PYTHON:+1}
-if [[ -z "${PYTHON:-}" ]]; then
-  if [[ -e "$HERE/.venv/bin/python" ]]; then PYTHON="$HERE/.venv/bin/python"; else PYTHON=python; fi
-fi
-has_packages() {
-  "$PYTHON" -c 'import importlib.util as u, sys; sys.exit(not (u.find_spec("torch") and u.find_spec("transformers")))' \
-    >/dev/null 2>&1
-}
-no_python() {
-  echo "error: no Python environment with the project's packages: run 'bash setup.sh' first (or set PYTHON=...)${PYTHON_SET:+ (PYTHON=$PYTHON cannot import torch and transformers)}" >&2
-  exit 2
-}
+source "$HERE/drivers.sh"   # PYTHON, has_packages, no_python, show_help, notebook_hint
 
-# -h: this header, then the flags of SCRIPT ($1) that extra arguments go to (never a traceback).
-show_help() {
-  sed -n "$2" "$0" | sed 's/^# \{0,1\}//'
-  echo
-  if ! has_packages; then
-    echo "($1's flags need the project's Python: run 'bash setup.sh' first, or set PYTHON=...)"
-  elif ! flags=$("$PYTHON" "$HERE/$1" -h 2>&1); then
-    echo "(could not list $1's flags: $(tail -n 1 <<<"$flags"))"
-  else
-    echo "$flags"
-  fi
-}
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then show_help train_moa.py '2,11p'; exit 0; fi
 has_packages || no_python
 

@@ -94,6 +94,7 @@ def test_the_venv_beside_the_script_comes_first_then_python_on_path(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
     shutil.copy(ROOT / "train_moa.sh", repo / "train_moa.sh")      # train_moa.py is not there: exits at once
+    shutil.copy(ROOT / "drivers.sh", repo / "drivers.sh")
     marker = tmp_path / "used"
     bindir = tmp_path / "bin"
     _marking_python(bindir / "python", marker, "path")
@@ -117,6 +118,7 @@ def test_no_venv_and_a_python_without_torch_is_refused(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
     shutil.copy(ROOT / "train_moa.sh", repo / "train_moa.sh")
+    shutil.copy(ROOT / "drivers.sh", repo / "drivers.sh")
     bindir = tmp_path / "bin"
     bindir.mkdir()
     (bindir / "python").symlink_to("/usr/bin/python3")
@@ -141,7 +143,7 @@ print(table)          # as full_evaluation.py prints the table it wrote
 def _stub_repo(tmp_path: Path) -> Path:
     """run_demo.sh and run_all_evaluation.sh as they are, the steps they call stubbed."""
     repo = tmp_path / "repo"
-    for name in ("run_demo.sh", "run_all_evaluation.sh"):
+    for name in ("run_demo.sh", "run_all_evaluation.sh", "drivers.sh"):
         _write(repo / name, (ROOT / name).read_text())
     for name in ("train_all_tasks.sh", "train_moa.sh"):
         _write(repo / name, "#!/usr/bin/env bash\nexit 0\n")
