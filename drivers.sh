@@ -18,11 +18,12 @@ no_python() {
   exit 2
 }
 
-# -h: the driver's header (sed range $2 of $0), then the flags of SCRIPT ($1) that extra
+# -h: the driver's header (sed range $2 of $0), $HELP_EXTRA if set, then the flags of SCRIPT ($1) that extra
 # arguments go to (never a traceback).
 show_help() {
   sed -n "$2" "$0" | sed 's/^# \{0,1\}//'
   echo
+  if [[ -n "${HELP_EXTRA:-}" ]]; then echo "$HELP_EXTRA"; echo; fi
   if ! has_packages; then
     echo "($1's flags need the project's Python: run 'bash setup.sh' first, or set PYTHON=...)"
   elif ! flags=$("$PYTHON" "$HERE/$1" -h 2>&1); then

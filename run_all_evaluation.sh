@@ -20,18 +20,9 @@ export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
 source "$HERE/drivers.sh"   # PYTHON, has_packages, no_python, show_help, notebook_hint
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-    sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
-    echo
-    echo "Variables (environment overrides): MODEL=$MODEL TASKS=$TASKS RUN=$RUN DATA=$DATA"
-    echo "  METHODS=$METHODS DENSITY=$DENSITY PYTHON=$PYTHON"
-    echo
-    if ! has_packages; then
-        echo "(full_evaluation.py's flags need the project's Python: run 'bash setup.sh' first, or set PYTHON=...)"
-    elif ! flags=$("$PYTHON" "$HERE/full_evaluation.py" -h 2>&1); then
-        echo "(could not list full_evaluation.py's flags: $(tail -n 1 <<<"$flags"))"
-    else
-        echo "$flags"
-    fi
+    HELP_EXTRA="Variables (environment overrides): MODEL=$MODEL TASKS=$TASKS RUN=$RUN DATA=$DATA
+  METHODS=$METHODS DENSITY=$DENSITY PYTHON=$PYTHON"
+    show_help full_evaluation.py '2,7p'
     exit 0
 fi
 has_packages || no_python

@@ -34,10 +34,9 @@ ROOT_USER = os.geteuid() == 0  # root ignores file permissions: chmod tests use 
 
 
 def _args(model, run, *extra, tasks="sentiment,nli"):
-    return ["--model", str(model), "--tasks", tasks, "--data", "sample", "--output-dir", str(run),
-            "--train-size", "8", "--eval-size", "4", "--max-len", "96", "--max-target-len", "8",
-            "--batch-size", "4", "--lr", "1e-2", "--max-steps", "2", "--eval-every", "2", "--save-every", "2",
-            "--log-every", "1", "--no-progress", *extra]
+    """test_train_scripts' arguments, smaller (later flags win)."""
+    from test_train_scripts import _args as train_args
+    return train_args(model, run, "--train-size", "8", "--max-steps", "2", *extra, tasks=tasks)
 
 
 def _one_error_line(err: str) -> str:
