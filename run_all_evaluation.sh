@@ -11,6 +11,7 @@ MODEL="${MODEL:-smollm2-135m}"   # hub id, local HF folder, .gguf file or alias
 TASKS="${TASKS:-5tasks}"         # comma-separated task names or a preset (5tasks, 7tasks)
 RUN="${RUN:-runs/demo}"          # the run folder written by train_all_tasks.sh and train_moa.sh
 DATA="${DATA:-sample}"           # sample | hub | a folder holding <task>/<split>.jsonl
+METHODS_SET="${METHODS:-}"     # given by the caller: used as it is
 METHODS="${METHODS:-moa,arrow,concat,weight_sum,svd,task_arithmetic,ties,dare_linear,dare_ties,knots,core_space,tsv,iso_c,lorahub}"  # + base, oracle
 DENSITY="${DENSITY:-0.5}"         # share of entries TIES / DARE keep (the other methods ignore it)
 
@@ -26,6 +27,9 @@ if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
     exit 0
 fi
 has_packages || no_python
+
+# the trained systems beside MoA join the default list when the run folder has them
+if [[ -z "${METHODS_SET:-}" && -f "$RUN/compose/lora_mixer/mixer_config.json" ]]; then METHODS="$METHODS,lora_mixer"; fi
 
 if [[ -d "$DATA" ]]; then
     data_flags=(--data dir --data-dir "$DATA")

@@ -11,6 +11,9 @@ Usage:
     # the MoA paper's loss L_LM + eta * L_cls, tuning the LoRAs too
     python train_moa.py ... --lm-loss --eta 0.5 --joint
 
+    # LoRA-Mixer instead (docs/lora_mixer.md): per-token routers in the attention projections
+    python train_moa.py --system lora_mixer --preset demo --output-dir runs/demo
+
 The loss is L = L_LM + eta * L_cls with teacher forcing (the gold task's LoRA is active):
   L_cls   cross-entropy of every router's logits against the task label, averaged over
           routers (--eta weighs it; default 1);
@@ -26,6 +29,11 @@ appears only when complete. On rerun it is skipped when it was built from the sa
 (task list, settings, model, the adapters' sha256, recorded in its training_config.json)
 and refused when not, unless --force retrains it; --resume continues a killed run from
 RUN/checkpoints/moa. A second process on the same RUN/moa is refused (RUN/checkpoints/moa.lock).
+
+--system lora_mixer trains LoRA-Mixer (src/mixer.py) under the same contract, into
+RUN/compose/lora_mixer/: mixer_config.json + routers.safetensors (+ experts/<task>/ when the
+experts were tuned), training_config.json, log.jsonl (every loss term), routing.json (each
+task's expert shares on the validation prompts, routing entropy, the balance figure).
 """
 from __future__ import annotations
 
@@ -36,9 +44,11 @@ import torch
 
 from src import runs, stages
 from src.cli import config_dict, parse_configs
-from src.config import MOA_PRESETS, DataConfig, RouterConfig, TrainConfig
+from src import mixer as mx
+from src.config import MOA_PRESETS, DataConfig, RouterConfig, SystemConfig, TrainConfig
 from src.errors import UserError, run_main
-from src.lora import load_adapter
+from src.experts import common_modules
+from src.lora import Adapter, load_adapter
 from src.models import load_base_model, model_identity, resolve_model_path, same_model
 from src.moa import MixtureOfLoRAs, MoAConfig
 from src.tasks import data_hash, resolve_tasks
@@ -48,8 +58,10 @@ from src.training import (TrainingDiverged, barrier, encode_examples, finish_dis
 
 def main(argv=None) -> None:
     # ------------------------------------------------------------------ config
-    (data_cfg, train_cfg, router_cfg), _ = parse_configs(
-        argv, "train_moa.py", __doc__, DataConfig, TrainConfig, RouterConfig, presets=MOA_PRESETS)
+    (system_cfg, data_cfg, train_cfg, router_cfg, mixer_cfg), _ = parse_configs(
+        argv, "train_moa.py", __doc__, SystemConfig, DataConfig, TrainConfig, RouterConfig, mx.MixerConfig,
+        presets=MOA_PRESETS)
+    lora_mixer = system_cfg.system == "lora_mixer"
     tasks = resolve_tasks(data_cfg.tasks)
     resolve_model_path(train_cfg.model)
     run = Path(train_cfg.output_dir)
@@ -59,18 +71,23 @@ def main(argv=None) -> None:
                         f"run train_individual_loras.py --output-dir {run} --tasks {','.join(missing)} first")
     if len(tasks) < 2:
         raise UserError(f"a mixture needs at least two tasks, got {', '.join(tasks)}")
+    if lora_mixer:
+        adapters, modules = _mixer_inputs(run, tasks, mixer_cfg, train_cfg)
     d = init_distributed(train_cfg.device)
     say = stages.main_printer(d)
-    stage = stages.moa_stage(run)
+    stage = stages.mixer_stage(run) if lora_mixer else stages.moa_stage(run)
     global_batch = train_cfg.batch_size * train_cfg.grad_accum * d.world
-    resolved = config_dict(data_cfg, train_cfg, router_cfg)
+    resolved = config_dict(data_cfg, train_cfg, mixer_cfg if lora_mixer else router_cfg)
     # what RUN/moa is built from: a complete one is reused only when this matches
     built_from = stages.fingerprint(resolved, ignore={"tasks", "model"}, tasks=tasks,
                                     model=model_identity(train_cfg.model), global_batch=global_batch,
                                     adapters={t: runs.adapter_digest(runs.adapter_dir(run, t)) for t in tasks})
     # RUN/moa and RUN/checkpoints must be writable, and RUN/checkpoints/moa.lock free, before any loading
     with stages.claim([stage], train_cfg, say, d, built_from=lambda _: built_from) as todo:
-        if todo:
+        if todo and lora_mixer:
+            _train_mixer(stage, run, tasks, adapters, modules, data_cfg, train_cfg, mixer_cfg, d, say, resolved,
+                         global_batch, built_from)
+        elif todo:
             _train(stage, run, tasks, data_cfg, train_cfg, router_cfg, d, say, resolved, global_batch, built_from)
     stages.remove_empty_checkpoints(run, d)
     finish_distributed(d)
@@ -149,6 +166,105 @@ def _train(stage, run, tasks, data_cfg, train_cfg, router_cfg, d, say, resolved,
         for t in tasks:
             say(f"  {t:<{width}}  {accuracy['per_task'][t]:.3f}  (n={accuracy['n'][t]})")
         say(f"  {'mean':<{width}}  {accuracy['mean']:.3f}   -> {stage.out_dir}")
+    barrier(d)
+
+
+# ------------------------------------------------------------------------ LoRA-Mixer
+
+def _mixer_inputs(run: Path, tasks: list[str], cfg: mx.MixerConfig, train_cfg) -> tuple[dict[str, Adapter], list]:
+    """The experts and the modules that get routers, every check done before anything is written."""
+    adapters = {t: load_adapter(runs.adapter_dir(run, t)) for t in tasks}
+    modules = mx.choose_modules(common_modules(adapters, tasks, "LoRA-Mixer's experts"), cfg.mixer_modules)
+    if cfg.mixer_top_k > len(tasks):
+        raise UserError(f"--mixer-top-k {cfg.mixer_top_k} is more than the {len(tasks)} experts ({', '.join(tasks)})")
+    tune = _tuned(tasks, cfg)
+    if tune and len(tune) < len(tasks) and train_cfg.weight_decay:
+        raise UserError("--weight-decay would move the experts outside --mixer-tune: use 0 with a partial --mixer-tune")
+    return adapters, modules
+
+
+def _tuned(tasks: list[str], cfg: mx.MixerConfig) -> list[str]:
+    """The experts that move: C of the finetune regime (default all), every one in joint, none in plug."""
+    if cfg.mixer_regime == "plug":
+        return []
+    if cfg.mixer_regime == "joint" or cfg.mixer_tune is None:
+        return list(tasks)
+    names = [t.strip() for t in cfg.mixer_tune.split(",") if t.strip()]
+    unknown = [t for t in names if t not in tasks]
+    if unknown or not names:
+        raise UserError(f"--mixer-tune: {', '.join(unknown) or repr(cfg.mixer_tune)} is not an expert; "
+                        f"the experts: {', '.join(tasks)}")
+    return names
+
+
+def _train_mixer(stage, run, tasks, adapters, modules, data_cfg, train_cfg, cfg, d, say, resolved, global_batch,
+                 built_from) -> None:
+    """Train LoRA-Mixer's routers (and tuned experts) and publish RUN/compose/lora_mixer (rank 0)."""
+    cap = cfg.routing_cap(len(tasks))
+    train_data = {t: exs[:cap] for t, exs in load_data(data_cfg, tasks, "train").items()}
+    val_data = load_data(data_cfg, tasks, "validation")
+    model, tokenizer = load_base_model(train_cfg.model, process_device(d, train_cfg.device), train_cfg.dtype)
+    amp = model.device.type == "cuda" and model.dtype != torch.float32
+
+    def items(split_data):  # every task's full examples, labelled with the task's expert index
+        return [it for i, t in enumerate(tasks)
+                for it in encode_examples(tokenizer, split_data[t], data_cfg.max_len, data_cfg.max_target_len, label=i)]
+    train_items, val_items = items(train_data), items(val_data)
+
+    torch.manual_seed(data_cfg.seed)
+    joint = cfg.mixer_regime == "joint"
+    experts = {t: mx.fresh_expert(adapters[t], data_cfg.seed + i) for i, t in enumerate(tasks)} if joint else adapters
+    mixer = mx.LoRAMixer(model, experts, modules, cfg.mixer_top_k, tasks, seed=data_cfg.seed)
+    params = {f"routers.{i}": w for i, w in enumerate(mixer.routers)}
+    tune = _tuned(tasks, cfg)
+    tuned = mixer.expert_params(tune) if tune else []
+    params.update({f"experts.{i}": p for i, p in enumerate(tuned)})
+    start = [p.detach().clone() for p in tuned]
+    hashes = {"train": data_hash(train_data), "validation": data_hash(val_data)}
+    fingerprint = stages.fingerprint(resolved, data_hash=hashes["train"], global_batch=global_batch,
+                                     adapters=built_from["adapters"])
+    say(f"LoRA-Mixer over {', '.join(tasks)} ({cfg.mixer_regime}): routers in {len(modules)} projections, "
+        f"top-{cfg.mixer_top_k} at inference, {sum(p.numel() for p in params.values()):,} trainable parameters"
+        f"{'; tuning ' + ', '.join(tune) if tune else ''}; {len(train_items)} routing sequences")
+
+    stages.restart(stage, train_cfg, d)
+    objective = mx.objective(mixer, cfg, start if cfg.mixer_regime == "finetune" else (),
+                             tuned if cfg.mixer_regime == "finetune" else ())
+    try:
+        result = fit(model, params, train_items, val_items, cfg=train_cfg, seed=data_cfg.seed, name="lora_mixer",
+                     pad_id=tokenizer.pad_token_id, state_dir=stage.state_dir, log_path=stage.log_path,
+                     objective=objective, d=d, amp=amp, fingerprint=fingerprint)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    with torch.no_grad():
+        for k, v in result.params.items():
+            params[k].copy_(v)
+    for p in params.values():
+        p.requires_grad_(False)
+    mixer.soft = False
+    mixer.refresh()
+    report = mx.routing_report(mixer, model, val_items, tokenizer.pad_token_id, train_cfg.batch_size * 2)
+
+    if d.main:
+        with stages.publish(stage) as folder:
+            mixer.save(folder, extra={"regime": cfg.mixer_regime, "tuned": tune}, save_experts=bool(tune),
+                       sources={t: str(runs.adapter_dir(run, t).resolve()) for t in tasks})
+            runs.write_json_atomic(folder / "routing.json", report)
+            runs.write_json_atomic(folder / "training_config.json", {
+                "tasks": tasks, "seed": data_cfg.seed, "git_commit": runs.git_commit(), "data_hash": hashes,
+                "selection_ids": {t: [ex.id for ex in val_data[t]] for t in tasks},
+                "routing_examples": {t: len(train_data[t]) for t in tasks},
+                "model": train_cfg.model, "world_size": d.world, "global_batch": global_batch,
+                "steps": result.steps, "best_step": result.best_step, "best_val_loss": result.best_val_loss,
+                "stopped_early": result.stopped_early, "elapsed_s": round(result.elapsed_s, 2), "config": resolved,
+                stages.BUILT_FROM: built_from, "versions": runs.versions()})
+        width = max(len(t) for t in tasks)
+        say(f"LoRA-Mixer routing on validation prompts (top-{cfg.mixer_top_k}): own expert's share, top-1 own")
+        for t in tasks:
+            say(f"  {t:<{width}}  {report['own_share'][t]:.3f}  {report['top1_own'][t]:.3f}")
+        say(f"  {'mean':<{width}}  {report['mean_own_share']:.3f}   entropy {report['entropy']:.3f}  "
+            f"balance {report['balance']:.3f}   -> {stage.out_dir}")
     barrier(d)
 
 

@@ -25,15 +25,14 @@ same matmul as the experts' A projection.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 
 from src.errors import UserError
-from src.experts import Selection, common_modules, inject_experts, remove_experts, topk_softmax
+from src.experts import Selection, TokenRouter, common_modules, inject_experts, topk_softmax
 from src.lora import Adapter
 
 PROTOTYPES = ("exact", "power")
@@ -135,7 +134,7 @@ def check_arrow_adapters(adapters: dict[str, Adapter], general: Sequence[Adapter
 
 # --------------------------------------------------------------------------- the router
 
-class ArrowRouter(nn.Module):
+class ArrowRouter(TokenRouter):
     """Arrow over `adapters` injected into `model` in place (undo with `remove()`).
 
     A per-token router: nothing to train, no state between forwards. Inside `session()` the
@@ -143,7 +142,7 @@ class ArrowRouter(nn.Module):
     tokens, per layer and overall (`routing_records`, `layer_shares`).
     """
 
-    kind = "token"
+    what = "Arrow"
 
     def __init__(self, model: nn.Module, adapters: dict[str, Adapter], cfg: ArrowConfig | None = None,
                  general: Sequence[Adapter] = ()):
@@ -167,8 +166,6 @@ class ArrowRouter(nn.Module):
         self.cfg = cfg
         self.tasks = tasks
         self.__dict__["model"] = model            # not a submodule
-        self._session: dict | None = None
-        self._last: dict = {"mask": None, "shares": {}}
         names, layers = inject_experts(model, adapters, tasks, self._route, what="Arrow's adapters")
         self.layer_names = names
         self.layers = nn.ModuleList(layers)
@@ -196,47 +193,3 @@ class ArrowRouter(nn.Module):
         self._record(layer, gates)
         return gates
 
-    def _record(self, layer, gates: torch.Tensor) -> None:
-        """In a session, the first forward's mean gate per expert over the prompt's tokens."""
-        s = self._session
-        if s is not None and layer.index not in s["shares"] and gates.dim() == 3:
-            mask = s["mask"]
-            if mask is None or mask.shape != gates.shape[:2]:
-                mask = torch.ones(gates.shape[:2], device=gates.device)
-            mask = mask.to(device=gates.device, dtype=gates.dtype)
-            s["shares"][layer.index] = ((gates * mask[..., None]).sum(1)
-                                        / mask.sum(1, keepdim=True).clamp(min=1)).detach()  # [b, E]
-
-    # ----------------------------------------------------------------- the router protocol
-
-    @contextmanager
-    def session(self, experts=None, positions=None, prompt_mask: torch.Tensor | None = None
-                ) -> Iterator["ArrowRouter"]:
-        """One batch: the first forward's gates over `prompt_mask`'s tokens ([batch, tokens];
-        default all) are recorded. `experts` cannot be forced (Arrow has no oracle mode);
-        `positions` is not needed (every token routes itself)."""
-        if experts is not None:
-            raise UserError("Arrow routes every token itself: experts cannot be forced")
-        self._session = self._last = {"mask": prompt_mask, "shares": {}}
-        try:
-            yield self
-        finally:
-            self._session = None
-
-    def layer_shares(self) -> torch.Tensor:
-        """[n_layers, batch, E]: each expert's mean gate over the prompt tokens, per layer, in
-        the current (or else the last) session."""
-        shares = self._last["shares"]
-        return torch.stack([shares[i].cpu() for i in sorted(shares)])
-
-    def routing_records(self) -> list[dict]:
-        """Per sequence of the last session: {"expert_share": {task: mean gate over prompt tokens and layers}}."""
-        mean = self.layer_shares().double().mean(0)                        # [batch, E]
-        return [{"expert_share": {t: round(float(v), 6) for t, v in zip(self.tasks, row)}} for row in mean]
-
-    def remove(self) -> nn.Module:
-        """Put the plain nn.Linear layers back; idempotent. Returns the model."""
-        remove_experts(self.model, self.layer_names, self.layers)
-        self.layers = nn.ModuleList()
-        self.layer_names = []
-        return self.model

@@ -5,7 +5,9 @@ and a preset is just a dict of field values applied under what the user typed:
 
     DataConfig      which tasks, where their data is, how much, how long a sequence may be
     TrainConfig     model, optimiser, schedule, early stopping, checkpoints, run folder
+    SystemConfig    train_moa.py only: --system moa | lora_mixer
     RouterConfig    train_moa.py only: router kind, the loss L_LM + eta * L_cls, --joint
+    MixerConfig     (src/mixer.py) train_moa.py --system lora_mixer: modules, top-k, loss, regime
     LoraConfig      (src/lora.py) rank, alpha, dropout, target modules
 
 `PRESETS` serves train_individual_loras.py, `MOA_PRESETS` train_moa.py:
@@ -134,6 +136,24 @@ class TrainConfig:
             raise UserError("--model is empty")
 
 
+
+
+SYSTEMS = ("moa", "lora_mixer")
+
+
+@dataclass
+class SystemConfig:
+    """train_moa.py: which router system to train over RUN/adapters."""
+
+    title = "System"
+
+    system: str = field(default="moa", metadata={
+        "help": "moa: the study's Mixture-of-LoRAs, one expert per sequence (RUN/moa); lora_mixer: LoRA-Mixer's "
+                "per-token routers in the projections (RUN/compose/lora_mixer)", "choices": SYSTEMS})
+
+    def __post_init__(self):
+        if self.system not in SYSTEMS:
+            raise UserError(f"--system must be one of {', '.join(SYSTEMS)}, got {self.system!r}")
 
 
 @dataclass

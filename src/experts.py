@@ -18,11 +18,13 @@ A per-token router that scores tokens by a linear map of the layer's input (Arro
 prototypes, a learned router) passes it as `keys` [K, in]: it is computed in the same
 matmul as the experts' A projection, and the callback receives `x @ keys^T`.
 
-Pure gate helpers: `topk_softmax`, `entropy`, `load_balance`.
+Pure gate helpers: `topk_softmax`, `entropy`, `load_balance`. `TokenRouter` is the part every
+per-token router shares (Arrow, LoRA-Mixer): the routing session and its records.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -308,3 +310,67 @@ def remove_experts(model: nn.Module, names: Sequence[str], layers: Sequence[Expe
     for name, layer in zip(names, layers):
         set_module(model, name, layer.linear)
     return model
+
+
+# --------------------------------------------------------------------------- per-token routers
+
+class TokenRouter(nn.Module):
+    """What every per-token router shares: the evaluation protocol's session and records.
+
+    A subclass sets `tasks`, `layer_names`, `layers` (its ExpertLinear layers), the model (as
+    `self.__dict__["model"]`, not a submodule) and calls `self._record(layer, gates)` from its
+    route callback. Inside `session()` the first forward (the prompt) records each expert's
+    share of the gate mass over the prompt's tokens, per layer (`layer_shares`) and overall
+    (`routing_records`).
+    """
+
+    kind = "token"
+    what = "this router"
+
+    def __init__(self):
+        super().__init__()
+        self._session: dict | None = None
+        self._last: dict = {"mask": None, "shares": {}}
+
+    def _record(self, layer: ExpertLinear, gates: torch.Tensor) -> None:
+        """In a session, the first forward's mean gate per expert over the prompt's tokens."""
+        s = self._session
+        if s is not None and layer.index not in s["shares"] and gates.dim() == 3:
+            mask = s["mask"]
+            if mask is None or mask.shape != gates.shape[:2]:
+                mask = torch.ones(gates.shape[:2], device=gates.device)
+            mask = mask.to(device=gates.device, dtype=gates.dtype)
+            s["shares"][layer.index] = ((gates * mask[..., None]).sum(1)
+                                        / mask.sum(1, keepdim=True).clamp(min=1)).detach()  # [b, E]
+
+    @contextmanager
+    def session(self, experts=None, positions=None, prompt_mask: torch.Tensor | None = None
+                ) -> Iterator["TokenRouter"]:
+        """One batch: the first forward's gates over `prompt_mask`'s tokens ([batch, tokens];
+        default all) are recorded. `experts` cannot be forced (every token routes itself);
+        `positions` is not needed."""
+        if experts is not None:
+            raise UserError(f"{self.what} routes every token itself: experts cannot be forced")
+        self._session = self._last = {"mask": prompt_mask, "shares": {}}
+        try:
+            yield self
+        finally:
+            self._session = None
+
+    def layer_shares(self) -> torch.Tensor:
+        """[n_layers, batch, E]: each expert's mean gate over the prompt tokens, per layer, in
+        the current (or else the last) session."""
+        shares = self._last["shares"]
+        return torch.stack([shares[i].cpu() for i in sorted(shares)])
+
+    def routing_records(self) -> list[dict]:
+        """Per sequence of the last session: {"expert_share": {task: mean gate over prompt tokens and layers}}."""
+        mean = self.layer_shares().double().mean(0)                        # [batch, E]
+        return [{"expert_share": {t: round(float(v), 6) for t, v in zip(self.tasks, row)}} for row in mean]
+
+    def remove(self) -> nn.Module:
+        """Put the plain nn.Linear layers back; idempotent. Returns the model."""
+        remove_experts(self.model, self.layer_names, self.layers)
+        self.layers = nn.ModuleList()
+        self.layer_names = []
+        return self.model

@@ -57,6 +57,11 @@ def moa_dir(run: Path) -> Path:
     return Path(run) / "moa"
 
 
+def compose_dir(run: Path, system: str) -> Path:
+    """RUN/compose/<system>: a trained composition system beside MoA (lora_mixer, t2l)."""
+    return Path(run) / "compose" / system
+
+
 def merged_dir(run: Path, method: str) -> Path:
     return Path(run) / "merged" / method
 

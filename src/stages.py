@@ -83,6 +83,12 @@ def moa_stage(run: Path) -> Stage:
                  (*runs.MOA_FILES, "training_config.json", "routing_accuracy.json"))
 
 
+def mixer_stage(run: Path) -> Stage:
+    """RUN/compose/lora_mixer: the routers, their config, training_config.json and routing.json."""
+    return Stage(runs.compose_dir(run, "lora_mixer"), runs.checkpoint_dir(run, "lora_mixer"),
+                 ("mixer_config.json", "routers.safetensors", "training_config.json", "routing.json"))
+
+
 def main_printer(d: Dist) -> Callable[..., None]:
     """print on rank 0; a no-op in the other processes of a distributed job."""
     return print if d.main else (lambda *a, **k: None)

@@ -554,6 +554,7 @@ class _Trainer:
         self.last_loss: float | None = None
         self.stopped_early = False
         self.postfix = ""                   # the progress bar's text
+        self.step_terms: dict[str, float] = {}  # the last step's terms, each over its own count
 
     # -------------------------------------------------------------------- setup
 
@@ -580,6 +581,7 @@ class _Trainer:
                         dynamic_ncols=True, disable=not (cfg.progress and self.d.main), leave=True)
         # the log's throughput window: loss and tokens summed since the last train line
         self.window_loss, self.window_tokens, self.window_t = 0.0, 0, time.perf_counter()
+        self.window_terms: dict[str, float] = {}      # each term's unweighted value, summed likewise
         self.t0, self.start_step = time.perf_counter(), self.progress.step
 
     def _restore(self, state: dict) -> None:
@@ -632,7 +634,8 @@ class _Trainer:
                 sums[k] += float(values[k].detach())
         real_tokens = float(sum(int(b["attention_mask"].sum()) for b in micro_batches))
         flat = _all_reduce(torch.tensor([sums[k] for k in terms] + [real_tokens], dtype=torch.float64), d).tolist()
-        step_loss = sum(w * flat[i] / max(counts[k], 1) for i, (k, (w, _)) in enumerate(terms.items()))
+        self.step_terms = {k: flat[i] / max(counts[k], 1) for i, k in enumerate(terms)}
+        step_loss = sum(w * self.step_terms[k] for k, (w, _) in terms.items())
         if not math.isfinite(step_loss):
             self.bar.close()
             raise TrainingDiverged(
@@ -664,6 +667,8 @@ class _Trainer:
         self.last_loss = loss
         self.window_loss += loss
         self.window_tokens += tokens
+        for k, v in self.step_terms.items():
+            self.window_terms[k] = self.window_terms.get(k, 0.0) + v
         self.bar.update(1)
         if pr.step % every != 0 and pr.step != self.total:
             return
@@ -675,8 +680,10 @@ class _Trainer:
         self.bar.set_postfix_str(self.postfix)
         self.log({"step": pr.step, "epoch": round(pr.step / self.per_epoch, 4), "loss": self.window_loss / n_steps,
                   "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tok_s,
-                  "elapsed_s": self.elapsed(now), "eta_s": (self.total - pr.step) * per_step})
-        self.window_loss, self.window_tokens, self.window_t = 0.0, 0, now
+                  "elapsed_s": self.elapsed(now), "eta_s": (self.total - pr.step) * per_step,
+                  **({"terms": {k: v / n_steps for k, v in self.window_terms.items()}}
+                     if len(self.objective.terms) > 1 else {})})
+        self.window_loss, self.window_tokens, self.window_t, self.window_terms = 0.0, 0, now, {}
 
     # ----------------------------------------------------------------- validate
 
