@@ -3,7 +3,7 @@
 A method is one `Method` entry. It declares
   - `kind`: "none" (the base model), "static" (one adapter folded into the weights: the
     oracle, every merge, later searches and generated adapters) or "dynamic" (a router over
-    the experts: MoA, Arrow);
+    the experts: MoA, Arrow, LoRA-Mixer);
   - `configs`: the option dataclasses it reads (the evaluation CLI is generated from them);
   - `check(env)`: what it needs from the run folder, as one UserError naming what is missing;
   - `adapter_tasks(env)`: the tasks whose RUN/adapters/<task> it reads;
@@ -735,6 +735,78 @@ class Arrow(Method):
             router.remove()
 
 
+# --------------------------------------------------------------------------- LoRA-Mixer
+
+@dataclass
+class MixerEvalConfig:
+    """lora_mixer at evaluation: how many experts each token keeps."""
+
+    title = "LoRA-Mixer evaluation options"
+
+    eval_mixer_top_k: int | None = field(default=None, metadata={
+        "help": "lora_mixer: experts kept per token at inference; None: the trained mixer's --mixer-top-k"})
+
+    def __post_init__(self):
+        k = self.eval_mixer_top_k
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise UserError(f"--eval-mixer-top-k must be a positive integer, got {k}")
+
+
+class LoraMixer(Method):
+    name, kind = "lora_mixer", "dynamic"
+    configs = (MixerEvalConfig,)
+    help = "LoRA-Mixer: RUN/compose/lora_mixer's routers mix the experts per token in the projections (top-k)"
+
+    def folder(self, env: Env) -> Path:
+        return runs.compose_dir(env.run_dir, "lora_mixer")
+
+    def meta(self, env: Env) -> dict:
+        from src.mixer import read_config
+        return read_config(self.folder(env))
+
+    def check(self, env):
+        folder = self.folder(env)
+        try:
+            meta = self.meta(env)
+        except UserError as e:
+            raise UserError(f"method lora_mixer: {e} (or leave lora_mixer out of --methods)") from None
+        absent = [t for t in env.tasks if t not in meta["tasks"]]
+        if absent:
+            raise UserError(f"method lora_mixer: {folder} has no expert for task {', '.join(absent)} "
+                            f"(its experts: {', '.join(meta['tasks'])})")
+        k = env.opt(MixerEvalConfig).eval_mixer_top_k
+        if k is not None and k > len(meta["tasks"]):
+            raise UserError(f"--eval-mixer-top-k {k} is more than the {len(meta['tasks'])} experts "
+                            f"({', '.join(meta['tasks'])})")
+        missing = [t for t in self.adapter_tasks(env) if not runs.has_adapter(env.run_dir, t)]
+        if missing:
+            raise UserError(f"method lora_mixer needs the adapters of its experts: no adapter for task "
+                            f"{', '.join(missing)} in {runs.adapters_dir(env.run_dir)}")
+
+    def adapter_tasks(self, env):
+        meta = self.meta(env)
+        return [] if meta.get("experts_saved") else list(meta["tasks"])
+
+    def fingerprint(self, env, task):
+        folder = self.folder(env)
+        files = [folder / f for f in ("mixer_config.json", "routers.safetensors")]
+        files += sorted((folder / "experts").glob("*/adapter_model.safetensors"))
+        return {"lora_mixer": {"files": runs.file_digest(*files),
+                               "adapters": [env.digests[t] for t in self.adapter_tasks(env)],
+                               "top_k": env.opt(MixerEvalConfig).eval_mixer_top_k or self.meta(env)["top_k"]}}
+
+    @contextmanager
+    def prepare(self, model, env, task):
+        from src.mixer import LoRAMixer
+        needed = self.adapter_tasks(env)
+        mixer = LoRAMixer.load(model, self.folder(env), {t: env.adapters[t] for t in needed} if needed else None,
+                               env.opt(MixerEvalConfig).eval_mixer_top_k)
+        try:
+            yield mixer
+        finally:
+            mixer.remove()
+
+
 # --------------------------------------------------------------------------- the registry
 
 register(Base())
@@ -742,6 +814,7 @@ register(Oracle())
 register(MoA())
 register(MoAStudy())
 register(Arrow())
+register(LoraMixer())
 register(LoraHub())
 register(LoraHubTask())
 for _name in [*merging.MERGES, *merging.VARIANTS]:
