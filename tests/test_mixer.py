@@ -258,3 +258,33 @@ def test_bad_input_is_one_line_exit_2_nothing_written(mixer_run, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert sorted(p.relative_to(r) for p in r.rglob("*")) == before
+
+
+def test_lora_mixer_through_full_evaluation(mixer_run, tmp_path, capsys):
+    """`--methods lora_mixer` evaluates with per-example expert shares, reuses its cells, and an
+    option of its own is in the fingerprint; without a trained mixer it names what is missing."""
+    import shutil
+
+    import full_evaluation
+    model, run = mixer_run
+    r = tmp_path / "run"
+    shutil.copytree(run / "adapters", r / "adapters")
+    ev = ["--model", str(model), "--output-dir", str(r), "--tasks", "sentiment,nli,qa", "--data", "sample",
+          "--eval-size", "2", "--batch-size", "4", "--max-new-tokens", "3", "--max-prompt-len", "96",
+          "--methods", "lora_mixer"]
+    capsys.readouterr()
+    assert run_main(full_evaluation.main, ev) == 2
+    assert "method lora_mixer" in capsys.readouterr().err and not (r / "eval").exists()
+    assert run_main(train_moa.main, _mix(model, r, "--mixer-top-k", "2")) == 0
+    assert run_main(full_evaluation.main, ev) == 0
+    summary = json.loads((r / "eval" / "summary.json").read_text())
+    assert set(summary["methods"]) == {"oracle", "lora_mixer", "base"}
+    table = summary["routing"]["lora_mixer"]
+    assert table["kind"] == "token" and set(table["share"]) == set(TASKS)
+    rec = json.loads((r / "eval" / "predictions" / "lora_mixer" / "qa.jsonl").read_text().splitlines()[0])
+    assert abs(sum(rec["expert_share"].values()) - 1) < 1e-4
+    capsys.readouterr()
+    assert run_main(full_evaluation.main, ev) == 0
+    assert "0 to compute" in capsys.readouterr().err
+    assert run_main(full_evaluation.main, [*ev, "--eval-mixer-top-k", "1"]) == 0
+    assert "3 to compute" in capsys.readouterr().err
