@@ -57,9 +57,16 @@ def main(argv=None) -> None:
     say = stages.main_printer(d)
     # the tasks to train are checked writable and locked (RUN/checkpoints/<task>.lock) before any loading
     failed: list[str] = []
-    with stages.claim([stages.adapter_stage(run, t) for t in tasks], train_cfg, say, d) as todo:
+    # what a finished adapter was built from: one is reused only when this matches (else refused; --force)
+    resolved = config_dict(data_cfg, train_cfg, lora_cfg)
+    global_batch = train_cfg.batch_size * train_cfg.grad_accum * d.world
+
+    def built_from(stage):
+        return stages.fingerprint(resolved, ignore={"tasks", "model"}, task=stage.task,
+                                  model=model_identity(train_cfg.model), global_batch=global_batch)
+    with stages.claim([stages.adapter_stage(run, t) for t in tasks], train_cfg, say, d, built_from=built_from) as todo:
         if todo:
-            failed = _train(todo, run, data_cfg, train_cfg, lora_cfg, d, say)
+            failed = _train(todo, run, data_cfg, train_cfg, lora_cfg, d, say, built_from)
     stages.remove_empty_checkpoints(run, d)
     finish_distributed(d)
     if failed:
@@ -67,7 +74,7 @@ def main(argv=None) -> None:
         raise SystemExit(1)
 
 
-def _train(todo, run, data_cfg, train_cfg, lora_cfg, d, say) -> list[str]:
+def _train(todo, run, data_cfg, train_cfg, lora_cfg, d, say, built_from) -> list[str]:
     """Train the stages of `todo` in turn; the tasks whose training diverged."""
     # ------------------------------------------------------------------- setup
     # Everything is loaded and checked before anything is written.
@@ -125,7 +132,7 @@ def _train(todo, run, data_cfg, train_cfg, lora_cfg, d, say) -> list[str]:
                     "stopped_early": result.stopped_early, "final_train_loss": result.final_train_loss,
                     "tokens": result.tokens, "elapsed_s": round(result.elapsed_s, 2),
                     "lora_modules": len(lora_layers(model)), "config": resolved,
-                    "versions": runs.versions()}
+                    stages.BUILT_FROM: built_from(stage), "versions": runs.versions()}
             with stages.publish(stage) as folder:
                 save_adapter(adapter, folder, extra_json={"training_config.json": info})
             val = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a"

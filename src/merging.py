@@ -26,6 +26,7 @@ import torch
 
 from src.errors import UserError
 from src.lora import Adapter, make_adapter
+from src.models import same_model
 
 Factors = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
@@ -559,13 +560,14 @@ def _label(adapter: Adapter, i: int) -> str:
 
 
 def check_compatible(adapters: Sequence[Adapter]) -> None:
-    """Same base model (when both say), same module set, same layer shapes; else UserError."""
+    """Same base model (when both say; the same model under two names, e.g. a relative and an
+    absolute path or an alias, counts as the same), same module set, same layer shapes; else UserError."""
     if not adapters:
         raise UserError("no adapters to merge")
     first, l0 = adapters[0], _label(adapters[0], 0)
     for i, ad in enumerate(adapters[1:], 1):
         li = _label(ad, i)
-        if first.base_model and ad.base_model and first.base_model != ad.base_model:
+        if first.base_model and ad.base_model and not same_model(first.base_model, ad.base_model):
             raise UserError(f"adapters {l0} and {li} are for different base models "
                             f"({first.base_model} vs {ad.base_model})")
         if set(ad.factors) != set(first.factors):

@@ -430,3 +430,19 @@ def test_cli_as_a_process(adapter_dirs, tmp_path):
     assert not out.exists()
     p = subprocess.run(cmd + ["--debug"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "Traceback" in p.stderr
+
+
+def test_merges_take_the_same_model_under_two_path_strings(tmp_path, monkeypatch):
+    """issue 17: a relative and an absolute path of one model folder are the same base model."""
+    from src import merging
+    from src.errors import UserError
+    from tiny import random_adapter, save_tiny, tiny_model
+    model = save_tiny(tmp_path / "m")
+    monkeypatch.chdir(tmp_path)
+    a = random_adapter(tiny_model("qwen2"), 1)
+    b = random_adapter(tiny_model("qwen2"), 2)
+    a.config["base_model_name_or_path"], b.config["base_model_name_or_path"] = "m", str(model.resolve())
+    merging.check_compatible([a, b])
+    b.config["base_model_name_or_path"] = str(save_tiny(tmp_path / "other", "llama").resolve())
+    with pytest.raises(UserError, match="different base models"):
+        merging.check_compatible([a, b])

@@ -288,3 +288,4 @@ def test_lora_mixer_through_full_evaluation(mixer_run, tmp_path, capsys):
     assert "0 to compute" in capsys.readouterr().err
     assert run_main(full_evaluation.main, [*ev, "--eval-mixer-top-k", "1"]) == 0
     assert "3 to compute" in capsys.readouterr().err
+

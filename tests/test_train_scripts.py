@@ -255,3 +255,14 @@ def test_shell_drivers_run_end_to_end(tiny_dir, tmp_path):
     for script in ("train_all_tasks.sh", "train_moa.sh"):
         help_ = subprocess.run(["bash", str(ROOT / script), "-h"], capture_output=True, text=True)
         assert help_.returncode == 0 and "Usage" in help_.stdout and "MODEL" in help_.stdout
+
+
+def test_a_finished_adapter_built_with_other_settings_is_refused_not_skipped(tiny_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_main(train_loras.main, _args(tiny_dir, run, "--max-steps", "2", tasks="nli")) == 0
+    capsys.readouterr()
+    assert run_main(train_loras.main, _args(tiny_dir, run, "--max-steps", "2", "--lr", "5e-3", tasks="nli")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was built from other inputs than now (--lr 0.01 -> 0.005)" in err[0], err
+    assert run_main(train_loras.main, _args(tiny_dir, run, "--max-steps", "2", tasks="sentiment,nli")) == 0
+    assert "skip nli" in capsys.readouterr().out            # another task list is not another setting
