@@ -1,4 +1,4 @@
-"""Evaluate every composition method on every task: the study's table, against the oracle.
+r"""Evaluate every composition method on every task: the study's table, against the oracle.
 
 Usage:
     python full_evaluation.py --model MODEL --output-dir RUN --tasks 5tasks \
@@ -105,6 +105,15 @@ class EvalConfig:
             raise UserError(f"--eval-size must be a positive integer, got {self.eval_size}")
 
 
+def check_context(model, cfg) -> None:
+    """A prompt of --max-prompt-len tokens plus --max-new-tokens must fit the model's context."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    need = cfg.max_prompt_len + cfg.max_new_tokens
+    if isinstance(limit, int) and need > limit:
+        raise UserError(f"--max-prompt-len {cfg.max_prompt_len} + --max-new-tokens {cfg.max_new_tokens} = {need} "
+                        f"tokens is more than the model's context of {limit} (max_position_embeddings)")
+
+
 def main(argv=None):
     configs = compose.option_configs()
     (cfg, *opts), _ = parse_configs(argv, "full_evaluation.py", __doc__.split("\n\n")[0], EvalConfig, *configs)
@@ -179,6 +188,7 @@ def main(argv=None):
             check_adapter_fits(model, ad)   # a wrong base model fails here, before any generation
         for m in pending:
             compose.REGISTRY[m].check_model(model, env)
+        check_context(model, cfg)
     settings = ev.Settings(cfg.max_new_tokens, cfg.max_prompt_len, cfg.score_by, cfg.batch_size, cfg.truncation_side)
 
     def run_cell(method: str, task: str) -> None:

@@ -518,3 +518,16 @@ def test_moa_study_decodes_at_batch_one_and_redecides_every_step(tiny_run):
     want = ev.evaluate_task(model, tok, "nli", ex, settings, router=ref)
     ref.remove()
     assert [r["raw"] for r in got["records"]] == [r["raw"] for r in want["records"]]
+
+
+def test_prompts_and_new_tokens_must_fit_the_models_context():
+    """issue 17: a --max-prompt-len + --max-new-tokens beyond max_position_embeddings is one clear line."""
+    from types import SimpleNamespace
+
+    import full_evaluation
+    from src.errors import UserError
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=512))
+    full_evaluation.check_context(model, SimpleNamespace(max_prompt_len=400, max_new_tokens=112))
+    with pytest.raises(UserError, match=r"--max-prompt-len 400 \+ --max-new-tokens 128 = 528 tokens is more than "
+                                         r"the model's context of 512 \(max_position_embeddings\)"):
+        full_evaluation.check_context(model, SimpleNamespace(max_prompt_len=400, max_new_tokens=128))
