@@ -32,7 +32,6 @@ and the `generate` command:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -565,7 +564,8 @@ def write_generated(adapter: Adapter, record: dict, out: Path) -> Path:
 
 def main(argv=None) -> None:
     """python -m src.t2l generate --run RUN --description "..." --out DIR [--hold-out TASK] [--model M]"""
-    p = argparse.ArgumentParser(prog="python -m src.t2l", description="Generate a LoRA adapter from a task "
+    from src.cli import _Parser                 # argparse whose errors are one line, exit 2
+    p = _Parser(prog="python -m src.t2l", description="Generate a LoRA adapter from a task "
                                 "description with a trained Text-to-LoRA hypernetwork.")
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="write a PEFT-format adapter generated from --description")
