@@ -1,47 +1,49 @@
-"""Train a Text-to-LoRA hypernetwork that writes a task's adapter from its description.
+"""Train a Text-to-LoRA hypernetwork (src/t2l.py) on the per-task LoRAs in RUN/adapters.
 
 Usage:
-    # after train_individual_loras.py --output-dir RUN: learn to reproduce RUN/adapters from the
-    # tasks' descriptions (fast: no base-model forward)
-    python train_text_to_lora.py --preset demo --output-dir runs/demo
+    # after train_individual_loras.py --preset demo --output-dir runs/demo
+    python train_text_to_lora.py --output-dir runs/demo --lr 1e-3 --max-steps 2000
 
-    # SFT through the generated adapter on the tasks' data (the way that can generalise)
-    python train_text_to_lora.py --preset demo --output-dir runs/demo --objective sft
+    # SFT through the generated adapter on the tasks' data (the paper's lr 2.5e-5)
+    python train_text_to_lora.py --objective sft --output-dir runs/demo --lr 2.5e-5
 
-    # leave one task out, to generate its adapter zero-shot
-    python train_text_to_lora.py --output-dir RUN --hold-out nli
+    # without one task, to generate its adapter zero-shot from a description
+    python train_text_to_lora.py --hold-out sentiment --output-dir runs/demo
 
-    # then: an adapter from any description, in PEFT's format
-    python -m src.t2l generate --run RUN --description "Classify movie reviews by sentiment." --out my_adapter
+    # then: python -m src.t2l generate --run runs/demo --description "..." --out my_adapter
 
-Reads RUN/adapters/<task>/ for every task of --tasks: their modules, rank and scale are the
-generated adapters' (and, for reconstruction, the targets). Writes RUN/compose/t2l/ (or
-RUN/compose/t2l-holdout-TASK/): hypernet.safetensors, t2l_config.json, training_config.json,
-log.jsonl. It appears only when complete. It is reused when built from the same inputs and
-refused when not (--force retrains), and --resume continues a killed run. The descriptions
-are in src/descriptions.py: each task's first 9 train, the other 3 validate. Details:
-docs/t2l.md.
+--objective reconstruction (default): L1 between the generated factors and each task's own
+adapter, z-scored per module type (--recon-target deltas: on scale * B A instead); every
+(task, training description) pair is one sequence; the held-out descriptions of the same
+tasks are the validation set. No base-model forward (the base model is loaded only for
+--encoder base).
+--objective sft: cross-entropy (label smoothing --label-smoothing) on the target tokens of
+each task's training data, through the adapter generated from one of the task's training
+descriptions drawn per sequence, plus --factor-l2 times the mean square of the generated A and
+B; the validation loss uses each task's first held-out description.
+
+Writes RUN/compose/t2l/ (RUN/compose/t2l-holdout-TASK/ with --hold-out TASK): hypernet.safetensors,
+t2l_config.json, training_config.json (with built_from), log.jsonl. It appears only when
+complete; a rerun is skipped when built from the same inputs (settings, tasks, the adapters'
+sha256, the descriptions, the model for --encoder base or sft) and refused when not, unless
+--force; --resume continues a killed run from RUN/checkpoints/t2l[-holdout-TASK].
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from src import t2l_train
+from src import t2l
 from src.cli import parse_configs
-from src.config import DataConfig, TrainConfig, T2L_PRESETS
+from src.config import DataConfig, TrainConfig
 from src.errors import run_main
-from src.models import resolve_model_path
-from src.t2l import T2LConfig
 from src.tasks import resolve_tasks
 
 
 def main(argv=None) -> None:
-    (data_cfg, train_cfg, t2l_cfg), _ = parse_configs(
-        argv, "train_text_to_lora.py", __doc__, DataConfig, TrainConfig, T2LConfig, presets=T2L_PRESETS)
-    tasks = resolve_tasks(data_cfg.tasks)
-    resolve_model_path(train_cfg.model)
-    t2l_train.train(Path(train_cfg.output_dir), tasks, data_cfg, train_cfg, t2l_cfg)
+    (data_cfg, train_cfg, cfg), _ = parse_configs(argv, "train_text_to_lora.py", __doc__, DataConfig, TrainConfig,
+                                                  t2l.T2LConfig)
+    t2l.train_hypernet(Path(train_cfg.output_dir), resolve_tasks(data_cfg.tasks), data_cfg, train_cfg, cfg)
 
 
 if __name__ == "__main__":

@@ -181,13 +181,14 @@ class Built:
 
 def selection_ids(run_dir: Path, tasks: Sequence[str]) -> dict[str, list[str]]:
     """{task: ids of the validation examples that chose a checkpoint}: every adapter's early
-    stopping and MoA's router training, from their training_config.json (`selection_ids`, or,
+    stopping, MoA's and LoRA-Mixer's router training, from their training_config.json (`selection_ids`, or,
     for runs trained before it was recorded, the same seeded subset rebuilt from their data
     config). Evaluation on the validation split leaves them out."""
     from src.tasks import load_capped
     out: dict[str, set[str]] = {t: set() for t in tasks}
     records = [runs.adapter_dir(run_dir, t) / "training_config.json" for t in tasks]
     records.append(runs.moa_dir(run_dir) / "training_config.json")
+    records.append(runs.compose_dir(run_dir, "lora_mixer") / "training_config.json")
     for path in records:
         if not path.is_file():
             continue
@@ -841,7 +842,8 @@ class T2L(Method):
         from src import t2l
         folder = self.hypernet(env, task)
         files = runs.file_digest(*(folder / f for f in t2l.FILES)) if (folder / t2l.CONFIG_NAME).is_file() else None
-        return {self.name: {"hypernet": files, "description": self.description(task)}}
+        encoder = t2l.read_config(folder)["encoder"] if files else None
+        return {self.name: {"hypernet": files, "description": self.description(task), "encoder": encoder}}
 
     def base(self, env: Env, folder: Path):
         from src import t2l
@@ -894,23 +896,21 @@ class T2LZeroShot(T2L):
 
     def fingerprint(self, env, task):
         rec = self.recipe(env)
-        return {self.name: {"recipe": {k: v for k, v in rec.items()},
+        return {self.name: {"recipe": rec, "encoder": rec["T2LConfig"]["encoder"],
                             "adapters": [env.digests[t] for t in env.tasks if t != task],
                             "description": self.description(task)}}
 
     def build(self, env):
-        from src import t2l_train
+        from src import t2l
         from src.config import DataConfig, TrainConfig
-        from src.t2l import T2LConfig
         rec = self.recipe(env)
-        for task in env.tasks:
+        for task in env.tasks:                   # skipped when RUN/compose/t2l-holdout-<task> has this recipe
             cfgs = (DataConfig(**rec["DataConfig"]),
                     TrainConfig(**{**rec["TrainConfig"], "output_dir": str(env.run_dir), "resume": False,
                                    "force": env.force, "progress": False}),
-                    T2LConfig(**{**rec["T2LConfig"], "hold_out": task}))
-            needs_model = cfgs[2].objective == "sft" or cfgs[2].encoder == "base"
-            t2l_train.train(env.run_dir, list(env.tasks), *cfgs, say=lambda *a: print(*a, file=sys.stderr),
-                            base=env.model() if needs_model else None)
+                    t2l.T2LConfig(**{**rec["T2LConfig"], "objective": "reconstruction", "hold_out": task}))
+            t2l.train_hypernet(env.run_dir, list(env.tasks), *cfgs, say=lambda *a: print(*a, file=sys.stderr),
+                               base=env.model() if cfgs[2].encoder == "base" else None)
         return super().build(env)
 
 

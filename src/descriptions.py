@@ -94,25 +94,27 @@ DESCRIPTIONS: dict[str, tuple[str, ...]] = {
         "Transform a sentence into an equivalent one with a different structure.",
     ),
     "commonsense": (
-        "Pick the most plausible ending for a short everyday scenario.",
-        "Choose which continuation of a situation makes the most sense.",
-        "Use common sense to select the likely next event among several options.",
-        "Complete a description of an activity with the sensible option.",
-        "Given a context and candidate endings, name the one that fits best.",
-        "Reason about ordinary situations to predict what happens next.",
-        "Select the realistic follow-up to the beginning of a story.",
-        "Answer a multiple-choice question about what would naturally come next.",
-        "Judge which of the endings a person would find most believable.",
-        "Finish the scene with the option that matches everyday experience.",
-        "Choose the continuation that is consistent with how the world works.",
-        "Identify the commonsense completion of an unfinished sentence.",
+        "Pick which of two solutions achieves an everyday physical goal.",
+        "Given a goal and two ways to reach it, choose the one that would actually work.",
+        "Use physical common sense to select the better of two procedures.",
+        "Decide how to accomplish a practical task: which proposed method is sensible?",
+        "Choose the correct way to do a household chore from two candidates.",
+        "Reason about objects and tools to say which of two instructions succeeds.",
+        "Select the plausible solution to a simple real-world problem.",
+        "Answer a two-choice question about how to get something done physically.",
+        "Judge which of two suggested actions a sensible person would take to reach the goal.",
+        "Tell apart a workable method from an impractical one for a stated aim.",
+        "Copy out the solution that is consistent with how everyday objects behave.",
+        "Identify the right approach to a hands-on task among two options.",
     ),
 }
 
 
 def training_descriptions(task: str) -> tuple[str, ...]:
+    """The descriptions Text-to-LoRA trains on (the first N_TRAIN)."""
     return DESCRIPTIONS[task][:N_TRAIN]
 
 
 def held_out_descriptions(task: str) -> tuple[str, ...]:
+    """The descriptions kept out of training: validation, and evaluation's (the first of them)."""
     return DESCRIPTIONS[task][N_TRAIN:]

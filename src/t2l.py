@@ -19,14 +19,14 @@ f(z) comes from all-MiniLM-L6-v2, run offline from the PyPI package `gt-all-mini
 (`encoder="minilm"`), or from the base model's own mean-pooled last hidden state
 (`encoder="base"`).
 
-The hypernetwork trains in one of two ways (`train`):
+The hypernetwork trains in one of two ways (`train_hypernet`, run by train_text_to_lora.py):
   - reconstruction of the task adapters: L1 on z-scored factors, or on the deltas; no base-model forward;
   - SFT through the generated adapter on the tasks' data: cross-entropy on target tokens with
     label smoothing, plus L2 on the generated factors. Each sequence gets a training
     description drawn from the seeded generator.
 
-Pure math first (layout, heads, losses), then the module, the encoder, training, save/load,
-and the `generate` command:
+Pure math first (layout, heads, losses), then the module, the encoder, the training objectives,
+save/load, generation, the training stage and the `generate` command:
 
     python -m src.t2l generate --run RUN --description "Summarise the article." --out DIR
 """
@@ -36,10 +36,10 @@ import json
 import math
 import re
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -47,9 +47,10 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from src import runs
+from src import runs, stages
 from src.errors import UserError
-from src.lora import Adapter, lora_scale, make_adapter, save_adapter, set_module
+from src.descriptions import held_out_descriptions, training_descriptions
+from src.lora import Adapter, load_adapter, lora_scale, make_adapter, save_adapter, set_module
 
 HEADS = ("L", "M", "S")
 ENCODERS = ("minilm", "base")
@@ -86,6 +87,9 @@ class T2LConfig:
         "help": "train without this task (written to RUN/compose/t2l-holdout-TASK), to generate for it zero-shot"})
     t2l_hidden: int = field(default=256, metadata={"help": "width of the hypernetwork's MLPs"})
     t2l_embed: int = field(default=32, metadata={"help": "width of the task, layer and module-type embeddings"})
+    t2l_targets: str | None = field(default=None, metadata={
+        "help": "the projections the generated LoRA adapts, e.g. q_proj,v_proj (a subset of the adapters'); "
+                "None: the adapters' own"})
     t2l_rank: int | None = field(default=None, metadata={"help": "rank of the generated LoRA; None: the adapters'"})
     t2l_alpha: float | None = field(default=None, metadata={"help": "alpha of the generated LoRA; None: the adapters'"})
     t2l_rslora: bool | None = field(default=None, metadata={
@@ -180,7 +184,7 @@ def layout_of(adapters: dict[str, Adapter], cfg: T2LConfig) -> Layout:
         if scales != {round(lora_scale(rank, alpha, rslora), 9)}:
             raise UserError(f"reconstruction: the adapters' scales {sorted(scales)} differ from the generated "
                             f"LoRA's {lora_scale(rank, alpha, rslora):g} (leave --t2l-alpha / --t2l-rslora unset)")
-    modules = sorted(ref.factors, key=lambda n: (split_name(n)[0], split_name(n)[1]))
+    modules = sorted(chosen_modules(list(ref.factors), cfg.t2l_targets), key=split_name)
     types: list[str] = []
     shapes: list[tuple[int, int]] = []
     layers, type_of = [], []
@@ -195,6 +199,19 @@ def layout_of(adapters: dict[str, Adapter], cfg: T2LConfig) -> Layout:
         layers.append(layer)
         type_of.append(types.index(ty))
     return Layout(modules, layers, types, type_of, shapes, rank, alpha, rslora)
+
+
+def chosen_modules(modules: list[str], targets: str | None) -> list[str]:
+    """The modules whose last name part is one of `targets` ("q_proj,v_proj"; None: all)."""
+    if targets is None:
+        return modules
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    have = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    bad = [t for t in names if t not in have]
+    if bad or not names:
+        raise UserError(f"--t2l-targets: {', '.join(bad) or repr(targets)} is not adapted by the task adapters "
+                        f"(they adapt {', '.join(have)})")
+    return [m for m in modules if m.rsplit(".", 1)[-1] in names]
 
 
 def head_outputs(head: str, rank: int, d_in: int, d_out: int) -> int:
@@ -226,6 +243,7 @@ class HyperNet(nn.Module):
         super().__init__()
         self.layout, self.head, self.d_enc = layout, head, d_enc
         g = torch.Generator().manual_seed(seed)
+        outer = torch.get_rng_state()            # the layers' default init is seeded; the caller's RNG is kept
         torch.manual_seed(seed)
         self.task_encoder = nn.Linear(d_enc, embed)
         self.layer_emb = nn.Embedding(layout.n_layers, embed)
@@ -250,11 +268,12 @@ class HyperNet(nn.Module):
                 bias = bias.flatten(1) if head == "M" else bias
             self.biases.append(nn.Parameter(bias))
         if head in ("M", "S"):
-            self.ab_emb = nn.Parameter(torch.randn(2, hidden, generator=g) * 0.02)
+            self.ab_emb = nn.Parameter(torch.randn(2, hidden, generator=g))
         if head == "S":
-            self.rank_emb = nn.Parameter(torch.randn(r, hidden, generator=g) * 0.02)
+            self.rank_emb = nn.Parameter(torch.randn(r, hidden, generator=g))
         self.register_buffer("layer_idx", torch.tensor(layout.layers), persistent=False)
         self.register_buffer("type_idx", torch.tensor(layout.type_of), persistent=False)
+        torch.set_rng_state(outer)
 
     def head_weights(self) -> list[int]:
         """Each head's weight count (hidden x the paper's output size), by module type."""
@@ -266,23 +285,23 @@ class HyperNet(nn.Module):
         z = self.task_encoder(emb)                                               # [n, e]
         x = torch.cat([z[:, None].expand(n, p, -1), self.layer_emb(self.layer_idx)[None].expand(n, p, -1),
                        self.type_emb(self.type_idx)[None].expand(n, p, -1)], dim=-1)
-        h = self.out(self.blocks(self.mixer(x)))                                 # [n, P, hidden]
+        h = self.blocks(self.mixer(x))                                           # [n, P, hidden]
         out: list = [None] * p
         for t, (d_in, d_out) in enumerate(self.layout.shapes):
             idx = self.layout.of_type(t)
             ht = h[:, idx]                                                       # [n, Pt, hidden]
             if self.head == "L":
-                y = self.heads[t](ht) + self.biases[t]
+                y = self.heads[t](self.out(ht)) + self.biases[t]
                 a = y[..., : r * d_in].unflatten(-1, (r, d_in))
                 b = y[..., r * d_in:].unflatten(-1, (r, d_out)).transpose(-1, -2)
-            elif self.head == "M":
-                y = self.heads[t](ht[:, :, None] + self.ab_emb) + self.biases[t]     # [n, Pt, 2, r*wide]
-                wide = max(d_in, d_out)
-                y = y.unflatten(-1, (r, wide))
+            elif self.head == "M":                   # A or B told apart before the output MLP
+                y = self.heads[t](self.out(ht[:, :, None] + self.ab_emb)) + self.biases[t]   # [n, Pt, 2, r*wide]
+                y = y.unflatten(-1, (r, max(d_in, d_out)))
                 a, b = y[:, :, 0, :, :d_in], y[:, :, 1, :, :d_out].transpose(-1, -2)
-            else:
-                y = self.heads[t](ht[:, :, None, None] + self.ab_emb[:, None] + self.rank_emb) + self.biases[t]
-                a, b = y[:, :, 0, :, :d_in], y[:, :, 1, :, :d_out].transpose(-1, -2)     # [n, Pt, r, .]
+            else:                                    # ... and each rank row too
+                y = self.heads[t](self.out(ht[:, :, None, None] + self.ab_emb[:, None] + self.rank_emb))
+                y = y + self.biases[t]                                           # [n, Pt, 2, r, wide]
+                a, b = y[:, :, 0, :, :d_in], y[:, :, 1, :, :d_out].transpose(-1, -2)
             for j, i in enumerate(idx):
                 out[i] = (a[:, j], b[:, j])
         return out
@@ -377,10 +396,6 @@ def encode(descriptions: Sequence[str], encoder: str, base: tuple | None = None)
         hidden = backbone(model)(**batch).last_hidden_state
         out.append(_mean_pool(hidden.float(), batch["attention_mask"])[0].cpu())
     return torch.stack(out)
-
-
-def encoder_dim(encoder: str, base: tuple | None = None) -> int:
-    return int(encode(["a task"], encoder, base).shape[-1])
 
 
 # --------------------------------------------------------------------------- applying generated factors
@@ -558,6 +573,129 @@ def generate_adapter(folder: Path, description: str, base: tuple | None = None) 
 def write_generated(adapter: Adapter, record: dict, out: Path) -> Path:
     save_adapter(adapter, out, extra_json={GENERATED_NAME: record})
     return Path(out)
+
+
+# --------------------------------------------------------------------------- training (the stage)
+
+def t2l_stage(run: Path, hold_out: str | None) -> stages.Stage:
+    """RUN/compose/t2l[-holdout-TASK]: the hypernetwork, its config and training_config.json."""
+    name = folder_name(hold_out)
+    return stages.Stage(runs.compose_dir(run, name), runs.checkpoint_dir(run, name),
+                        (*FILES, stages.INFO_NAME))
+
+
+def training_tasks(tasks: list[str], hold_out: str | None) -> list[str]:
+    """The tasks to train on: all of --tasks but --hold-out (which must be one of them)."""
+    if hold_out is not None and hold_out not in tasks:
+        raise UserError(f"--hold-out {hold_out}: not a task of this run (the tasks: {', '.join(tasks)})")
+    out = [t for t in tasks if t != hold_out]
+    if not out:
+        raise UserError("--hold-out leaves no task to train on")
+    return out
+
+
+def train_hypernet(run: Path, tasks: Sequence[str], data_cfg, train_cfg, cfg: T2LConfig,
+                   say: Callable[..., None] = print, base: tuple | None = None) -> Path:
+    """Train (or skip, when built from the same inputs) RUN/compose/t2l[-holdout-TASK] on the
+    adapters of `tasks` but cfg.hold_out; every check runs before anything is written.
+    base: the (model, tokenizer) already loaded, else loaded from train_cfg.model when needed."""
+    from src.cli import config_dict
+    from src.models import model_identity, resolve_model_path
+    run = Path(run)
+    tasks = training_tasks(list(tasks), cfg.hold_out)
+    missing = [t for t in tasks if not stages.adapter_stage(run, t).complete()]
+    if missing:
+        raise UserError(f"{runs.adapters_dir(run)} lacks the adapters of task(s) {', '.join(missing)}: "
+                        f"run train_individual_loras.py --output-dir {run} --tasks {','.join(missing)} first")
+    adapters = {t: load_adapter(runs.adapter_dir(run, t)) for t in tasks}
+    layout = layout_of(adapters, cfg)                      # bad shapes and ranks fail before anything is written
+    uses_model = cfg.encoder == "base" or cfg.objective == "sft"
+    if uses_model:
+        resolve_model_path(train_cfg.model)
+    stage = t2l_stage(run, cfg.hold_out)
+    resolved = config_dict(data_cfg, train_cfg, cfg)
+    built_from = stages.fingerprint(
+        resolved, ignore={"tasks", "model"}, tasks=tasks, model=model_identity(train_cfg.model) if uses_model else None,
+        adapters={t: runs.adapter_digest(runs.adapter_dir(run, t)) for t in tasks},
+        descriptions={t: [*training_descriptions(t), *held_out_descriptions(t)] for t in tasks})
+    with stages.claim([stage], train_cfg, say, built_from=lambda _: built_from) as todo:
+        if todo:
+            if uses_model and base is None:
+                from src.models import load_base_model
+                base = load_base_model(train_cfg.model, "cpu" if cfg.objective == "reconstruction" else
+                                       train_cfg.device, train_cfg.dtype)
+            _train(stage, tasks, adapters, layout, data_cfg, train_cfg, cfg, resolved, built_from, base, say)
+    stages.remove_empty_checkpoints(run)
+    return stage.out_dir
+
+
+def _train(stage, tasks, adapters, layout, data_cfg, train_cfg, cfg, resolved, built_from, base, say) -> None:
+    """Encode the descriptions, fit the hypernetwork, publish the stage."""
+    from src.tasks import data_hash
+    from src.training import TrainingDiverged, encode_examples, fit, load_data
+    train_text = [training_descriptions(t) for t in tasks]
+    val_text = [held_out_descriptions(t) for t in tasks]
+    train_emb = torch.stack([encode(d, cfg.encoder, base) for d in train_text])     # [T, D, d_enc]
+    val_emb = torch.stack([encode(d, cfg.encoder, base) for d in val_text])
+    hnet = HyperNet(layout, train_emb.shape[-1], cfg.head, cfg.t2l_hidden, cfg.t2l_embed, data_cfg.seed)
+    params = {f"hnet.{k}": p for k, p in hnet.named_parameters()}
+    hashes = None
+    stages.restart(stage, train_cfg)
+    if cfg.objective == "reconstruction":
+        n_train, n_val = train_emb.shape[1], val_emb.shape[1]
+        pair_emb = torch.cat([train_emb.flatten(0, 1), val_emb.flatten(0, 1)])
+        pair_task = [i for i in range(len(tasks)) for _ in range(n_train)] + \
+                    [i for i in range(len(tasks)) for _ in range(n_val)]
+        ordered = [adapters[t] for t in tasks]
+        model = Library(hnet, pair_emb, pair_task, library_targets(ordered, layout))
+        items = pair_items(len(pair_task))
+        train_items, val_items = items[:len(tasks) * n_train], items[len(tasks) * n_train:]
+        objective = reconstruction_objective(layout, factor_stats(ordered, layout, cfg.recon_target),
+                                             cfg.recon_target)
+        pad_id, context = 0, nullcontext([])
+        fingerprint = stages.fingerprint(resolved, adapters=built_from["adapters"])
+        say(f"Text-to-LoRA ({cfg.head} head, {cfg.encoder} encoder) reconstructing {', '.join(tasks)}: "
+            f"{len(layout.modules)} modules, {sum(p.numel() for p in params.values()):,} parameters")
+    else:
+        model, tokenizer = base
+        hnet.to(model.device)
+        train_data, val_data = load_data(data_cfg, tasks, "train"), load_data(data_cfg, tasks, "validation")
+        hashes = {"train": data_hash(train_data), "validation": data_hash(val_data)}
+
+        def items(split):
+            return [it for i, t in enumerate(tasks)
+                    for it in encode_examples(tokenizer, split[t], data_cfg.max_len, data_cfg.max_target_len, label=i)]
+        train_items, val_items = items(train_data), items(val_data)
+        pad_id, context = tokenizer.pad_token_id, generated(model, layout)
+        fingerprint = stages.fingerprint(resolved, adapters=built_from["adapters"], data_hash=hashes["train"])
+        say(f"Text-to-LoRA ({cfg.head} head, {cfg.encoder} encoder) SFT on {', '.join(tasks)}: "
+            f"{len(train_items)} sequences, {sum(p.numel() for p in params.values()):,} parameters")
+    torch.manual_seed(data_cfg.seed)             # SFT's description draws; a resume restores the generator
+    with context as layers:
+        if cfg.objective == "sft":
+            objective = sft_objective(hnet, layers, train_emb, val_emb[:, 0], cfg.label_smoothing, cfg.factor_l2)
+        try:
+            result = fit(model, params, train_items, val_items, cfg=train_cfg, seed=data_cfg.seed,
+                         name=stage.out_dir.name, pad_id=pad_id, state_dir=stage.state_dir,
+                         log_path=stage.log_path, objective=objective, fingerprint=fingerprint)
+        except TrainingDiverged as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
+    with torch.no_grad():
+        for k, v in result.params.items():
+            params[k].copy_(v)
+    hnet.cpu()
+    with stages.publish(stage) as folder:
+        save(folder, hnet, {"encoder": cfg.encoder, "objective": cfg.objective, "tasks": tasks,
+                          "hold_out": cfg.hold_out, "base_model": train_cfg.model,
+                          "descriptions": {t: list(d) for t, d in zip(tasks, train_text)}})
+        runs.write_json_atomic(folder / stages.INFO_NAME, {
+            "tasks": tasks, "hold_out": cfg.hold_out, "seed": data_cfg.seed, "git_commit": runs.git_commit(),
+            "data_hash": hashes, "model": train_cfg.model, "steps": result.steps, "best_step": result.best_step,
+            "best_val_loss": result.best_val_loss, "stopped_early": result.stopped_early,
+            "final_train_loss": result.final_train_loss, "elapsed_s": round(result.elapsed_s, 2),
+            "config": resolved, stages.BUILT_FROM: built_from, "versions": runs.versions()})
+    say(f"Text-to-LoRA: {result.steps} steps, best validation loss {result.best_val_loss} -> {stage.out_dir}")
 
 
 # --------------------------------------------------------------------------- the command

@@ -44,6 +44,9 @@ def pipeline(tmp_path_factory, shared_data):
           "--eval-every", "3", "--save-every", "3"], env, tmp)
     _run(["bash", str(ROOT / "train_moa.sh"), *small, "--max-steps", "2", "--lr", "1e-2",
           "--eval-every", "2", "--save-every", "2"], {**env, "SYSTEM": "lora_mixer"}, tmp)
+    _run([sys.executable, str(ROOT / "train_text_to_lora.py"), "--model", str(model), "--tasks", TASKS,
+          "--output-dir", str(run), "--max-steps", "2", "--eval-every", "2", "--save-every", "2", "--no-progress"],
+         env, tmp)
     _run(["bash", str(ROOT / "run_all_evaluation.sh"), "--eval-size", "2", "--batch-size", "4",
           "--max-new-tokens", "4", "--max-prompt-len", "128"], env, tmp)
     return run
@@ -61,6 +64,7 @@ def test_training_writes_a_peft_adapter_per_task(pipeline):
     assert set(moa["tasks"]) == set(SEVEN)
     assert (pipeline / "moa" / "routing_accuracy.json").is_file()
     assert (pipeline / "compose" / "lora_mixer" / "routing.json").is_file()     # SYSTEM=lora_mixer train_moa.sh
+    assert (pipeline / "compose" / "t2l" / "hypernet.safetensors").is_file()   # train_text_to_lora.py
 
 
 def test_every_method_is_scored_on_every_task(pipeline):
