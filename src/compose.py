@@ -870,16 +870,27 @@ class T2L(Method):
 
 class T2LZeroShot(T2L):
     name = "t2l_zeroshot"
-    help = ("Text-to-LoRA zero-shot: each task's adapter from a hypernetwork trained (as RUN/compose/t2l was) "
-            "without that task, cached in RUN/compose/t2l-holdout-<task>")
+    help = ("Text-to-LoRA zero-shot: each task's adapter from a hypernetwork trained (as RUN/compose/t2l was, on its "
+            "tasks) without that task, cached in RUN/compose/t2l-holdout-<task>")
+
+    def pool(self, env: Env) -> list[str]:
+        """The tasks RUN/compose/t2l was trained on, then any evaluated task it lacks: each hold-out
+        hypernetwork learns the pool without its own task (so --tasks sentiment,nli still holds
+        each out of every other trained task)."""
+        path = self.folder(env) / "training_config.json"
+        try:
+            trained = list(json.loads(path.read_text())["tasks"])
+        except (OSError, ValueError, KeyError, TypeError):
+            trained = []
+        return list(dict.fromkeys([*trained, *env.tasks]))
 
     def adapter_tasks(self, env):
-        return list(env.tasks)
+        return self.pool(env)
 
     def check(self, env):
         super().check(env)
         Method.check(self, env)
-        if len(env.tasks) < 2:
+        if len(self.pool(env)) < 2:
             raise UserError("method t2l_zeroshot holds each task out of the others: it needs at least two tasks")
         self.recipe(env)
 
@@ -897,19 +908,20 @@ class T2LZeroShot(T2L):
     def fingerprint(self, env, task):
         rec = self.recipe(env)
         return {self.name: {"recipe": rec, "encoder": rec["T2LConfig"]["encoder"],
-                            "adapters": [env.digests[t] for t in env.tasks if t != task],
+                            "adapters": [env.digests[t] for t in self.pool(env) if t != task],
                             "description": self.description(task)}}
 
     def build(self, env):
         from src import t2l
         from src.config import DataConfig, TrainConfig
         rec = self.recipe(env)
+        pool = self.pool(env)
         for task in env.tasks:                   # skipped when RUN/compose/t2l-holdout-<task> has this recipe
             cfgs = (DataConfig(**rec["DataConfig"]),
                     TrainConfig(**{**rec["TrainConfig"], "output_dir": str(env.run_dir), "resume": False,
                                    "force": env.force, "progress": False}),
                     t2l.T2LConfig(**{**rec["T2LConfig"], "objective": "reconstruction", "hold_out": task}))
-            t2l.train_hypernet(env.run_dir, list(env.tasks), *cfgs, say=lambda *a: print(*a, file=sys.stderr),
+            t2l.train_hypernet(env.run_dir, pool, *cfgs, say=lambda *a: print(*a, file=sys.stderr),
                                base=env.model() if cfgs[2].encoder == "base" else None)
         return super().build(env)
 
