@@ -239,7 +239,11 @@ class HyperNet(nn.Module):
     """f(z) [n, d_enc] -> every module's (A [n, r, d_in], B [n, d_out, r]) in one batched pass."""
 
     def __init__(self, layout: Layout, d_enc: int, head: str = "L", hidden: int = 256, embed: int = 32,
-                 seed: int = 0):
+                 seed: int = 0, out_std: Sequence[Sequence[float]] | None = None):
+        """out_std: per module type, the (A, B) scale the heads' outputs are multiplied by (the
+        library's factor std, `factor_stats`): the network then works in z-units, and one
+        optimizer step moves a generated B by a fraction of its typical size, not by many times it
+        (trained B entries are ~1e-3; unscaled, Adam's steps overshoot them). None: 1."""
         super().__init__()
         self.layout, self.head, self.d_enc = layout, head, d_enc
         g = torch.Generator().manual_seed(seed)
@@ -252,13 +256,15 @@ class HyperNet(nn.Module):
         self.blocks = nn.Sequential(_Residual(hidden), _Residual(hidden))
         self.out = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.SiLU())
         r = layout.rank
+        std = torch.ones(len(layout.shapes), 2) if out_std is None else torch.tensor(out_std, dtype=torch.float32)
+        self.register_buffer("out_std", std.reshape(len(layout.shapes), 2))
         self.heads = nn.ModuleList()
         self.biases = nn.ParameterList()
-        for d_in, d_out in layout.shapes:
+        for t, (d_in, d_out) in enumerate(layout.shapes):
             lin = nn.Linear(hidden, head_outputs(head, r, d_in, d_out), bias=False)
             nn.init.zeros_(lin.weight)               # at init the adapter is the LoRA init, for every description
             self.heads.append(lin)
-            a0 = kaiming_a(r, d_in, g)
+            a0 = kaiming_a(r, d_in, g) / self.out_std[t, 0]     # times out_std in forward: the LoRA init
             if head == "L":
                 bias = torch.cat([a0.flatten(), torch.zeros(d_out * r)])
             else:
@@ -302,6 +308,7 @@ class HyperNet(nn.Module):
                 y = self.heads[t](self.out(ht[:, :, None, None] + self.ab_emb[:, None] + self.rank_emb))
                 y = y + self.biases[t]                                           # [n, Pt, 2, r, wide]
                 a, b = y[:, :, 0, :, :d_in], y[:, :, 1, :, :d_out].transpose(-1, -2)
+            a, b = a * self.out_std[t, 0], b * self.out_std[t, 1]
             for j, i in enumerate(idx):
                 out[i] = (a[:, j], b[:, j])
         return out
@@ -516,7 +523,7 @@ def save(folder: Path, hnet: HyperNet, meta: dict) -> Path:
     runs.write_json_atomic(folder / CONFIG_NAME, {
         "format": "text_to_lora", "version": FORMAT_VERSION, "layout": asdict(hnet.layout), "head": hnet.head,
         "d_enc": hnet.d_enc, "hidden": hnet.out[1].in_features, "embed": hnet.layer_emb.embedding_dim,
-        "weights_sha256": runs.file_digest(folder / WEIGHTS_NAME), **meta})
+        "out_std": hnet.out_std.tolist(), "weights_sha256": runs.file_digest(folder / WEIGHTS_NAME), **meta})
     return folder
 
 
@@ -543,7 +550,7 @@ def load(folder: Path) -> tuple[HyperNet, dict]:
         raise UserError(f"{w} does not match {CONFIG_NAME} (an interrupted save?)")
     lay = meta["layout"]
     layout = Layout(**{**lay, "shapes": [tuple(s) for s in lay["shapes"]]})
-    hnet = HyperNet(layout, meta["d_enc"], meta["head"], meta["hidden"], meta["embed"])
+    hnet = HyperNet(layout, meta["d_enc"], meta["head"], meta["hidden"], meta["embed"], out_std=meta.get("out_std"))
     try:
         hnet.load_state_dict(load_file(str(w)))
     except (SafetensorError, OSError, RuntimeError) as e:
@@ -637,7 +644,8 @@ def _train(stage, tasks, adapters, layout, data_cfg, train_cfg, cfg, resolved, b
     val_text = [held_out_descriptions(t) for t in tasks]
     train_emb = torch.stack([encode(d, cfg.encoder, base) for d in train_text])     # [T, D, d_enc]
     val_emb = torch.stack([encode(d, cfg.encoder, base) for d in val_text])
-    hnet = HyperNet(layout, train_emb.shape[-1], cfg.head, cfg.t2l_hidden, cfg.t2l_embed, data_cfg.seed)
+    out_std = factor_stats(list(adapters.values()), layout, "factors")
+    hnet = HyperNet(layout, train_emb.shape[-1], cfg.head, cfg.t2l_hidden, cfg.t2l_embed, data_cfg.seed, out_std)
     params = {f"hnet.{k}": p for k, p in hnet.named_parameters()}
     hashes = None
     stages.restart(stage, train_cfg)
