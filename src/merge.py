@@ -45,6 +45,9 @@ class MergeCommand:
     out: str = field(default="", metadata={"help": "output adapter folder"})
     seed: int | None = field(default=None, metadata={"help": "dare_linear/dare_ties: random seed; None: 0"})
     force: bool = field(default=False, metadata={"help": "replace existing output folders"})
+    same_base: bool = field(default=False, metadata={
+        "help": "the adapters name their base model differently but it is one model (e.g. a local copy of a hub "
+                "model): merge them anyway (the merge records the first adapter's name)"})
     export_model: str | None = field(default=None, metadata={
         "help": "also write a plain HF model folder with the merge folded in (needs --base)"})
     base: str | None = field(default=None, metadata={"help": "base model for --export-model"})
@@ -116,6 +119,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
         if not Path(d).is_dir():
             raise UserError(f"adapter folder {d} does not exist")
     adapters = [load_adapter(d) for d in ns.adapters]
+    if cfg.same_base:
+        for a in adapters[1:]:
+            a.config["base_model_name_or_path"] = adapters[0].base_model
     names = [a.name for a in adapters]
     for a, d in zip(adapters, ns.adapters):
         if names.count(a.name) > 1:   # two folders with the same last name: use the path

@@ -569,7 +569,8 @@ def check_compatible(adapters: Sequence[Adapter]) -> None:
         li = _label(ad, i)
         if first.base_model and ad.base_model and not same_model(first.base_model, ad.base_model):
             raise UserError(f"adapters {l0} and {li} are for different base models "
-                            f"({first.base_model} vs {ad.base_model})")
+                            f"({first.base_model} vs {ad.base_model}); if they are one model, "
+                            f"python -m src.merge --same-base merges them")
         if set(ad.factors) != set(first.factors):
             only0 = sorted(set(first.factors) - set(ad.factors))
             only1 = sorted(set(ad.factors) - set(first.factors))

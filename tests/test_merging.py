@@ -446,3 +446,14 @@ def test_merges_take_the_same_model_under_two_path_strings(tmp_path, monkeypatch
     b.config["base_model_name_or_path"] = str(save_tiny(tmp_path / "other", "llama").resolve())
     with pytest.raises(UserError, match="different base models"):
         merging.check_compatible([a, b])
+
+
+def test_cli_same_base_merges_adapters_that_name_one_model_differently(adapter_dirs, tmp_path, capsys):
+    """issue 17: the override for one model under two names that resolve differently (a copy)."""
+    out = tmp_path / "out"
+    argv = ["--method", "concat", "--out", str(out), str(adapter_dirs["sentiment"]), str(adapter_dirs["foreign"])]
+    rc, _, err = _cli(argv, capsys)
+    assert rc == 2 and "python -m src.merge --same-base merges them" in err and not out.exists()
+    rc, _, err = _cli([*argv, "--same-base"], capsys)
+    assert rc == 0, err
+    assert json.loads((out / "merge_info.json").read_text())["config"]["same_base"] is True
