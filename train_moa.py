@@ -52,8 +52,8 @@ from src.lora import Adapter, load_adapter
 from src.models import load_base_model, model_identity, resolve_model_path, same_model
 from src.moa import MixtureOfLoRAs, MoAConfig
 from src.tasks import data_hash, resolve_tasks
-from src.training import (TrainingDiverged, barrier, encode_examples, finish_distributed, fit, init_distributed,
-                          load_data, moa_objective, process_device, prompt_items, routing_accuracy)
+from src.training import (barrier, encode_examples, finish_distributed, fit_or_exit, init_distributed, load_data,
+                          moa_objective, process_device, prompt_items, routing_accuracy)
 
 
 def main(argv=None) -> None:
@@ -137,16 +137,9 @@ def _train(stage, run, tasks, data_cfg, train_cfg, router_cfg, d, say, resolved,
     # --------------------------------------------------------------------- run
     stages.restart(stage, train_cfg, d)
     objective = moa_objective(moa, router_cfg.eta, router_cfg.lm_loss, router_cfg.teacher_forcing)
-    try:
-        result = fit(model, params, train_items, val_items, cfg=train_cfg, seed=data_cfg.seed, name="moa",
-                     pad_id=tokenizer.pad_token_id, state_dir=stage.state_dir, log_path=stage.log_path,
-                     objective=objective, d=d, amp=amp, fingerprint=fingerprint)
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
-    with torch.no_grad():
-        for k, v in result.params.items():
-            params[k].copy_(v)
+    result = fit_or_exit(model, params, train_items, val_items, cfg=train_cfg, seed=data_cfg.seed, name="moa",
+                         pad_id=tokenizer.pad_token_id, state_dir=stage.state_dir, log_path=stage.log_path,
+                         objective=objective, d=d, amp=amp, fingerprint=fingerprint)
     accuracy = routing_accuracy(moa, model, val_full, tokenizer.pad_token_id, train_cfg.batch_size * 2)
 
     # -------------------------------------------------------------------- save
@@ -230,16 +223,9 @@ def _train_mixer(stage, run, tasks, adapters, modules, data_cfg, train_cfg, cfg,
     stages.restart(stage, train_cfg, d)
     objective = mx.objective(mixer, cfg, start if cfg.mixer_regime == "finetune" else (),
                              tuned if cfg.mixer_regime == "finetune" else ())
-    try:
-        result = fit(model, params, train_items, val_items, cfg=train_cfg, seed=data_cfg.seed, name="lora_mixer",
-                     pad_id=tokenizer.pad_token_id, state_dir=stage.state_dir, log_path=stage.log_path,
-                     objective=objective, d=d, amp=amp, fingerprint=fingerprint)
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
-    with torch.no_grad():
-        for k, v in result.params.items():
-            params[k].copy_(v)
+    result = fit_or_exit(model, params, train_items, val_items, cfg=train_cfg, seed=data_cfg.seed, name="lora_mixer",
+                         pad_id=tokenizer.pad_token_id, state_dir=stage.state_dir, log_path=stage.log_path,
+                         objective=objective, d=d, amp=amp, fingerprint=fingerprint)
     for p in params.values():
         p.requires_grad_(False)
     mixer.soft = False

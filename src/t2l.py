@@ -639,7 +639,7 @@ def train_hypernet(run: Path, tasks: Sequence[str], data_cfg, train_cfg, cfg: T2
 def _train(stage, tasks, adapters, layout, data_cfg, train_cfg, cfg, resolved, built_from, base, say) -> None:
     """Encode the descriptions, fit the hypernetwork, publish the stage."""
     from src.tasks import data_hash
-    from src.training import TrainingDiverged, encode_examples, fit, load_data
+    from src.training import encode_examples, fit_or_exit, load_data
     train_text = [training_descriptions(t) for t in tasks]
     val_text = [held_out_descriptions(t) for t in tasks]
     train_emb = torch.stack([encode(d, cfg.encoder, base) for d in train_text])     # [T, D, d_enc]
@@ -682,16 +682,9 @@ def _train(stage, tasks, adapters, layout, data_cfg, train_cfg, cfg, resolved, b
     with context as layers:
         if cfg.objective == "sft":
             objective = sft_objective(hnet, layers, train_emb, val_emb[:, 0], cfg.label_smoothing, cfg.factor_l2)
-        try:
-            result = fit(model, params, train_items, val_items, cfg=train_cfg, seed=data_cfg.seed,
-                         name=stage.out_dir.name, pad_id=pad_id, state_dir=stage.state_dir,
-                         log_path=stage.log_path, objective=objective, fingerprint=fingerprint)
-        except TrainingDiverged as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(1) from None
-    with torch.no_grad():
-        for k, v in result.params.items():
-            params[k].copy_(v)
+        result = fit_or_exit(model, params, train_items, val_items, cfg=train_cfg, seed=data_cfg.seed,
+                             name=stage.out_dir.name, pad_id=pad_id, state_dir=stage.state_dir,
+                             log_path=stage.log_path, objective=objective, fingerprint=fingerprint)
     hnet.cpu()
     with stages.publish(stage) as folder:
         save(folder, hnet, {"encoder": cfg.encoder, "objective": cfg.objective, "tasks": tasks,

@@ -32,6 +32,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -516,6 +517,21 @@ def fit(model: nn.Module, params: dict[str, nn.Parameter], train: Sequence[dict]
                        fingerprint=fingerprint, on_step=on_step)
     trainer.setup()
     return trainer.train()
+
+
+def fit_or_exit(model: nn.Module, params: dict[str, nn.Parameter], train: Sequence[dict], val: Sequence[dict],
+                **kw) -> FitResult:
+    """`fit`, then its chosen (best-validation, else last) tensors copied into `params`. A diverged
+    run prints one error line and exits with code 1, its last good checkpoint kept for a --resume."""
+    try:
+        result = fit(model, params, train, val, **kw)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    with torch.no_grad():
+        for k, v in result.params.items():
+            params[k].copy_(v)
+    return result
 
 
 @dataclass

@@ -203,10 +203,10 @@ def test_kill_and_resume_gives_the_uninterrupted_routers(mixer_run, tmp_path, mo
             if step == 3:
                 raise KeyboardInterrupt
         return real_fit(*a, **kw, on_step=on_step)
-    monkeypatch.setattr(train_moa, "fit", killed_at_step_3)
+    monkeypatch.setattr(training, "fit", killed_at_step_3)
     assert run_main(train_moa.main, _mix(model, cut, *args)) == 130
     assert not (cut / "compose" / "lora_mixer").exists()
-    monkeypatch.setattr(train_moa, "fit", real_fit)
+    monkeypatch.setattr(training, "fit", real_fit)
     assert run_main(train_moa.main, _mix(model, cut, *args, "--resume")) == 0
     a, b = _routers(full), _routers(cut)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6

@@ -400,12 +400,12 @@ def test_kill_during_router_training_then_resume_gives_the_uninterrupted_routers
             if step == 5:
                 raise KeyboardInterrupt  # as a kill: after step 5, whose checkpoint (every 2) is not due
         return real_fit(*a, **kw, on_step=on_step)
-    monkeypatch.setattr(train_moa, "fit", killed_at_step_5)
+    monkeypatch.setattr(training, "fit", killed_at_step_5)
     assert run_main(train_moa.main, _args(tiny_dir, cut, *extra)) == 130
     assert seen == [False] * 5 and not (cut / "moa").exists()
     assert training.load_checkpoint(cut / "checkpoints" / "moa")["step"] == 4
     assert not (cut / "checkpoints" / "moa.lock").exists()  # the killed run's lock went with it
-    monkeypatch.setattr(train_moa, "fit", real_fit)
+    monkeypatch.setattr(training, "fit", real_fit)
 
     capsys.readouterr()
     assert run_main(train_moa.main, _args(tiny_dir, cut, *extra)) == 2  # neither --resume nor --force
