@@ -32,7 +32,6 @@ Pure math first (losses), then `LoRAMixer`, then save and load.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -48,7 +47,7 @@ from safetensors.torch import load_file, save_file
 from src.errors import UserError
 from src.experts import TokenRouter, entropy, expert_order, inject_experts, load_balance, topk_softmax
 from src.lora import Adapter, load_adapter, save_adapter
-from src.runs import atomic_path, file_digest, write_json_atomic
+from src.runs import atomic_path, file_digest, read_saved_config, write_json_atomic
 from src.training import Objective, backbone_forward, collate, prompt_items, target_only_loss, to_device
 
 REGIMES = ("plug", "finetune", "joint")
@@ -347,13 +346,8 @@ class LoRAMixer(TokenRouter):
 def read_config(folder: Path) -> dict:
     """mixer_config.json, checked: tasks, modules, top_k."""
     path = Path(folder) / CONFIG_NAME
-    if not path.is_file() or not (Path(folder) / ROUTERS_NAME).is_file():
-        raise UserError(f"{folder}: not a trained LoRA-Mixer (no {CONFIG_NAME} or {ROUTERS_NAME}); "
-                        f"train it with train_moa.py --system lora_mixer")
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: unreadable ({e})") from None
+    meta = read_saved_config(folder, CONFIG_NAME, ROUTERS_NAME,
+                             "not a trained LoRA-Mixer: train it with train_moa.py --system lora_mixer")
     ok = (isinstance(meta, dict) and meta.get("format") == "lora_mixer"
           and isinstance(meta.get("tasks"), list) and all(isinstance(t, str) for t in meta["tasks"])
           and isinstance(meta.get("modules"), list) and isinstance(meta.get("top_k"), int))

@@ -130,6 +130,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         raise
 
 
+def read_saved_config(folder: Path, name: str, weights: str, missing: str) -> object:
+    """The JSON `name` of a saved model folder that must also hold `weights`: UserError `missing`
+    (what it is not, and how to make it) when either file is absent, one line when unreadable."""
+    path = Path(folder) / name
+    if not path.is_file() or not (Path(folder) / weights).is_file():
+        raise UserError(f"{folder}: {missing} (no {name} or {weights})")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:          # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"{path}: unreadable ({e})") from None
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)

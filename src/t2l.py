@@ -32,7 +32,6 @@ save/load, generation, the training stage and the `generate` command:
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 import sys
@@ -529,12 +528,10 @@ def save(folder: Path, hnet: HyperNet, meta: dict) -> Path:
 
 def read_config(folder: Path) -> dict:
     path = Path(folder) / CONFIG_NAME
-    if not path.is_file() or not (Path(folder) / WEIGHTS_NAME).is_file():
-        raise UserError(f"{folder}: no trained Text-to-LoRA hypernetwork ({CONFIG_NAME}, {WEIGHTS_NAME}); "
-                        f"train it with train_text_to_lora.py")
+    meta = runs.read_saved_config(folder, CONFIG_NAME, WEIGHTS_NAME,
+                                  "no trained Text-to-LoRA hypernetwork: train it with train_text_to_lora.py")
     try:
-        meta = json.loads(path.read_text())
-        if meta.get("format") != "text_to_lora":
+        if not isinstance(meta, dict) or meta.get("format") != "text_to_lora":
             raise ValueError("not a text_to_lora config")
         Layout(**meta["layout"])
     except (OSError, ValueError, KeyError, TypeError) as e:
