@@ -6,7 +6,7 @@ Usage:
         [--eval-size 500] [--batch-size 16] [--max-new-tokens 128] [--max-prompt-len 400] \
         [--score-by generate|likelihood] [--density 0.5] [--rank 8] [--seed 0] [--force] \
         [--arrow-top-k 3] [--arrow-temperature 1.0] [--arrow-general DIR ...] \
-        [--reuse-from OTHER_RUN ...]
+        [--reuse-from OTHER_RUN ...] [--build-only]
     python full_evaluation.py --methods list        # every method, its kind and what it is
 
 Methods come from the registry in src/compose.py: base, oracle (each task's own adapter),
@@ -84,6 +84,9 @@ class EvalConfig:
                 "MoA's routers (recorded in their training_config.json); --no-exclude-selection takes the "
                 "plain seeded subset, as runs before this option did"})
     force: bool = field(default=False, metadata={"help": "recompute every cell and merge"})
+    build_only: bool = field(default=False, metadata={
+        "help": "run the build steps (merges, searches, generated adapters) of the cells still to compute, "
+                "evaluate nothing (run_reference.sh builds one task set while the other evaluates)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
     dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16, float16"})
 
@@ -178,7 +181,10 @@ def main(argv=None):
     print(f"evaluating {len(methods)} methods x {len(tasks)} tasks on {cfg.model}: "
           f"{len(cells)} cells reused, {n_todo} to compute", file=sys.stderr)
     for method, b in built.items():
-        print(f"  {method}: {'reused' if b.reused else 'built'} {b.where or ''}".rstrip(), file=sys.stderr)
+        took = "" if b.reused else f" ({b.seconds:.1f} s)"
+        print(f"  {method}: {'reused' if b.reused else 'built'} {b.where or ''}".rstrip() + took, file=sys.stderr)
+    if cfg.build_only:
+        return
 
     # ------------------------------------------------------------------ model
     model = tokenizer = None

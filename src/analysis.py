@@ -9,7 +9,8 @@ For each RUN, writes RUN/analysis/cosine.json (from RUN/adapters/*) and, under R
     per_task_metrics.png    each task's raw primary metric per method
     routing_<method>.png    each dynamic method (MoA, Arrow): true task x expert, from its
                             predictions (RUN/eval/predictions/<method>/*.jsonl)
-    routing_<method>_per_layer.png   per-token routers: expert share per layer
+    routing_<method>_per_layer.png   expert share per layer on the prompts (token routers: mean gate;
+                                     MoA: the share of prompts on which each layer chose the expert)
 With several RUNs (model sizes, task counts: the study's figures 3 and 4) also
     comparison_multitask.png, comparison_per_task.png   under --out (default: the first RUN/plots)
 
@@ -469,7 +470,8 @@ def plot_routing(conf: dict, label: str | None = None):
 
 
 def plot_routing_per_layer(table: dict, method: str = "router", label: str | None = None):
-    """A per-token router's expert share per layer: one panel per true task (layers x experts),
+    """A router's expert share per layer (mean gate of a token router; share of prompts of MoA):
+    one panel per true task (layers x experts),
     from summary.json's routing table."""
     import numpy as np
 

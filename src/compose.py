@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import sys
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,6 +176,7 @@ class Built:
     reused: bool
     save: Callable[[], object] | None = None
     where: Path | None = None
+    seconds: float = 0.0          # the build step's wall time (search, generation, merge), saving included
 
 
 # --------------------------------------------------------------------------- model selection
@@ -323,10 +325,17 @@ def check_all(methods: Sequence[str], env: Env) -> None:
 def build_all(methods: Sequence[str], env: Env) -> dict[str, Built]:
     """Each method's build step; new results are saved only when every build succeeded (a
     method that cannot be built fails before anything is written)."""
-    built = {m: b for m in methods if (b := REGISTRY[m].build(env)) is not None}
+    built = {}
+    for m in methods:
+        t0 = time.perf_counter()
+        if (b := REGISTRY[m].build(env)) is not None:
+            b.seconds = time.perf_counter() - t0
+            built[m] = b
     for b in built.values():
         if b.save is not None:
+            t0 = time.perf_counter()
             b.value = b.save()
+            b.seconds += time.perf_counter() - t0
     env.built.update({m: b.value for m, b in built.items()})
     return built
 

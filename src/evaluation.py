@@ -395,11 +395,15 @@ def summarize(model: str, tasks: Sequence[str], methods: Sequence[str], cells: d
     oracle's, their ratio and every metric; a routing table per dynamic method; the run's meta.
 
     A multitask score whose oracle metric is 0 on some task is undefined: it is null, and
-    `undefined_tasks` names the tasks.
+    `undefined_tasks` names the tasks; `multitask_defined` then gives the score and interval
+    over the other tasks ({"tasks", "score", "interval"}; e.g. the study's unsmoothed BLEU is
+    0 on a few dozen weak translations).
     """
     oracle = {t: cell_result(cells[("oracle", t)], scoring)["score"] for t in tasks}
     cell_iv, method_iv = intervals(tasks, methods, cells, scoring)
     zero = [t for t in tasks if oracle[t] == 0]
+    defined = [t for t in tasks if oracle[t] != 0]
+    defined_iv = intervals(defined, methods, cells, scoring)[1] if zero and defined else {}
     out_methods = {}
     routing = {}
     for m in methods:
@@ -417,6 +421,9 @@ def summarize(model: str, tasks: Sequence[str], methods: Sequence[str], cells: d
                  "multitask_interval": None if zero else method_iv[m], "per_task": per_task}
         if zero:
             entry["undefined_tasks"] = zero
+            if defined:
+                entry["multitask_defined"] = {"tasks": defined, "interval": defined_iv[m], "score": multitask_score(
+                    {t: scores[t] for t in defined}, {t: oracle[t] for t in defined})}
         out_methods[m] = entry
         table = routing_summary(tasks, [cells[(m, t)] for t in tasks])
         if table is not None:
@@ -433,7 +440,8 @@ def routing_summary(tasks: Sequence[str], cells: Sequence[dict]) -> dict | None:
     """A dynamic method's routing table from its cells, None for a method that does not route.
 
     Per-sequence routers ("routed_task" records): {"kind": "sequence", "confusion": {true task:
-    {routed task: count}}, "accuracy": share routed to the own task}. Per-token routers
+    {routed task: count}}, "accuracy": share routed to the own task, and, when the cells hold
+    it, "per_layer" / "layers" / "experts" as below: each layer's choice on the prompt}. Per-token routers
     ("expert_share" records): {"kind": "token", "share": {true task: {expert: mean share}},
     "accuracy": mean share of the own task's expert (when experts are tasks), "per_layer":
     {true task: [[share per expert] per layer]}, "layers": [...], "experts": [...]}.
@@ -447,7 +455,12 @@ def routing_summary(tasks: Sequence[str], cells: Sequence[dict]) -> dict | None:
             for r in c["records"]:
                 row[r["routed_task"]] = row.get(r["routed_task"], 0) + 1
                 hits += r["routed_task"] == t
-        return {"kind": "sequence", "confusion": confusion, "accuracy": hits / len(records)}
+        out = {"kind": "sequence", "confusion": confusion, "accuracy": hits / len(records)}
+        layered = [c.get("routing_per_layer") for c in cells]
+        if all(layered):             # each layer's expert on the prompt (MoA's per-layer routers)
+            out.update(experts=layered[0]["experts"], layers=layered[0]["layers"],
+                       per_layer={t: lay["share"] for t, lay in zip(tasks, layered)})
+        return out
     if records and all("expert_share" in r for r in records):
         share, own = {}, []
         for t, c in zip(tasks, cells):

@@ -380,6 +380,15 @@ class MixtureOfLoRAs(nn.Module):
             return s.decision.experts
         return decide(self.router_logits(), self.cfg.inference)
 
+    def layer_shares(self) -> torch.Tensor:
+        """[n_layers, batch, n_experts]: one-hot of the expert each adapted layer used on the prompt
+        (the session's first forward): the per-layer routing of evaluation's heatmaps."""
+        s = self._session
+        if s is None or not s.steps:
+            raise RuntimeError("no forward in this session yet")
+        first = torch.stack([sel.experts.cpu().reshape(-1) for sel in s.steps[0]])   # [n_layers, batch]
+        return F.one_hot(first, len(self.tasks)).float()
+
     def routing_records(self) -> list[dict]:
         """Per sequence of the session: {"routed_task": the expert it was routed to}."""
         return [{"routed_task": self.tasks[int(e)]} for e in self.chosen_experts().reshape(-1).tolist()]

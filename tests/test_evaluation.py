@@ -177,6 +177,8 @@ def test_result_files_record_their_provenance(tiny_run):
     assert {"id", "prompt", "prediction", "reference", "metric", "score", "routed_task"} <= set(records[0])
     assert records[0]["routed_task"] in TASKS
     assert sum(s["routing"]["moa"]["confusion"]["nli"].values()) == 6
+    per_layer = s["routing"]["moa"]["per_layer"]["nli"]     # each layer's choice, as a share of the prompts
+    assert len(per_layer) == len(s["routing"]["moa"]["layers"]) and all(sum(row) == pytest.approx(1) for row in per_layer)
     assert (run / "merged" / "svd" / "adapter_model.safetensors").is_file()
 
 

@@ -127,6 +127,21 @@ def test_routed_mixed_batch_equals_each_alone(router, inference):
         assert torch.equal(chosen, decide(moa_logits(moa, model), inference))
 
 
+def test_layer_shares_are_each_layers_choice_on_the_prompt():
+    """evaluation's per-layer heatmap: one-hot of the expert each layer used on the first forward,
+    unchanged by decoding steps (the decision is held)."""
+    model = tiny_model("qwen2")
+    moa = MixtureOfLoRAs(model, make_adapters(model), MoAConfig(inference="layer"))
+    randomize_routers(moa, seed=4)
+    with torch.no_grad(), moa.session():
+        model(**padded_inputs(PROMPTS))
+        first = moa.step_decisions()[0]                  # [n_layers, batch]
+        shares = moa.layer_shares()
+    assert shares.shape == (len(moa.layer_names), len(PROMPTS), len(TASKS))
+    assert torch.equal(shares.argmax(-1), first) and torch.equal(shares.sum(-1), torch.ones_like(first, dtype=shares.dtype))
+    assert first.unique().numel() > 1                    # the layers really disagree somewhere
+
+
 def moa_logits(moa, model):
     with torch.no_grad(), moa.session():
         model(**padded_inputs(PROMPTS))

@@ -133,7 +133,7 @@ def test_reference_script_shares_cells_between_workers_and_reuses_base_and_oracl
     model = save_tiny(tmp_path / "tiny-qwen2", "qwen2")
     run = tmp_path / "ref"
     env = dict(os.environ, MODEL=str(model), RUN=str(run), DATA=str(shared_data), PYTHON=sys.executable,
-               TRAIN_SIZE="4", EVAL_SIZE="2", WORKERS="2", METHODS="moa,concat,svd", MPLBACKEND="Agg")
+               TRAIN_SIZE="4", EVAL_SIZE="2", WORKERS="2", METHODS="moa,concat,svd", HELDOUT="", MPLBACKEND="Agg")
     _run(["bash", str(ROOT / "run_reference.sh")], env, tmp_path, timeout=900)
     five = run.parent / "ref-5tasks"
     for folder, tasks in ((run, SEVEN), (five, SEVEN[:5])):

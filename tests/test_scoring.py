@@ -116,3 +116,25 @@ def test_intervals_contain_the_estimate_shrink_with_more_examples_and_pin_the_or
     assert smalls["half"][0] < smalls["half"][1] and larges["half"][1] - larges["half"][0] < 0.2
     again, _ = ev.intervals(["sentiment"], methods, _cells(40), "toolkit")
     assert again == small                                              # seeded
+
+
+def test_a_zero_oracle_task_leaves_the_score_undefined_and_gives_it_over_the_other_tasks():
+    from src import evaluation as ev
+    cells = _cells(40)
+    for m in ("oracle", "half", "base"):                  # nli: every method (the oracle too) always wrong
+        recs = [{"id": str(i), "raw": "neutral", "reference": "entailment", "score": 0.0, "score_study": 0.0}
+                for i in range(40)]
+        cells[(m, "nli")] = {"task": "nli", "n": 40, "records": recs, "seconds": 1.0,
+                             "result": {"primary": "accuracy", "score": 0.0, "metrics": {"accuracy": 0.0}}}
+    methods = ["oracle", "half", "base"]
+    for m in methods:
+        cells[(m, "sentiment")]["seconds"] = 1.0
+    s = ev.summarize("m", ["sentiment", "nli"], methods, cells, {}, "toolkit")
+    alone = ev.summarize("m", ["sentiment"], methods, cells, {}, "toolkit")
+    for m in methods:
+        entry = s["methods"][m]
+        assert entry["multitask_score"] is None and entry["undefined_tasks"] == ["nli"]
+        d = entry["multitask_defined"]
+        assert d["tasks"] == ["sentiment"]
+        assert d["score"] == pytest.approx(alone["methods"][m]["multitask_score"], abs=1e-12)
+        assert d["interval"] == alone["methods"][m]["multitask_interval"]   # the same seeded resamples
