@@ -492,8 +492,11 @@ def plot_routing_per_layer(table: dict, method: str = "router", label: str | Non
         ax.set_title(t, fontsize=9)
     for k in range(len(tasks), rows * cols):
         fig.delaxes(axes[k // cols][k % cols])
-    fig.colorbar(im, ax=list(fig.axes), fraction=0.02, label="mean gate share")
-    fig.suptitle(f"{method}: expert share per layer (prompt tokens)" + (f"\n{label}" if label else ""), fontsize=10)
+    sequence = table.get("kind") == "sequence"      # MoA: each layer's choice on the prompt
+    fig.colorbar(im, ax=list(fig.axes), fraction=0.02,
+                 label="share of prompts on which the layer chose the expert" if sequence else "mean gate share")
+    what = "the layer's choice on each prompt" if sequence else "prompt tokens"
+    fig.suptitle(f"{method}: expert share per layer ({what})" + (f"\n{label}" if label else ""), fontsize=10)
     return fig
 
 
