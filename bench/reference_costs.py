@@ -28,19 +28,23 @@ def _json(path: Path) -> dict | None:
         return None
 
 
-def training_rows(run: Path) -> list[list[str]]:
+def training_rows(run: Path, seen: set) -> list[list[str]]:
+    """Each trained stage once: an adapter or hypernetwork copied into another run folder (the
+    5-task set's adapters, the hold-out run's) is counted where it was trained."""
     rows = []
     for path in sorted(run.glob("adapters/*/training_config.json")):
         d = _json(path) or {}
-        if d.get("tokens") and d.get("elapsed_s"):
+        if d.get("tokens") and d.get("elapsed_s") and ("adapter", d["task"], d["elapsed_s"]) not in seen:
+            seen.add(("adapter", d["task"], d["elapsed_s"]))
             rows.append([f"adapter {d['task']}", str(d.get("steps")), f"{d['tokens']:,}", f"{d['elapsed_s']:.0f}",
                          f"{d['tokens'] / d['elapsed_s']:.0f}"])
     stages = [("moa", run / "moa" / "training_config.json")]
     stages += [(p.parent.name, p) for p in sorted(run.glob("compose/*/training_config.json"))]
     for name, path in stages:
         d = _json(path)
-        if not d or not d.get("elapsed_s"):
+        if not d or not d.get("elapsed_s") or (name, d["elapsed_s"]) in seen:
             continue
+        seen.add((name, d["elapsed_s"]))
         tokens = d.get("tokens")
         rows.append([name, str(d.get("steps")), f"{tokens:,}" if tokens else "-", f"{d['elapsed_s']:.0f}",
                      f"{tokens / d['elapsed_s']:.0f}" if tokens else "-"])
@@ -94,9 +98,10 @@ def main(argv: list[str]) -> None:
             print(f"error: {run} is not a run folder", file=sys.stderr)
             sys.exit(2)
     seen: set = set()
+    trained: set = set()
     for run in runs:
         print(f"### {run}\n")
-        rows = training_rows(run)
+        rows = training_rows(run, trained)
         if rows:
             print("Training (one process, one thread):\n")
             print(table(["stage", "steps", "tokens", "seconds", "tokens/s"], rows) + "\n")
