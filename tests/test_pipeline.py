@@ -131,9 +131,9 @@ def test_readme_commands_exist_and_ci_runs_them():
 def test_reference_script_shares_cells_between_workers_and_reuses_base_and_oracle(tmp_path, shared_data):
     """run_reference.sh end to end on a tiny model: two workers, each cell computed once."""
     model = save_tiny(tmp_path / "tiny-qwen2", "qwen2")
-    run = tmp_path / "ref"
-    env = dict(os.environ, MODEL=str(model), RUN=str(run), DATA=str(shared_data), PYTHON=sys.executable,
-               TRAIN_SIZE="4", EVAL_SIZE="2", WORKERS="2", METHODS="moa,concat,svd", HELDOUT="", MPLBACKEND="Agg")
+    run, published = tmp_path / "ref", tmp_path / "published"
+    env = dict(os.environ, MODEL=str(model), RUN=str(run), REF=str(published), DATA=str(shared_data),
+               PYTHON=sys.executable, TRAIN_SIZE="4", EVAL_SIZE="2", WORKERS="2", METHODS="moa,concat,svd", HELDOUT="", MPLBACKEND="Agg")
     _run(["bash", str(ROOT / "run_reference.sh")], env, tmp_path, timeout=900)
     five = run.parent / "ref-5tasks"
     for folder, tasks in ((run, SEVEN), (five, SEVEN[:5])):
@@ -146,6 +146,9 @@ def test_reference_script_shares_cells_between_workers_and_reuses_base_and_oracl
         if folder == run:   # 35 cells: both workers get some
             assert re.search(r"^\s+\w+ / \w+\s", (folder / "logs" / "eval.2.log").read_text(), flags=re.M)
         assert (folder / "plots" / "multitask_score.png").is_file()
+    for part in ("7tasks", "5tasks"):   # published to REF, never to the repository's results/reference
+        assert (published / part / "eval" / "summary.json").is_file(), part
+        assert not list((published / part).rglob("*.safetensors")), part
     seven = json.loads((run / "eval" / "summary.json").read_text())["methods"]
     for m in ("base", "oracle"):
         for t in SEVEN[:5]:
