@@ -29,7 +29,9 @@ fi
 has_packages || no_python
 
 # the trained systems beside MoA join the default list when the run folder has them
-if [[ -z "${METHODS_SET:-}" && -f "$RUN/compose/lora_mixer/mixer_config.json" ]]; then METHODS="$METHODS,lora_mixer"; fi
+for mixer in lora_mixer lora_mixer_finetune lora_mixer_joint; do
+    if [[ -z "${METHODS_SET:-}" && -f "$RUN/compose/$mixer/mixer_config.json" ]]; then METHODS="$METHODS,$mixer"; fi
+done
 
 if [[ -d "$DATA" ]]; then
     data_flags=(--data dir --data-dir "$DATA")

@@ -44,9 +44,10 @@ TASKS5=summarization,translation,qa,sentiment,nli
 publish() {   # publish RUN DEST: every file but weights, checkpoints and locks
   local src=$1 dst=$2
   [[ -d "$src" ]] || return 0
+  [[ "$dst" == /* ]] || dst=$HERE/$dst      # REF may be absolute or relative to this folder
   rm -rf "$dst.tmp" && mkdir -p "$dst.tmp"
   (cd "$src" && find . -type f ! -name '*.safetensors' ! -name '*.lock' ! -path './checkpoints/*' -print0 |
-     xargs -0r cp --parents -t "$HERE/$dst.tmp")
+     xargs -0r cp --parents -t "$dst.tmp")
   rm -rf "$dst" && mv "$dst.tmp" "$dst"
 }
 publish_all() { publish "$RUN" "$REF/7tasks"; publish "$RUN5" "$REF/5tasks"; publish "$RUN0" "$REF/zeroshot"; }

@@ -11,8 +11,9 @@ Usage:
     # the MoA paper's loss L_LM + eta * L_cls, tuning the LoRAs too
     python train_moa.py ... --lm-loss --eta 0.5 --joint
 
-    # LoRA-Mixer instead (docs/lora_mixer.md): per-token routers in the attention projections
+    # LoRA-Mixer instead (docs/lora_mixer.md): per-token routers in every projection the experts cover
     python train_moa.py --system lora_mixer --preset demo --output-dir runs/demo
+    python train_moa.py --system lora_mixer --mixer-regime finetune ...   # -> RUN/compose/lora_mixer_finetune
 
 The loss is L = L_LM + eta * L_cls with teacher forcing (the gold task's LoRA is active):
   L_cls   cross-entropy of every router's logits against the task label, averaged over
@@ -31,7 +32,8 @@ and refused when not, unless --force retrains it; --resume continues a killed ru
 RUN/checkpoints/moa. A second process on the same RUN/moa is refused (RUN/checkpoints/moa.lock).
 
 --system lora_mixer trains LoRA-Mixer (src/mixer.py) under the same contract, into
-RUN/compose/lora_mixer/: mixer_config.json + routers.safetensors (+ experts/<task>/ when the
+RUN/compose/lora_mixer/ (the default regime, plug; --mixer-regime finetune or joint: into
+RUN/compose/lora_mixer_finetune/ or lora_mixer_joint/, evaluated as methods of those names): mixer_config.json + routers.safetensors (+ experts/<task>/ when the
 experts were tuned), training_config.json, log.jsonl (every loss term), routing.json (each
 task's expert shares on the validation prompts, routing entropy, the balance figure).
 """
@@ -75,7 +77,7 @@ def main(argv=None) -> None:
         adapters, modules = _mixer_inputs(run, tasks, mixer_cfg, train_cfg)
     d = init_distributed(train_cfg.device)
     say = stages.main_printer(d)
-    stage = stages.mixer_stage(run) if lora_mixer else stages.moa_stage(run)
+    stage = stages.mixer_stage(run, mx.method_name(mixer_cfg.mixer_regime)) if lora_mixer else stages.moa_stage(run)
     global_batch = train_cfg.batch_size * train_cfg.grad_accum * d.world
     resolved = config_dict(data_cfg, train_cfg, mixer_cfg if lora_mixer else router_cfg)
     # what RUN/moa is built from: a complete one is reused only when this matches
@@ -167,7 +169,8 @@ def _train(stage, run, tasks, data_cfg, train_cfg, router_cfg, d, say, resolved,
 def _mixer_inputs(run: Path, tasks: list[str], cfg: mx.MixerConfig, train_cfg) -> tuple[dict[str, Adapter], list]:
     """The experts and the modules that get routers, every check done before anything is written."""
     adapters = {t: load_adapter(runs.adapter_dir(run, t)) for t in tasks}
-    modules = mx.choose_modules(common_modules(adapters, tasks, "LoRA-Mixer's experts"), cfg.mixer_modules)
+    modules = mx.choose_modules(common_modules(adapters, tasks, "LoRA-Mixer's experts"), cfg.mixer_modules,
+                                cfg.mixer_drop_uncovered)
     if cfg.mixer_top_k > len(tasks):
         raise UserError(f"--mixer-top-k {cfg.mixer_top_k} is more than the {len(tasks)} experts ({', '.join(tasks)})")
     tune = _tuned(tasks, cfg)
@@ -192,7 +195,7 @@ def _tuned(tasks: list[str], cfg: mx.MixerConfig) -> list[str]:
 
 def _train_mixer(stage, run, tasks, adapters, modules, data_cfg, train_cfg, cfg, d, say, resolved, global_batch,
                  built_from) -> None:
-    """Train LoRA-Mixer's routers (and tuned experts) and publish RUN/compose/lora_mixer (rank 0)."""
+    """Train LoRA-Mixer's routers (and tuned experts) and publish RUN/compose/lora_mixer[_regime] (rank 0)."""
     cap = cfg.routing_cap(len(tasks))
     train_data = {t: exs[:cap] for t, exs in load_data(data_cfg, tasks, "train").items()}
     val_data = load_data(data_cfg, tasks, "validation")
@@ -207,7 +210,8 @@ def _train_mixer(stage, run, tasks, adapters, modules, data_cfg, train_cfg, cfg,
     torch.manual_seed(data_cfg.seed)
     joint = cfg.mixer_regime == "joint"
     experts = {t: mx.fresh_expert(adapters[t], data_cfg.seed + i) for i, t in enumerate(tasks)} if joint else adapters
-    mixer = mx.LoRAMixer(model, experts, modules, cfg.mixer_top_k, tasks, seed=data_cfg.seed)
+    mixer = mx.LoRAMixer(model, experts, modules, cfg.mixer_top_k, tasks, seed=data_cfg.seed,
+                          router_init=cfg.mixer_router_init)
     params = {f"routers.{i}": w for i, w in enumerate(mixer.routers)}
     tune = _tuned(tasks, cfg)
     tuned = mixer.expert_params(tune) if tune else []

@@ -36,6 +36,7 @@ from src.arrow import ArrowConfig, ArrowRouter, check_arrow_adapters
 from src.errors import UserError
 from src.lora import Adapter, check_adapter_fits, folded, load_adapter, make_adapter, save_adapter
 from src.lorahub import LoraHubConfig, ShotLoss
+from src.mixer import REGIMES as MIXER_REGIMES, method_name as mixer_method_name
 from src.moa import CONFIG_NAME as MOA_CONFIG, ROUTERS_NAME, MixtureOfLoRAs
 
 KINDS = ("none", "static", "dynamic")
@@ -190,7 +191,8 @@ def selection_ids(run_dir: Path, tasks: Sequence[str]) -> dict[str, list[str]]:
     out: dict[str, set[str]] = {t: set() for t in tasks}
     records = [runs.adapter_dir(run_dir, t) / "training_config.json" for t in tasks]
     records.append(runs.moa_dir(run_dir) / "training_config.json")
-    records.append(runs.compose_dir(run_dir, "lora_mixer") / "training_config.json")
+    records += [runs.compose_dir(run_dir, m.name) / "training_config.json" for m in REGISTRY.values()
+                if isinstance(m, LoraMixer)]
     for path in records:
         if not path.is_file():
             continue
@@ -763,12 +765,18 @@ class MixerEvalConfig:
 
 
 class LoraMixer(Method):
-    name, kind = "lora_mixer", "dynamic"
+    """LoRA-Mixer trained in one regime: `lora_mixer` (the default, plug) or `lora_mixer_<regime>`."""
+
+    kind = "dynamic"
     configs = (MixerEvalConfig,)
-    help = "LoRA-Mixer: RUN/compose/lora_mixer's routers mix the experts per token in the projections (top-k)"
+
+    def __init__(self, regime: str):
+        self.name = mixer_method_name(regime)
+        self.help = (f"LoRA-Mixer ({regime} regime): RUN/compose/{self.name}'s routers mix the experts per token in "
+                     "the projections (top-k)")
 
     def folder(self, env: Env) -> Path:
-        return runs.compose_dir(env.run_dir, "lora_mixer")
+        return runs.compose_dir(env.run_dir, self.name)
 
     def meta(self, env: Env) -> dict:
         from src.mixer import read_config
@@ -779,10 +787,10 @@ class LoraMixer(Method):
         try:
             meta = self.meta(env)
         except UserError as e:
-            raise UserError(f"method lora_mixer: {e} (or leave lora_mixer out of --methods)") from None
+            raise UserError(f"method {self.name}: {e} (or leave {self.name} out of --methods)") from None
         absent = [t for t in env.tasks if t not in meta["tasks"]]
         if absent:
-            raise UserError(f"method lora_mixer: {folder} has no expert for task {', '.join(absent)} "
+            raise UserError(f"method {self.name}: {folder} has no expert for task {', '.join(absent)} "
                             f"(its experts: {', '.join(meta['tasks'])})")
         k = env.opt(MixerEvalConfig).eval_mixer_top_k
         if k is not None and k > len(meta["tasks"]):
@@ -790,7 +798,7 @@ class LoraMixer(Method):
                             f"({', '.join(meta['tasks'])})")
         missing = [t for t in self.adapter_tasks(env) if not runs.has_adapter(env.run_dir, t)]
         if missing:
-            raise UserError(f"method lora_mixer needs the adapters of its experts: no adapter for task "
+            raise UserError(f"method {self.name} needs the adapters of its experts: no adapter for task "
                             f"{', '.join(missing)} in {runs.adapters_dir(env.run_dir)}")
 
     def adapter_tasks(self, env):
@@ -942,7 +950,8 @@ register(Oracle())
 register(MoA())
 register(MoAStudy())
 register(Arrow())
-register(LoraMixer())
+for _regime in MIXER_REGIMES:
+    register(LoraMixer(_regime))
 register(LoraHub())
 register(LoraHubTask())
 register(T2L())

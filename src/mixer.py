@@ -52,11 +52,18 @@ from src.training import Objective, backbone_forward, collate, prompt_items, tar
 
 REGIMES = ("plug", "finetune", "joint")
 ENTROPY_SIGNS = ("sharpen", "paper")
+ROUTER_INITS = ("zero", "linear")
+DEFAULT_REGIME = "plug"
 CONFIG_NAME = "mixer_config.json"
 ROUTERS_NAME = "routers.safetensors"
 EXPERTS_DIR = "experts"
 FILES = (CONFIG_NAME, ROUTERS_NAME)
 FORMAT_VERSION = 1
+
+
+def method_name(regime: str) -> str:
+    """The method (and RUN/compose folder) of a regime: lora_mixer for the default, else lora_mixer_<regime>."""
+    return "lora_mixer" if regime == DEFAULT_REGIME else f"lora_mixer_{regime}"
 
 
 # --------------------------------------------------------------------------- options
@@ -67,9 +74,16 @@ class MixerConfig:
 
     title = "LoRA-Mixer options (--system lora_mixer)"
 
-    mixer_modules: str = field(default="attention", metadata={
-        "help": "the projections that get routers: attention (the attention projections the adapters cover, "
-                "the paper's), all (every adapted module), or module names such as q_proj,v_proj"})
+    mixer_modules: str = field(default="all", metadata={
+        "help": "the projections that get routers: all (every module the experts cover), attention (the attention "
+                "projections only, the paper's placement for experts trained there), or names such as q_proj,v_proj; "
+                "a set that leaves out covered modules needs --mixer-drop-uncovered"})
+    mixer_drop_uncovered: bool = field(default=False, metadata={
+        "help": "accept a --mixer-modules set that leaves out modules the experts cover (those run the base "
+                "weights only, without their experts)"})
+    mixer_router_init: str = field(default="zero", metadata={
+        "help": "zero: routers start at 0 (exactly uniform gates); linear: nn.Linear's init (uniform in "
+                "+-1/sqrt(in), seeded)", "choices": ROUTER_INITS})
     mixer_top_k: int = field(default=3, metadata={
         "help": "experts kept per token at inference, renormalised (the paper's 3; the number of experts: the "
                 "soft mixture); more than the experts is an error"})
@@ -107,6 +121,9 @@ class MixerConfig:
         if self.mixer_entropy_sign not in ENTROPY_SIGNS:
             raise UserError(f"--mixer-entropy-sign must be one of {', '.join(ENTROPY_SIGNS)}, "
                             f"got {self.mixer_entropy_sign!r}")
+        if self.mixer_router_init not in ROUTER_INITS:
+            raise UserError(f"--mixer-router-init must be one of {', '.join(ROUTER_INITS)}, "
+                            f"got {self.mixer_router_init!r}")
         if self.mixer_regime not in REGIMES:
             raise UserError(f"--mixer-regime must be one of {', '.join(REGIMES)}, got {self.mixer_regime!r}")
         if self.mixer_tune is not None and self.mixer_regime != "finetune":
@@ -166,9 +183,22 @@ def _is_attention(module: str) -> bool:
     return any(p in ("self_attn", "attn", "attention", "self_attention") for p in module.split(".")[:-1])
 
 
-def choose_modules(adapted: Sequence[str], spec: str) -> list[str]:
-    """The adapted modules that get routers: `attention`, `all`, or short names (q_proj,v_proj)."""
-    adapted = list(adapted)
+def choose_modules(adapted: Sequence[str], spec: str, drop_uncovered: bool = False) -> list[str]:
+    """The adapted modules that get routers: `all`, `attention`, or short names (q_proj,v_proj).
+
+    A set that leaves out modules the experts cover is refused unless `drop_uncovered`: there
+    the experts would be missing (the model runs the base weights), so even perfect routing
+    could not reproduce an expert."""
+    chosen = _chosen(list(adapted), spec)
+    left_out = sorted({m.rsplit(".", 1)[-1] for m in adapted} - {m.rsplit(".", 1)[-1] for m in chosen})
+    if left_out and not drop_uncovered:
+        raise UserError(f"--mixer-modules {spec} leaves out {', '.join(left_out)}, which the experts cover: there "
+                        "they would run without their experts; use --mixer-modules all, or --mixer-drop-uncovered "
+                        "to accept it")
+    return chosen
+
+
+def _chosen(adapted: list[str], spec: str) -> list[str]:
     if spec == "all":
         return adapted
     if spec == "attention":
@@ -217,7 +247,7 @@ class LoRAMixer(TokenRouter):
     what = "LoRA-Mixer"
 
     def __init__(self, model: nn.Module, adapters: dict[str, Adapter], modules: Sequence[str], top_k: int = 3,
-                 tasks: Sequence[str] = (), seed: int = 0):
+                 tasks: Sequence[str] = (), seed: int = 0, router_init: str = "zero"):
         super().__init__()
         tasks = expert_order(adapters, tasks)
         if len(tasks) < 2:
@@ -231,11 +261,15 @@ class LoRAMixer(TokenRouter):
         experts = {t: restrict(adapters[t], modules) for t in tasks}
         names, layers = inject_experts(model, experts, tasks, self._route, what="LoRA-Mixer's experts")
         self.layer_names, self.layers = names, nn.ModuleList(layers)
+        if router_init not in ROUTER_INITS:
+            raise UserError(f"router init {router_init!r}: one of {', '.join(ROUTER_INITS)}")
         g = torch.Generator().manual_seed(seed)
         self.routers = nn.ParameterList()
-        for layer in layers:                      # nn.Linear's init, bias-free
+        for layer in layers:                      # bias-free; zero: exactly uniform gates at the start
             bound = 1 / math.sqrt(layer.linear.in_features)
             w = (torch.rand(len(tasks), layer.linear.in_features, generator=g) * 2 - 1) * bound
+            if router_init == "zero":
+                w = torch.zeros_like(w)
             self.routers.append(nn.Parameter(w.to(layer.lora_A.device)))
         self.refresh()
         self.soft = False
@@ -403,11 +437,13 @@ def routing_report(mixer: LoRAMixer, model: nn.Module, items: Sequence[dict], pa
     """How the inference (top-k) routing treats each task's prompts, from the prompt alone.
 
     {"share": {task: {expert: mean gate over its prompts' tokens and layers}}, "own_share":
-    {task: its own expert's share}, "top1_own": {task: share of (token, layer) whose top expert
-    is the task's own}, "entropy": mean soft entropy, "balance": the balance figure, "mean_own_share"}.
+    {task: its own expert's share}, "own_share_per_layer": {module: mean over tasks of the own
+    expert's share there}, "top1_own": {task: share of (token, layer) whose top expert is the
+    task's own}, "entropy": mean soft entropy, "balance": the balance figure, "mean_own_share"}.
     """
     e = len(mixer.tasks)
     share = torch.zeros(e, e, dtype=torch.float64)
+    own_layer = torch.zeros(len(mixer.layers), e, dtype=torch.float64)     # [layer, task]: own expert's gate mass
     top1 = torch.zeros(e, dtype=torch.float64)
     count = torch.zeros(e, dtype=torch.float64)
     ent, bal, n_batches = 0.0, 0.0, 0
@@ -425,9 +461,10 @@ def routing_report(mixer: LoRAMixer, model: nn.Module, items: Sequence[dict], pa
         finally:
             mixer.collect = None
         m = mask[..., None].double()
-        for z in logits:
+        for layer, z in enumerate(logits):
             gates = topk_softmax(z, mixer.top_k).double()
             per_seq = (gates * m).sum(1)                                           # [b, E]
+            own_layer[layer].index_add_(0, labels.cpu(), per_seq.gather(1, labels[:, None]).squeeze(1).cpu())
             own_top = (z.argmax(-1) == labels[:, None]).double() * mask            # [b, t]
             share.index_add_(0, labels.cpu(), per_seq.cpu())
             top1.index_add_(0, labels.cpu(), own_top.sum(1).cpu())
@@ -440,7 +477,11 @@ def routing_report(mixer: LoRAMixer, model: nn.Module, items: Sequence[dict], pa
     out_share = {mixer.tasks[i]: {t: round(float(share[i, j] / count[i]), 6) for j, t in enumerate(mixer.tasks)}
                  for i in seen}
     own = {mixer.tasks[i]: out_share[mixer.tasks[i]][mixer.tasks[i]] for i in seen}
+    per_layer_tokens = count / max(len(mixer.layers), 1)                   # each layer sees every token once
+    per_layer = [round(float(sum(own_layer[l, i] / per_layer_tokens[i] for i in seen) / max(len(seen), 1)), 6)
+                 for l in range(len(mixer.layers))]
     return {"share": out_share, "own_share": own,
+            "own_share_per_layer": dict(zip(mixer.layer_names, per_layer)),
             "top1_own": {mixer.tasks[i]: round(float(top1[i] / count[i]), 6) for i in seen},
             "mean_own_share": sum(own.values()) / max(len(own), 1),
             "entropy": ent / max(n_batches, 1), "balance": bal / max(n_batches, 1)}

@@ -30,7 +30,8 @@ STUDY = {
 # What each method needs beyond the adapters: the reading's groups.
 FAMILY = {"oracle": "each task's own adapter", "base": "no adapter",
           "moa": "trained router, per sequence", "moa_study": "trained router, per sequence, re-decided per step",
-          "lora_mixer": "trained router, per token", "arrow": "zero-shot router, per token",
+          "lora_mixer": "trained router, per token", "lora_mixer_finetune": "trained router, per token, tuned experts",
+          "lora_mixer_joint": "trained router, per token, experts trained with it", "arrow": "zero-shot router, per token",
           "lorahub": "few-shot search", "lorahub_task": "few-shot search, per task",
           "t2l": "generated from a description", "t2l_zeroshot": "generated, task held out"}
 

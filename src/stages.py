@@ -83,9 +83,10 @@ def moa_stage(run: Path) -> Stage:
                  (*runs.MOA_FILES, "training_config.json", "routing_accuracy.json"))
 
 
-def mixer_stage(run: Path) -> Stage:
-    """RUN/compose/lora_mixer: the routers, their config, training_config.json and routing.json."""
-    return Stage(runs.compose_dir(run, "lora_mixer"), runs.checkpoint_dir(run, "lora_mixer"),
+def mixer_stage(run: Path, name: str = "lora_mixer") -> Stage:
+    """RUN/compose/<name> (lora_mixer, or lora_mixer_<regime> for the other regimes): the routers, their
+    config, training_config.json and routing.json."""
+    return Stage(runs.compose_dir(run, name), runs.checkpoint_dir(run, name),
                  ("mixer_config.json", "routers.safetensors", "training_config.json", "routing.json"))
 
 

@@ -82,9 +82,49 @@ def test_hard_routing_to_one_expert_equals_that_adapter_exactly(lib):
         mixer.remove()
 
 
+def test_hard_routing_with_attention_only_falls_short_of_the_adapter(lib):
+    """The experts' MLP half is missing where only attention is routed: not the oracle."""
+    model, adapters = lib
+    apply_adapter(model, adapters["qa"])
+    ref = logits(model)
+    unload_lora(model)
+    modules = mx.choose_modules(list(adapters["qa"].factors), "attention", drop_uncovered=True)
+    mixer = mx.LoRAMixer(model, adapters, modules, 2, TASKS)
+    mixer.hard_labels = torch.full((2,), TASKS.index("qa"))
+    assert (logits(model) - ref).abs().max() > 1e-2
+    mixer.remove()
+
+
+def test_zero_initialised_routers_give_exactly_uniform_gates(lib):
+    model, adapters = lib
+    mixer = mx.LoRAMixer(model, adapters, mx.choose_modules(list(adapters["qa"].factors), "all"), 3, TASKS)
+    assert all(float(w.detach().abs().max()) == 0.0 for w in mixer.routers)
+    mixer.soft, mixer.collect = True, []
+    logits(model)
+    for z in mixer.collect:
+        assert torch.equal(torch.softmax(z, -1), torch.full_like(z, 1 / 3))
+    mixer.remove()
+    linear = mx.LoRAMixer(model, adapters, mx.choose_modules(list(adapters["qa"].factors), "all"), 3, TASKS,
+                          router_init="linear")
+    assert all(float(w.detach().abs().max()) > 0 for w in linear.routers)
+    linear.remove()
+
+
+def test_a_module_set_that_drops_covered_modules_is_refused_unless_asked(lib):
+    _, adapters = lib
+    adapted = list(adapters["qa"].factors)
+    with pytest.raises(UserError, match=r"--mixer-modules attention leaves out down_proj, gate_proj, up_proj, which "
+                                        r"the experts cover.*--mixer-drop-uncovered"):
+        mx.choose_modules(adapted, "attention")
+    with pytest.raises(UserError, match=r"leaves out .*k_proj"):
+        mx.choose_modules(adapted, "q_proj,v_proj")
+    assert mx.choose_modules(adapted, "all") == adapted
+    assert len(mx.choose_modules(adapted, "attention", drop_uncovered=True)) < len(adapted)
+
+
 def test_inference_gates_are_top_k_and_a_mixed_batch_equals_each_sequence_alone(lib):
     model, adapters = lib
-    modules = mx.choose_modules(list(adapters["qa"].factors), "attention")
+    modules = mx.choose_modules(list(adapters["qa"].factors), "attention", drop_uncovered=True)
     assert modules and all(".self_attn." in m for m in modules)
     mixer = mx.LoRAMixer(model, adapters, modules, 2, TASKS)
     mixer.collect = []
@@ -105,7 +145,8 @@ def test_inference_gates_are_top_k_and_a_mixed_batch_equals_each_sequence_alone(
 def test_modules_are_chosen_by_name_and_unknown_names_list_the_adapted_ones(lib):
     _, adapters = lib
     adapted = list(adapters["qa"].factors)
-    assert all(m.endswith(("q_proj", "v_proj")) for m in mx.choose_modules(adapted, "q_proj,v_proj"))
+    chosen = mx.choose_modules(adapted, "q_proj,v_proj", drop_uncovered=True)
+    assert chosen and all(m.endswith(("q_proj", "v_proj")) for m in chosen)
     with pytest.raises(UserError, match=r"unknown module x_proj; the adapters cover .*q_proj"):
         mx.choose_modules(adapted, "q_proj,x_proj")
 
@@ -124,8 +165,8 @@ def _disjoint_items(n: int, seed: int) -> list[dict]:
 
 def test_training_routes_each_tasks_tokens_mostly_to_its_own_expert(lib, tmp_path):
     model, adapters = lib
-    modules = mx.choose_modules(list(adapters["qa"].factors), "attention")
-    mixer = mx.LoRAMixer(model, adapters, modules, 1, TASKS)
+    modules = mx.choose_modules(list(adapters["qa"].factors), "attention", drop_uncovered=True)
+    mixer = mx.LoRAMixer(model, adapters, modules, 1, TASKS, router_init="linear")
     before = mx.routing_report(mixer, model, _disjoint_items(4, 1), pad_id=0)
     cfg = mx.MixerConfig(mixer_top_k=1, mixer_label_weight=1.0)
     params = {f"routers.{i}": w for i, w in enumerate(mixer.routers)}
@@ -165,9 +206,9 @@ def _mix(model, run, *extra):
     return _args(model, run, "--system", "lora_mixer", *extra)
 
 
-def _routers(run: Path) -> dict:
+def _routers(run: Path, name: str = "lora_mixer") -> dict:
     from safetensors.torch import load_file
-    return load_file(str(run / "compose" / "lora_mixer" / "routers.safetensors"))
+    return load_file(str(run / "compose" / name / "routers.safetensors"))
 
 
 def test_trains_into_compose_lora_mixer_and_skips_then_refuses_a_changed_setting(mixer_run, capsys):
@@ -205,20 +246,20 @@ def test_kill_and_resume_gives_the_uninterrupted_routers(mixer_run, tmp_path, mo
         return real_fit(*a, **kw, on_step=on_step)
     monkeypatch.setattr(training, "fit", killed_at_step_3)
     assert run_main(train_moa.main, _mix(model, cut, *args)) == 130
-    assert not (cut / "compose" / "lora_mixer").exists()
+    assert not (cut / "compose" / "lora_mixer_finetune").exists()
     monkeypatch.setattr(training, "fit", real_fit)
     assert run_main(train_moa.main, _mix(model, cut, *args, "--resume")) == 0
-    a, b = _routers(full), _routers(cut)
+    a, b = _routers(full, "lora_mixer_finetune"), _routers(cut, "lora_mixer_finetune")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
     from src.lora import load_adapter
-    ea = load_adapter(full / "compose" / "lora_mixer" / "experts" / "qa")
-    eb = load_adapter(cut / "compose" / "lora_mixer" / "experts" / "qa")
+    ea = load_adapter(full / "compose" / "lora_mixer_finetune" / "experts" / "qa")
+    eb = load_adapter(cut / "compose" / "lora_mixer_finetune" / "experts" / "qa")
     assert max(float((ea.factors[m][i] - eb.factors[m][i]).abs().max()) for m in ea.factors for i in (0, 1)) <= 1e-6
 
 
 def _distance(run: Path, task: str) -> float:
     from src.lora import load_adapter
-    tuned = load_adapter(run / "compose" / "lora_mixer" / "experts" / task)
+    tuned = load_adapter(run / "compose" / "lora_mixer_finetune" / "experts" / task)
     start = load_adapter(run / "adapters" / task)
     return sum(float(((tuned.factors[m][i] - start.factors[m][i]) ** 2).sum()) for m in tuned.factors for i in (0, 1))
 
@@ -239,6 +280,8 @@ def test_preservation_keeps_the_tuned_experts_near_their_start_and_frozen_ones_e
 
 @pytest.mark.parametrize("bad, message", [
     (["--mixer-modules", "x_proj"], "--mixer-modules: unknown module x_proj; the adapters cover"),
+    (["--mixer-modules", "attention"], "--mixer-modules attention leaves out down_proj, gate_proj, up_proj"),
+    (["--mixer-router-init", "normal"], "--mixer-router-init"),
     (["--mixer-top-k", "0"], "--mixer-top-k must be a positive integer"),
     (["--mixer-top-k", "4"], "--mixer-top-k 4 is more than the 3 experts (sentiment, nli, qa)"),
     (["--mixer-balance", "-1"], "--mixer-balance must be finite and not negative"),
