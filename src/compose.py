@@ -638,6 +638,25 @@ def moa_experts(folder: Path) -> tuple[list[str], bool]:
     return list(cfg["tasks"]), saved
 
 
+def check_built_from(method: str, folder: Path, run_dir: Path, experts: Sequence[str]) -> None:
+    """Refuse routers trained over other adapters than RUN/adapters holds now (an expert retrained
+    since): their training_config.json records each adapter's sha256 under built_from. Folders
+    trained before that was recorded are taken as they are."""
+    try:
+        info = json.loads((folder / "training_config.json").read_text())
+    except (OSError, ValueError):
+        return
+    recorded = (info.get("built_from") or {}).get("adapters") if isinstance(info, dict) else None
+    if not isinstance(recorded, dict):
+        return
+    changed = [t for t in experts if t in recorded and runs.has_adapter(run_dir, t)
+               and recorded[t] != runs.adapter_digest(runs.adapter_dir(run_dir, t))]
+    if changed:
+        raise UserError(f"method {method}: {folder} was trained over other adapters than {runs.adapters_dir(run_dir)} "
+                        f"holds now (retrained since: {', '.join(changed)}); retrain it with train_moa.py --force "
+                        f"(or leave {method} out of --methods)")
+
+
 class MoA(Method):
     name, kind = "moa", "dynamic"
     help = "Mixture-of-LoRAs: RUN/moa's trained routers pick one expert per sequence"
@@ -658,6 +677,7 @@ class MoA(Method):
         if missing:
             raise UserError(f"method moa needs the adapters of its experts: no adapter for task "
                             f"{', '.join(missing)} in {runs.adapters_dir(env.run_dir)}")
+        check_built_from(self.name, folder, env.run_dir, [] if saved else experts)
 
     def adapter_tasks(self, env):
         experts, saved = moa_experts(runs.moa_dir(env.run_dir))
@@ -800,6 +820,7 @@ class LoraMixer(Method):
         if missing:
             raise UserError(f"method {self.name} needs the adapters of its experts: no adapter for task "
                             f"{', '.join(missing)} in {runs.adapters_dir(env.run_dir)}")
+        check_built_from(self.name, folder, env.run_dir, self.adapter_tasks(env))
 
     def adapter_tasks(self, env):
         meta = self.meta(env)

@@ -586,6 +586,10 @@ class _Trainer:
             p.requires_grad_(True)
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = linear_schedule(self.optimizer, cfg.warmup_steps, self.total)
+        # the log's window: loss, tokens and each term's unweighted value summed since the last train
+        # line (a checkpoint keeps it, so the first line after a resume equals the uninterrupted run's)
+        self.window_loss, self.window_tokens, self.window_t = 0.0, 0, time.perf_counter()
+        self.window_terms: dict[str, float] = {}
         state = load_checkpoint(self.state_dir) if cfg.resume else None
         if state is not None:
             self._restore(state)
@@ -595,9 +599,7 @@ class _Trainer:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.bar = tqdm(total=self.total, initial=self.progress.step, desc=self.name, unit="step",
                         dynamic_ncols=True, disable=not (cfg.progress and self.d.main), leave=True)
-        # the log's throughput window: loss and tokens summed since the last train line
-        self.window_loss, self.window_tokens, self.window_t = 0.0, 0, time.perf_counter()
-        self.window_terms: dict[str, float] = {}      # each term's unweighted value, summed likewise
+        self.window_t = time.perf_counter()
         self.t0, self.start_step = time.perf_counter(), self.progress.step
 
     def _restore(self, state: dict) -> None:
@@ -618,6 +620,9 @@ class _Trainer:
                                       bad_evals=state["bad_evals"], tokens=state["tokens"],
                                       elapsed_s=state["elapsed_s"], best_params=state["best_params"])
             offset = int(state["log_offset"])
+            window = state.get("window") or {}          # absent in checkpoints of older versions
+            self.window_loss, self.window_tokens = float(window.get("loss", 0.0)), int(window.get("tokens", 0))
+            self.window_terms = {str(k): float(v) for k, v in (window.get("terms") or {}).items()}
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
             raise UserError(f"task {self.name}: the checkpoint in {self.state_dir} is incomplete or damaged "
                             f"({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}); "
@@ -732,6 +737,7 @@ class _Trainer:
                 "best_val": pr.best_val, "best_step": pr.best_step, "bad_evals": pr.bad_evals,
                 "best_params": pr.best_params, "tokens": pr.tokens, "elapsed_s": self.elapsed(),
                 "log_offset": self.log_path.stat().st_size if self.log_path.exists() else 0,
+                "window": {"loss": self.window_loss, "tokens": self.window_tokens, "terms": dict(self.window_terms)},
                 "fingerprint": self.fingerprint})
         barrier(self.d)
 

@@ -332,3 +332,29 @@ def test_lora_mixer_through_full_evaluation(mixer_run, tmp_path, capsys):
     assert run_main(full_evaluation.main, [*ev, "--eval-mixer-top-k", "1"]) == 0
     assert "3 to compute" in capsys.readouterr().err
 
+
+
+@pytest.mark.parametrize("system, method", [("moa", "moa"), ("lora_mixer", "lora_mixer")])
+def test_evaluation_refuses_routers_trained_over_other_adapters(mixer_run, tmp_path, capsys, system, method):
+    """An expert retrained after its routers: evaluation refuses in one line, pointing to --force."""
+    import shutil
+
+    import full_evaluation
+    from src.lora import load_adapter, save_adapter
+    model, run = mixer_run
+    r = tmp_path / "run"
+    shutil.copytree(run / "adapters", r / "adapters")
+    assert run_main(train_moa.main, _args(model, r, "--system", system)) == 0
+    ad = load_adapter(r / "adapters" / "nli")                  # "retrained": other weights, same shapes
+    for m, (a, b) in ad.factors.items():
+        ad.factors[m] = (a, b + 0.01)
+    save_adapter(ad, r / "adapters" / "nli")
+    ev = ["--model", str(model), "--output-dir", str(r), "--tasks", "sentiment,nli,qa", "--data", "sample",
+          "--eval-size", "2", "--batch-size", "4", "--max-new-tokens", "3", "--max-prompt-len", "96",
+          "--methods", method]
+    capsys.readouterr()
+    assert run_main(full_evaluation.main, ev) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"method {method}:" in err[0] and "retrained since: nli" in err[0] \
+        and "train_moa.py --force" in err[0], err
+    assert not (r / "eval").exists()

@@ -135,6 +135,30 @@ def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(tmp_path, item
     assert strip(log(tmp_path / "cut")) == strip(log(tmp_path / "full"))  # no duplicated lines
 
 
+def test_the_log_after_a_resume_equals_the_uninterrupted_runs_line_for_line(tmp_path, items, tokenizer):
+    """A checkpoint in the middle of a log window (log every 3, save every 2): the first line after
+    the resume still averages the window's steps from before the kill."""
+    kw = dict(max_steps=9, save_every=2, eval_every=4, log_every=3)
+    _run(tmp_path / "full", items, tokenizer, **kw)
+
+    def kill(step):
+        if step == 5:   # checkpoint at 4: step 4 is in the window of the line at step 6
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "cut", items, tokenizer, on_step=kill, **kw)
+    _run(tmp_path / "cut", items, tokenizer, resume=True, **kw)
+    keep = ("step", "epoch", "loss", "lr", "val_loss", "best_val_loss", "terms")
+    lines = {}
+    for name in ("full", "cut"):
+        recs = [json.loads(x) for x in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+        lines[name] = [{k: r[k] for k in keep if k in r} for r in recs]
+    assert [r["step"] for r in lines["cut"]] == [r["step"] for r in lines["full"]]
+    for a, b in zip(lines["cut"], lines["full"]):
+        assert a.keys() == b.keys(), (a, b)
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-7), (k, a, b)
+
+
 def test_resume_with_other_settings_is_refused(tmp_path, items, tokenizer):
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path, items, tokenizer, save_every=2, fingerprint={"lr": 1},
