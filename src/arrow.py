@@ -38,11 +38,16 @@ from src.lora import Adapter
 PROTOTYPES = ("exact", "power")
 
 
+DEFAULT_TOP_K = 3   # PEFT's
+
+
 @dataclass
 class ArrowConfig:
     """Arrow routing (zero-shot, per token): top-k experts by |x . prototype|."""
 
-    arrow_top_k: int = field(default=3, metadata={"help": "experts kept per token and layer (PEFT's default 3)"})
+    arrow_top_k: int | None = field(default=None, metadata={
+        "help": "experts kept per token and layer; None: PEFT's default 3, capped at the number of experts "
+                "(a value given above it is an error)"})
     arrow_temperature: float = field(default=1.0, metadata={"help": "softmax temperature over the top-k scores"})
     arrow_prototypes: str = field(default="exact", metadata={
         "help": "exact: top right singular vector from the factors; power: PEFT's seeded power iterations",
@@ -58,8 +63,9 @@ class ArrowConfig:
             self.arrow_general = (self.arrow_general,)
         if self.arrow_general is not None:
             self.arrow_general = tuple(self.arrow_general)
-        if isinstance(self.arrow_top_k, bool) or not isinstance(self.arrow_top_k, int) or self.arrow_top_k < 1:
-            raise UserError(f"--arrow-top-k must be a positive integer, got {self.arrow_top_k}")
+        k = self.arrow_top_k
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise UserError(f"--arrow-top-k must be a positive integer, got {k}")
         if not (isinstance(self.arrow_temperature, (int, float)) and math.isfinite(self.arrow_temperature)
                 and self.arrow_temperature > 0):
             raise UserError(f"--arrow-temperature must be a finite number > 0, got {self.arrow_temperature}")
@@ -67,6 +73,10 @@ class ArrowConfig:
             raise UserError(f"--arrow-prototypes must be one of {', '.join(PROTOTYPES)}; got {self.arrow_prototypes!r}")
         if self.arrow_power_iters < 1:
             raise UserError(f"--arrow-power-iters must be a positive integer, got {self.arrow_power_iters}")
+
+    def top_k(self, n_experts: int) -> int:
+        """The experts kept per token: --arrow-top-k, or PEFT's 3 capped at the experts."""
+        return self.arrow_top_k if self.arrow_top_k is not None else min(DEFAULT_TOP_K, n_experts)
 
 
 # --------------------------------------------------------------------------- math (pure)
@@ -151,9 +161,10 @@ class ArrowRouter(TokenRouter):
         tasks = list(adapters)
         if not tasks:
             raise UserError("Arrow needs at least one adapter")
-        if cfg.arrow_top_k > len(tasks):
+        if cfg.top_k(len(tasks)) > len(tasks):
             raise UserError(f"--arrow-top-k {cfg.arrow_top_k} is more than the {len(tasks)} experts "
                             f"({', '.join(tasks)})")
+        self.top_k = cfg.top_k(len(tasks))
         check_arrow_adapters(adapters, general)
         if general:
             modules = list(adapters[tasks[0]].factors)
@@ -189,7 +200,7 @@ class ArrowRouter(TokenRouter):
         if keys_out is None:                 # a single expert
             self._record(layer, torch.ones(*x.shape[:-1], 1, device=x.device))
             return Selection(torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
-        gates = arrow_gates(keys_out, self.cfg.arrow_top_k, self.cfg.arrow_temperature)  # [b, t, E]
+        gates = arrow_gates(keys_out, self.top_k, self.cfg.arrow_temperature)  # [b, t, E]
         self._record(layer, gates)
         return gates
 

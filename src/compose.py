@@ -735,9 +735,12 @@ class Arrow(Method):
     def check(self, env):
         super().check(env)
         cfg = env.opt(ArrowConfig)
-        if cfg.arrow_top_k > len(env.tasks):
+        if cfg.top_k(len(env.tasks)) > len(env.tasks):
             raise UserError(f"--arrow-top-k {cfg.arrow_top_k} is more than the {len(env.tasks)} experts "
                             f"({', '.join(env.tasks)})")
+        if cfg.arrow_top_k is None and cfg.top_k(len(env.tasks)) < 3:
+            print(f"note: arrow keeps top-{cfg.top_k(len(env.tasks))} per token: the default 3 is capped at the "
+                  f"{len(env.tasks)} experts", file=sys.stderr)
         env.load_adapters(env.tasks)
         general = self.general(env)
         check_arrow_adapters({t: env.adapters[t] for t in env.tasks}, general)
@@ -746,7 +749,7 @@ class Arrow(Method):
 
     def fingerprint(self, env, task):
         cfg = env.opt(ArrowConfig)
-        fp = {"adapters": [env.digests[t] for t in env.tasks], "top_k": cfg.arrow_top_k,
+        fp = {"adapters": [env.digests[t] for t in env.tasks], "top_k": cfg.top_k(len(env.tasks)),
               "temperature": cfg.arrow_temperature, "prototypes": cfg.arrow_prototypes}
         if cfg.arrow_prototypes == "power":
             fp.update(power_iters=cfg.arrow_power_iters, seed=cfg.arrow_seed)

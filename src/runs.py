@@ -124,6 +124,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())      # a writer may have made it afresh, private (safetensors: 0600)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -162,7 +163,12 @@ def atomic_dir(folder: Path) -> Path:
 
 
 def replace_dir(tmp: Path, folder: Path) -> None:
-    """Move a finished temporary folder into place; an old folder is removed only after."""
+    """Move a finished temporary folder into place; an old folder is removed only after. Its files
+    get the permissions an ordinary new file gets (safetensors writes them private, 0600)."""
+    mode = 0o666 & ~_umask()
+    for f in Path(tmp).rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, mode)
     old = None
     if folder.exists():
         old = folder.with_name(f".{folder.name}.old-{os.getpid()}")

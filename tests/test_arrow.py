@@ -165,6 +165,20 @@ def test_refuses_more_top_k_than_experts():
         ArrowRouter(model, ads, ArrowConfig(arrow_top_k=3))
 
 
+def test_the_default_top_k_is_capped_at_the_experts():
+    """Two tasks: the default (PEFT's 3) keeps both experts, as --arrow-top-k 2 does, exactly."""
+    model = tiny_model("qwen2")
+    ads = {"qa": random_adapter(model, 0), "nli": random_adapter(model, 1)}
+    assert ArrowConfig().top_k(2) == 2 and ArrowConfig().top_k(7) == 3 and ArrowConfig(arrow_top_k=1).top_k(7) == 1
+    outs = []
+    for cfg in (ArrowConfig(), ArrowConfig(arrow_top_k=2)):
+        router = ArrowRouter(model, ads, cfg)
+        with router.session():
+            outs.append(logits(model))
+        router.remove()
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_refuses_a_general_adapter_that_does_not_fit():
     model = tiny_model("qwen2")
     ads = {"qa": random_adapter(model, 0), "nli": random_adapter(model, 1)}

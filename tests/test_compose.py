@@ -69,7 +69,7 @@ def test_unknown_methods_name_the_known_ones():
     from src import compose
     from src.errors import UserError
     assert compose.resolve_methods("arrow,merges")[:3] == ["oracle", "arrow", "concat"]
-    with pytest.raises(UserError, match="unknown method .nope.; known: base, oracle, moa, moa_study, arrow, lora_mixer, lorahub, lorahub_task, t2l, t2l_zeroshot, concat"):
+    with pytest.raises(UserError, match="unknown method .nope.; known: base, oracle, moa, moa_study, arrow, lora_mixer, lora_mixer_finetune, lora_mixer_joint, lorahub, lorahub_task, t2l, t2l_zeroshot, concat"):
         compose.resolve_methods("nope")
 
 

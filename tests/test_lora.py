@@ -318,3 +318,24 @@ def test_atomic_writes_give_ordinary_file_permissions(tmp_path):
     for name in ("a.json", "b.txt"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644   # not mkstemp's private 0600
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.txt"]
+
+
+def test_safetensors_files_get_ordinary_permissions_too(tmp_path):
+    """safetensors' writer makes its file private (0600); adapters, routers and checkpoints read like
+    any other file (the umask's mode)."""
+    from safetensors.torch import save_file
+
+    from src.lora import save_adapter
+    from src.runs import atomic_path
+    from tiny import random_adapter, tiny_model
+    old = os.umask(0o022)
+    try:
+        save_adapter(random_adapter(tiny_model("qwen2"), 0), tmp_path / "adapter")
+        with atomic_path(tmp_path / "routers.safetensors") as tmp:
+            save_file({"w": torch.zeros(2)}, tmp)
+    finally:
+        os.umask(old)
+    files = [*(tmp_path / "adapter").iterdir(), tmp_path / "routers.safetensors"]
+    assert any(f.suffix == ".safetensors" for f in files)
+    for f in files:
+        assert f.stat().st_mode & 0o777 == 0o644, f
