@@ -38,9 +38,11 @@ notebook_hint() {
   local run py=$PYTHON nb=$HERE/visualize_lora.ipynb
   run=$(cd "$1" 2>/dev/null && pwd) || run=$1
   if [[ "$PWD" == "$HERE" ]]; then run=${run#"$HERE/"}; py=${py#"$HERE/"}; nb=visualize_lora.ipynb; fi
+  local qrun qpy qnb qout   # quoted for the shell, so that a path with spaces can be pasted as printed
+  qrun=$(printf '%q' "$run"); qpy=$(printf '%q' "$py"); qnb=$(printf '%q' "$nb"); qout=$(printf '%q' "$run/visualize_lora")
   if "$PYTHON" -m jupyter execute --version >/dev/null 2>&1; then
-    echo "notebook: RUN_DIR=$run $py -m jupyter execute --output=$run/visualize_lora $nb   (writes $run/visualize_lora.ipynb with the figures)"
+    echo "notebook: RUN_DIR=$qrun $qpy -m jupyter execute --output=$qout $qnb   (writes $run/visualize_lora.ipynb with the figures)"
   else
-    echo "notebook: $py -m pip install notebook, then RUN_DIR=$run $py -m jupyter notebook $nb"
+    echo "notebook: $qpy -m pip install notebook, then RUN_DIR=$qrun $qpy -m jupyter notebook $qnb"
   fi
 }

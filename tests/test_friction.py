@@ -184,6 +184,21 @@ exec "{sys.executable}" "$@"
     assert str(tmp_path / "run") in hint[0]          # the run folder, absolute: the kernel runs in the repository
 
 
+def test_the_notebook_hint_quotes_a_run_folder_with_spaces(tmp_path):
+    """The printed command can be pasted as it is: RUN_DIR and --output survive a space."""
+    import shlex
+    run = tmp_path / "my runs" / "run 1"
+    run.mkdir(parents=True)
+    out = subprocess.run(["bash", "-c", f'HERE={shlex.quote(str(ROOT))}; PYTHON={shlex.quote(sys.executable)}; '
+                                        f'source "$HERE/drivers.sh"; notebook_hint {shlex.quote(str(run))}'],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    words = shlex.split(out.stdout.strip().removeprefix("notebook: ").split("   (")[0])
+    assert f"RUN_DIR={run}" in words, words
+    if "execute" in words:
+        assert f"--output={run}/visualize_lora" in words, words
+
+
 # --------------------------------------------------------------------------- 2. -h texts
 
 @dataclass
