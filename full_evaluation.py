@@ -117,6 +117,17 @@ def check_context(model, cfg) -> None:
                         f"tokens is more than the model's context of {limit} (max_position_embeddings)")
 
 
+def check_output_folders(run_dir: Path) -> None:
+    """Every folder evaluation writes (eval/ and what is under it, merged/, plots/, analysis/) is
+    writable, or can be created: UserError naming the first that is not."""
+    tops = [runs.eval_dir(run_dir), run_dir / "merged", runs.plots_dir(run_dir), runs.analysis_dir(run_dir)]
+    for top in tops:
+        runs.check_writable(top)
+        if top.is_dir():
+            for sub in sorted(p for p in top.rglob("*") if p.is_dir()):
+                runs.check_writable(sub)
+
+
 def main(argv=None):
     configs = compose.option_configs()
     (cfg, *opts), _ = parse_configs(argv, "full_evaluation.py", __doc__.split("\n\n")[0], EvalConfig, *configs)
@@ -140,6 +151,7 @@ def main(argv=None):
                                      cfg.nli_source, exclude=exclude)
     env.eval_ids = {t: {ex.id for ex in exs} for t, exs in data.items()}   # shots never take an evaluated one
     compose.check_all(methods, env)        # every method's inputs; loads the adapters they read
+    check_output_folders(run_dir)          # every folder it writes, before any work
     config = config_dict(cfg, *opts)
     sizes = sorted({len(v) for v in data.values()})
     per_task = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"

@@ -6,8 +6,8 @@ Usage:
 
 SmolLM2-135M-Instruct (the embedded GGUF, float32, CPU). Experts: random-init LoRAs of the
 real adapters' shapes (rank 8, alpha 16, B ~ N(0, 0.02), q/k/v/gate/up/down of all 30
-layers), 5 and 7 of them; the mixer routes in the attention projections they cover (q/k/v,
-the default), with random routers.
+layers), 5 and 7 of them; the mixer routes in every projection they cover (the default,
+--mixer-modules all), with random routers.
 
   1. Generation: 16 prompts from ../shared/data (validation, the 7-task set mixed, each cut
      to its last 64 tokens), 32 new tokens each with EOS suppressed until then; top-3
@@ -90,7 +90,7 @@ def main(argv=None):
     print(f"model loaded in {load_s:.1f} s", flush=True)
     ids = mixed_prompts(tok, TASKS, BATCH, PROMPT_LEN)
     adapters = random_adapters(model, TASKS)
-    modules = mx.choose_modules(list(adapters[TASKS[0]].factors), "attention")
+    modules = mx.choose_modules(list(adapters[TASKS[0]].factors), "all")
     short = sorted({m.rsplit(".", 1)[-1] for m in modules})
 
     gen_rows = {}
@@ -132,7 +132,7 @@ def main(argv=None):
         "## LoRA-Mixer", "",
         "`python bench/bench_mixer.py` (bench/bench_mixer.py) on SmolLM2-135M-Instruct (the embedded GGUF, "
         "float32, CPU, 1 torch thread). Experts: random-init LoRAs of the real adapters' shapes (rank 8, alpha 16, "
-        "B ~ N(0, 0.02), q/k/v/gate/up/down of all 30 layers); the mixer routes in the attention projections they "
+        "B ~ N(0, 0.02), q/k/v/gate/up/down of all 30 layers); the mixer routes in every projection they "
         f"cover ({', '.join(short)}, the default), random routers. {args.rounds} alternating rounds after a warm-up; "
         "each side's best round, the median ratio in brackets. "
         f"torch {torch.__version__}, transformers {transformers.__version__}.", "",

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from src.errors import UserError
+from src.errors import UserError, writing
 from src.runs import atomic_dir, replace_dir
 
 # The study's targets: attention q/k/v and the MLP's gate/up/down in every block.
@@ -310,11 +310,12 @@ def save_adapter(adapter: Adapter, folder: str | os.PathLike,
         for n, (a, b) in adapter.factors.items():
             tensors[f"{_PREFIX}{n}.lora_A.weight"] = a.detach().to("cpu").contiguous()
             tensors[f"{_PREFIX}{n}.lora_B.weight"] = b.detach().to("cpu").contiguous()
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(adapter.config, indent=2) + "\n")
-        for fname, obj in (extra_json or {}).items():
-            (tmp / fname).write_text(json.dumps(obj, indent=2, default=str) + "\n")
-        replace_dir(tmp, folder)
+        with writing(folder):
+            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            (tmp / CONFIG_NAME).write_text(json.dumps(adapter.config, indent=2) + "\n")
+            for fname, obj in (extra_json or {}).items():
+                (tmp / fname).write_text(json.dumps(obj, indent=2, default=str) + "\n")
+            replace_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -31,7 +31,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from src.errors import UserError
+from src.errors import UserError, writing
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,13 +119,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yields a temporary path beside `path` to write; renamed onto `path` when the block
     succeeds, removed when it fails."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = atomic_tmp(path)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = atomic_tmp(path)
     os.close(fd)
     try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())      # a writer may have made it afresh, private (safetensors: 0600)
-        os.replace(tmp, path)
+        with writing(path):
+            yield tmp
+            os.chmod(tmp, 0o666 & ~_umask())      # a writer may have made it afresh, private (safetensors: 0600)
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -156,8 +158,9 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
 def atomic_dir(folder: Path) -> Path:
     """A new temporary folder beside `folder`, to be filled and then `replace_dir`-ed onto it."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    with writing(folder):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the finished folder should read like any other
     return tmp
 

@@ -1,0 +1,164 @@
+"""A full disk and a folder we may not write: one line naming the path, exit code 2, nothing
+half-written, and a rerun after the fault continues (docs/faults.md lists every writer).
+
+The faults are simulated where the bytes are written: safetensors' writer raising its own
+"No space left on device (os error 28)" error, Python's file writes raising ENOSPC or EACCES
+(tests run as root here, where chmod does not stop a write).
+"""
+from __future__ import annotations
+
+import builtins
+import errno
+import json
+from pathlib import Path
+
+import pytest
+from safetensors import SafetensorError
+from tiny import random_adapter, save_tiny, tiny_model
+
+import src.lora as lora
+import src.runs as runs
+import src.training as training
+import train_individual_loras as train_loras
+from src.errors import run_main, write_fault
+from src.lora import save_adapter
+from src.merge import main as merge_main
+
+NO_SPACE = "Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })"
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_the_fault_lines():
+    assert write_fault(OSError(errno.ENOSPC, "No space left on device", "/x/out")).startswith(
+        "no space left on device while writing /x/out")
+    assert write_fault(OSError(errno.EROFS, "Read-only file system", "/ro")).startswith("permission denied while writing /ro")
+    assert write_fault(SafetensorError(NO_SPACE)).startswith("no space left on device")
+    assert write_fault(OSError(errno.ENOENT, "No such file")) is None
+
+
+@pytest.fixture
+def adapters(tmp_path):
+    model = tiny_model("qwen2")
+    return [save_adapter(random_adapter(model, i, rank=2, targets=("q_proj", "v_proj"), name=f"t{i}"),
+                         tmp_path / f"t{i}") for i in range(2)]
+
+
+def test_a_merge_on_a_full_disk_is_one_line_and_leaves_nothing(adapters, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "merged"
+
+    def full(*a, **kw):
+        raise SafetensorError(NO_SPACE)
+    monkeypatch.setattr(lora, "save_file", full)
+    before = _files(tmp_path)
+    capsys.readouterr()
+    rc = run_main(merge_main, ["--method", "concat", "--out", str(out), *map(str, adapters)])
+    line = _one_line(capsys.readouterr().err)
+    assert rc == 2 and f"no space left on device while writing {out}" in line, line
+    assert _files(tmp_path) == before                     # no merged/, no temporary folder
+    monkeypatch.undo()                                     # space freed: the rerun writes it
+    assert run_main(merge_main, ["--method", "concat", "--out", str(out), *map(str, adapters)]) == 0
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_a_merge_into_a_folder_we_may_not_write_is_one_line(adapters, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "ro" / "merged"
+    real_mkdtemp = runs.tempfile.mkdtemp
+
+    def refused(*a, dir=None, **kw):
+        if dir is not None and Path(dir) == out.parent:
+            raise PermissionError(errno.EACCES, "Permission denied", str(Path(dir) / "x"))
+        return real_mkdtemp(*a, dir=dir, **kw)
+    monkeypatch.setattr(runs.tempfile, "mkdtemp", refused)
+    capsys.readouterr()
+    rc = run_main(merge_main, ["--method", "concat", "--out", str(out), *map(str, adapters)])
+    line = _one_line(capsys.readouterr().err)
+    assert rc == 2 and f"permission denied while writing {out}" in line, line
+    assert not out.exists()
+
+
+def test_json_written_on_a_full_disk_names_the_file_not_its_temporary(tmp_path):
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def opener(path, mode="r", *a, **kw):
+        f = real_open(path, mode, *a, **kw)
+        return Full(f) if "w" in mode and ".summary.json." in str(path) else f
+    target = tmp_path / "summary.json"
+    builtins.open = opener
+    try:
+        with pytest.raises(OSError) as e:
+            runs.write_json_atomic(target, {"a": 1})
+    finally:
+        builtins.open = real_open
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(target)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_training_on_a_full_disk_stops_in_one_line_and_resumes(tmp_path, monkeypatch, capsys):
+    """The checkpoint write fails at step 2: one line, exit 2; --resume after it finishes the run."""
+    model = save_tiny(tmp_path / "qwen2")
+    run = tmp_path / "run"
+    args = ["--model", str(model), "--tasks", "sentiment", "--data", "sample", "--output-dir", str(run),
+            "--train-size", "8", "--eval-size", "4", "--max-len", "96", "--max-target-len", "8", "--batch-size", "4",
+            "--lr", "1e-2", "--max-steps", "4", "--eval-every", "2", "--save-every", "2", "--no-progress"]
+
+    def full(*a, **kw):
+        raise SafetensorError(NO_SPACE)
+    monkeypatch.setattr(training, "save_file", full)
+    capsys.readouterr()
+    assert run_main(train_loras.main, args) == 2
+    err = capsys.readouterr().err
+    line = _one_line("\n".join(x for x in err.splitlines() if not x.startswith("Loading weights")))
+    assert "no space left on device while writing" in line and "checkpoints" in line, line
+    assert not (run / "adapters" / "sentiment").exists()
+    leftovers = [p for p in run.rglob("*") if p.name.startswith(".") and p.is_file()]
+    assert leftovers == [], leftovers
+    monkeypatch.undo()
+    assert run_main(train_loras.main, [*args, "--resume"]) == 0
+    info = json.loads((run / "adapters" / "sentiment" / "training_config.json").read_text())
+    assert info["steps"] == 4
+
+
+def test_evaluation_refuses_a_read_only_eval_folder_before_any_work(tmp_path, monkeypatch, capsys):
+    """An existing run folder whose eval/cells/base is read-only: refused first, nothing written.
+    (root writes anywhere, so the permission check itself is what the test patches.)"""
+    import shutil
+
+    import full_evaluation
+    fixture = Path(__file__).parent / "fixtures" / "run_v1"
+    shutil.copytree(fixture, tmp_path / "run")
+    save_tiny(tmp_path / "tiny-qwen2")
+    run = tmp_path / "run"
+    ro = run / "eval" / "cells" / "base"
+    assert ro.is_dir()
+    real = runs.os.access
+    monkeypatch.setattr(runs.os, "access", lambda p, mode: False if Path(p) == ro else real(p, mode))
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    capsys.readouterr()
+    rc = run_main(full_evaluation.main, ["--model", str(tmp_path / "tiny-qwen2"), "--output-dir", str(run),
+                                         "--tasks", "sentiment,nli,qa", "--methods", "concat", "--data", "sample",
+                                         "--eval-size", "2", "--no-exclude-selection", "--force"])
+    line = _one_line(capsys.readouterr().err)
+    assert rc == 2 and f"cannot write {ro}: no write permission in {ro}" in line, line
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
