@@ -35,7 +35,7 @@ from typing import Mapping, Sequence
 import matplotlib.pyplot as plt
 
 from src.errors import UserError, run_main
-from src.runs import adapters_dir, analysis_dir, eval_dir, plots_dir, predictions_dir, summary_path
+from src.runs import adapters_dir, analysis_dir, atomic_path, eval_dir, plots_dir, predictions_dir, summary_path
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
@@ -617,9 +617,12 @@ def plot_searches(records: Sequence[dict], label: str | None = None):
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    """The figure as a PNG, written atomically (a full disk leaves the previous plot, not half a new one)."""
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return path
 
 
