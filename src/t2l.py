@@ -125,12 +125,20 @@ class T2LConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
-        for name in ("t2l_alpha", "label_smoothing", "factor_l2"):
+        for name in ("label_smoothing", "factor_l2"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
                 raise UserError(f"--{name.replace('_', '-')} must be finite and not negative, got {v}")
+        if self.t2l_alpha is not None and not positive_alpha(self.t2l_alpha):
+            raise UserError(f"--t2l-alpha must be finite and above 0 (alpha 0 writes adapters that change nothing), "
+                            f"got {self.t2l_alpha}")
         if self.label_smoothing >= 1:
             raise UserError(f"--label-smoothing must be below 1, got {self.label_smoothing}")
+
+
+def positive_alpha(v) -> bool:
+    """Whether `v` is a usable LoRA alpha: a finite number above 0 (alpha 0 scales every delta to 0)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
 def check_description(text: str) -> str:
@@ -668,6 +676,10 @@ def read_config(folder: Path) -> dict:
         raise UserError(f"{path}: unknown norm {meta['norm']!r} (one of {', '.join(NORMS)})")
     if meta["version"] == 1 and meta["norm"] != "type":
         raise UserError(f"{path}: format version 1 has no {meta['norm']} norm (a damaged config?)")
+    alpha = meta["layout"]["alpha"]
+    if not positive_alpha(alpha):
+        raise UserError(f"{path}: the generated LoRA's alpha is {alpha}, so every adapter it writes would change "
+                        f"nothing (retrain with --t2l-alpha above 0, or leave it unset, and --force)")
     return meta
 
 
@@ -679,13 +691,17 @@ def load(folder: Path) -> tuple[HyperNet, dict]:
         raise UserError(f"{w} does not match {CONFIG_NAME} (an interrupted save?)")
     lay = meta["layout"]
     layout = Layout(**{**lay, "shapes": [tuple(s) for s in lay["shapes"]]})
-    element = ElementNorm(layout) if meta["norm"] == "element" else None
-    hnet = HyperNet(layout, meta["d_enc"], meta["head"], meta["hidden"], meta["embed"], out_std=meta.get("out_std"),
-                    element=element)
     try:
         state = load_file(str(w))
     except (SafetensorError, OSError) as e:
         raise UserError(f"{w}: unreadable ({str(e).splitlines()[0]})") from None
+    if "d_enc" not in meta:                      # the width of the description embeddings, read off the weights
+        if "task_encoder.weight" not in state or state["task_encoder.weight"].ndim != 2:
+            raise UserError(f"{w}: no task_encoder.weight, and {CONFIG_NAME} has no d_enc (a damaged file?)")
+        meta["d_enc"] = int(state["task_encoder.weight"].shape[1])       # [embed, d_enc]
+    element = ElementNorm(layout) if meta["norm"] == "element" else None
+    hnet = HyperNet(layout, meta["d_enc"], meta["head"], meta["hidden"], meta["embed"], out_std=meta.get("out_std"),
+                    element=element)
     check_fits(hnet.state_dict(), state, f"{w} does not fit {CONFIG_NAME} (norm {meta['norm']})")
     hnet.load_state_dict(state)
     if element is not None:
@@ -711,14 +727,57 @@ def folder_name(hold_out: str | None) -> str:
     return f"t2l-holdout-{hold_out}" if hold_out else "t2l"
 
 
-def generate_adapter(folder: Path, description: str, base: tuple | None = None) -> tuple[Adapter, dict]:
-    """(an Adapter generated from `description`, its record: description, encoder, hypernetwork sha256)."""
+def _model_name(model: nn.Module) -> str:
+    name = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
+    return f"the model {name}" if name else "this model"
+
+
+def check_width(folder: Path, meta: dict, width: int, base: tuple | None) -> None:
+    """UserError (one line naming both) unless the description embeddings are as wide as the
+    hypernetwork's input, d_enc: another base model, or a config naming the wrong encoder."""
+    if width == meta["d_enc"]:
+        return
+    if meta["encoder"] == "base":
+        given = _model_name(base[0]) if base else "this model"
+        hint = f"generate with the model it was trained with ({meta.get('base_model') or 'not recorded'})"
+    else:
+        given, hint = "all-MiniLM-L6-v2", "a damaged config, or another version of the encoder?"
+    raise UserError(f"{folder} was trained on descriptions encoded by {meta['encoder']} (width {meta['d_enc']}); "
+                    f"{given} gives width {width}: {hint}")
+
+
+def check_model_fits(folder: Path, layout: Layout, model: nn.Module) -> None:
+    """UserError (one line naming the module and both shapes) unless every module the hypernetwork
+    writes is a linear layer of `model` with the shape it was trained on."""
+    by_name = dict(model.named_modules())
+    for i, m in enumerate(layout.modules):
+        d_in, d_out = layout.shapes[layout.type_of[i]]
+        lin = by_name.get(m)
+        lin = getattr(lin, "linear", lin)          # a LoRALinear or GeneratedLinear wraps the layer
+        if not isinstance(lin, nn.Linear):
+            raise UserError(f"{folder} writes {m}, which {_model_name(model)} does not have as a linear layer "
+                            f"(it was trained for another model)")
+        if (lin.out_features, lin.in_features) != (d_out, d_in):
+            raise UserError(f"{folder} writes {m} as [{d_out}, {d_in}] (out, in); in {_model_name(model)} it is "
+                            f"[{lin.out_features}, {lin.in_features}] (it was trained for another model)")
+
+
+def generate_adapter(folder: Path, description: str, base: tuple | None = None,
+                     base_model: str | None = None) -> tuple[Adapter, dict]:
+    """(an Adapter generated from `description`, its record: description, encoder, hypernetwork sha256).
+
+    base: the (model, tokenizer) that encodes descriptions (--encoder base) and whose modules the
+    adapter must fit (checked, as the embedding's width, before the hypernetwork runs). base_model:
+    the name the adapter records (None: the hypernetwork's recorded base model)."""
     hnet, meta = load(folder)
     text = check_description(description)
     if meta["encoder"] == "base" and base is None:
         raise UserError(f"{folder} encodes descriptions with the base model: pass --model")
-    emb = encode([text], meta["encoder"], base)[0]
-    adapter = hnet.adapter(emb, meta.get("base_model"))
+    emb = encode([text], meta["encoder"], base)[0]               # [d_enc]
+    check_width(folder, meta, int(emb.shape[-1]), base)
+    if base is not None:
+        check_model_fits(folder, hnet.layout, base[0])
+    adapter = hnet.adapter(emb, base_model or meta.get("base_model"))
     record = {"description": text, "encoder": meta["encoder"], "head": meta["head"],
               "hypernet": str(Path(folder).resolve()),
               "hypernet_sha256": runs.file_digest(*(Path(folder) / f for f in FILES)),
@@ -803,6 +862,19 @@ def train_hypernet(run: Path, tasks: Sequence[str], data_cfg, train_cfg, cfg: T2
     return stage.out_dir
 
 
+def trained_for(model: str, adapters: Sequence[Adapter], uses_model: bool) -> str | None:
+    """The base model a hypernetwork writes adapters for, as `model_identity` names it: --model when
+    training used it (--encoder base or sft), else the one the task adapters name (None when they
+    name none or disagree: --model then is only a default nobody checked)."""
+    from src.models import model_identity, same_model
+    if uses_model:
+        return model_identity(model)
+    named = [ad.base_model for ad in adapters]
+    if not named or not named[0] or not all(same_model(named[0], b) for b in named[1:]):
+        return None
+    return model_identity(named[0])
+
+
 def _train(stage, tasks, adapters, layout, data_cfg, train_cfg, cfg, resolved, built_from, base, say) -> None:
     """Encode the descriptions, fit the hypernetwork, publish the stage with its reconstruction report."""
     from src.tasks import data_hash
@@ -855,9 +927,10 @@ def _train(stage, tasks, adapters, layout, data_cfg, train_cfg, cfg, resolved, b
                              name=stage.out_dir.name, pad_id=pad_id, state_dir=stage.state_dir,
                              log_path=stage.log_path, objective=objective, fingerprint=fingerprint)
     hnet.cpu()
+    base_model = trained_for(train_cfg.model, ordered, cfg.encoder == "base" or cfg.objective == "sft")
     with stages.publish(stage) as folder:
         save(folder, hnet, {"encoder": cfg.encoder, "objective": cfg.objective, "tasks": tasks,
-                          "hold_out": cfg.hold_out, "base_model": train_cfg.model,
+                          "hold_out": cfg.hold_out, "base_model": base_model,
                           "descriptions": {t: list(d) for t, d in zip(tasks, train_text)}})
         report = reconstruction_report(folder, dict(zip(tasks, ordered)), dict(zip(tasks, val_text)), base)
         runs.write_json_atomic(folder / REPORT_NAME, report)
@@ -917,7 +990,9 @@ def reconstruction_report(folder: Path, adapters: dict[str, Adapter], descriptio
         lacking = [m for m in lay.modules if m not in target.factors]
         if lacking:
             raise UserError(f"the adapter of {task} lacks module {lacking[0]}, which {folder} writes")
-        gens = [hnet.adapter(e) for e in encode(list(texts), meta["encoder"], base)]
+        embs = encode(list(texts), meta["encoder"], base)                              # [descriptions, d_enc]
+        check_width(folder, meta, int(embs.shape[-1]), base)
+        gens = [hnet.adapter(e) for e in embs]
         errs = torch.tensor([[delta_error(g, target, m) for m in lay.modules] for g in gens])   # [descriptions, P]
         per_module = errs.mean(0)
         tasks[task] = {
@@ -934,7 +1009,7 @@ def reconstruction_report(folder: Path, adapters: dict[str, Adapter], descriptio
 # --------------------------------------------------------------------------- the command
 
 def main(argv=None) -> None:
-    """python -m src.t2l generate --run RUN --description "..." --out DIR [--hold-out TASK] [--model M]"""
+    """python -m src.t2l generate --run RUN --description "..." --out DIR [--hold-out TASK] [--model M [--same-base]]"""
     from src.cli import _Parser                 # argparse whose errors are one line, exit 2
     p = _Parser(prog="python -m src.t2l", description="Generate a LoRA adapter from a task "
                                 "description with a trained Text-to-LoRA hypernetwork.")
@@ -944,7 +1019,12 @@ def main(argv=None) -> None:
     g.add_argument("--description", required=True, help="the task, in a sentence")
     g.add_argument("--out", required=True, help="the adapter folder to write")
     g.add_argument("--hold-out", default=None, help="use RUN/compose/t2l-holdout-TASK instead")
-    g.add_argument("--model", default=None, help="the base model (needed by --encoder base hypernetworks)")
+    g.add_argument("--model", default=None, help="the base model to generate for (default: the one the "
+                   "hypernetwork was trained for); encodes the description of --encoder base hypernetworks, and its "
+                   "modules are checked against the hypernetwork's")
+    g.add_argument("--same-base", action="store_true", help="--model names the hypernetwork's base model "
+                   "differently but it is one model (e.g. a local copy of a hub model): generate anyway (the adapter "
+                   "records the hypernetwork's name)")
     p.add_argument("--debug", action="store_true")
     args = p.parse_args(argv)
     folder = runs.compose_dir(Path(args.run), folder_name(args.hold_out))
@@ -954,11 +1034,17 @@ def main(argv=None) -> None:
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not empty: choose a new folder")
     runs.check_writable(out.parent if out.parent != Path("") else Path("."))
-    base = None
-    if meta["encoder"] == "base":
-        from src.models import load_base_model
-        base = load_base_model(args.model or meta.get("base_model"), "cpu", "float32")
-    adapter, record = generate_adapter(folder, args.description, base)
+    from src.models import load_base_model, model_identity, same_model
+    recorded = meta.get("base_model")
+    if args.model and recorded and not args.same_base and not same_model(args.model, recorded):
+        raise UserError(f"{folder} was trained for the model {recorded}; --model is {args.model}: pass --same-base "
+                        f"if they are one model under two names")
+    model = args.model or (recorded if meta["encoder"] == "base" else None)
+    if meta["encoder"] == "base" and not model:
+        raise UserError(f"{folder} encodes descriptions with the base model and does not record it: pass --model")
+    base = load_base_model(model, "cpu", "float32") if model else None      # --model: its modules are checked too
+    named = None if recorded or not args.model else model_identity(args.model)
+    adapter, record = generate_adapter(folder, args.description, base, named)
     write_generated(adapter, record, out)
     print(f"wrote {out} ({len(adapter.factors)} modules, rank {meta['layout']['rank']}) from {folder}")
 

@@ -212,6 +212,125 @@ def test_a_saved_norm_that_does_not_fit_is_refused_in_one_line(tmp_path, capsys)
     assert not (tmp_path / "out").exists()
 
 
+# ------------------------------------------------------------------------ another encoder, model or alpha
+
+TEXT = "Tell whether a review likes the film."
+
+
+def _generate(tmp_path, capsys, *extra):
+    """`generate` in process into tmp_path/out: (exit code, stderr lines but transformers' loading bars)."""
+    code = run_main(t2l.main, ["generate", "--run", str(tmp_path / "run"), "--description", TEXT,
+                               "--out", str(tmp_path / "out"), *extra])
+    err = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    return code, [line for line in err if line.strip() and not line.startswith(("Loading weights", "Writing model"))]
+
+
+def _refused(tmp_path, capsys, *extra) -> str:
+    """The one line of a refused `generate`, which wrote nothing."""
+    code, err = _generate(tmp_path, capsys, *extra)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), (code, err)
+    assert not (tmp_path / "out").exists()
+    return err[0]
+
+
+def test_descriptions_of_another_width_are_refused_before_the_hypernetwork_runs(tmp_path, capsys):
+    folder, _, _, _ = _saved(tmp_path)                                  # base encoder, the 32-wide tiny model
+    narrow, wide = save_tiny(tmp_path / "narrow"), save_tiny(tmp_path / "wide", hidden=64)
+    _rewrite(folder, base_model=str(wide))                              # the recorded model is now a wider one
+    line = _refused(tmp_path, capsys)
+    assert f"{folder} was trained on descriptions encoded by base (width 32)" in line, line
+    assert f"the model {wide} gives width 64" in line, line
+    with pytest.raises(UserError, match="width 64"):
+        t2l.generate_adapter(folder, TEXT, (tiny_model(hidden=64), tiny_tokenizer()))
+    _rewrite(folder, base_model=str(narrow.resolve()))
+    assert "gives width 64" in _refused(tmp_path, capsys, "--model", str(wide), "--same-base")
+
+    _rewrite(folder, d_enc=None)                                        # a config without d_enc: read off the weights
+    assert t2l.load(folder)[1]["d_enc"] == 32
+    assert "(width 32)" in _refused(tmp_path, capsys, "--model", str(wide), "--same-base")
+    assert _generate(tmp_path, capsys)[0] == 0                          # the model it was trained with
+    assert (tmp_path / "out" / t2l.GENERATED_NAME).is_file()
+
+
+def test_a_config_naming_another_encoder_is_refused_in_one_line(tmp_path, capsys):
+    pytest.importorskip(t2l.MINILM_PACKAGE)
+    folder, _, _, _ = _saved(tmp_path)                                  # 32 wide: the base encoder's
+    _rewrite(folder, encoder="minilm")
+    line = _refused(tmp_path, capsys)
+    assert "encoded by minilm (width 32); all-MiniLM-L6-v2 gives width 384" in line, line
+
+
+def test_generate_for_another_model_is_refused_unless_same_base(tmp_path, capsys):
+    folder, _, _, _ = _saved(tmp_path)
+    narrow, other = save_tiny(tmp_path / "narrow"), save_tiny(tmp_path / "other", seed=1)   # both 32 wide
+    _rewrite(folder, base_model=str(narrow.resolve()))
+    line = _refused(tmp_path, capsys, "--model", str(other))
+    assert f"trained for the model {narrow.resolve()}; --model is {other}" in line and "--same-base" in line, line
+    (tmp_path / "elsewhere").mkdir()
+    assert _generate(tmp_path, capsys, "--model", str(tmp_path / "elsewhere" / ".." / "narrow"))[0] == 0  # one model
+    import shutil
+    shutil.rmtree(tmp_path / "out")
+    assert _generate(tmp_path, capsys, "--model", str(other), "--same-base")[0] == 0
+    assert load_adapter(tmp_path / "out").base_model == str(narrow.resolve())   # the hypernetwork's name, as merge
+
+
+def _save_kv4(path):
+    """A tiny model as wide as tiny_model's (32) whose v_proj is [32, 32], not [16, 32]: 4 key-value heads, not 2."""
+    from transformers import Qwen2ForCausalLM
+    config = tiny_model("qwen2").config
+    config.num_key_value_heads = 4
+    Qwen2ForCausalLM(config).save_pretrained(str(path))
+    tiny_tokenizer().save_pretrained(str(path))
+    return path
+
+
+def test_a_model_whose_modules_differ_is_refused_naming_a_module_and_both_shapes(tmp_path, capsys):
+    folder, _, _, (_, tok) = _saved(tmp_path)                           # base encoder, q_proj and v_proj
+    kv4 = _save_kv4(tmp_path / "kv4")
+    _rewrite(folder, base_model=str(kv4))                               # the same width, other module shapes
+    line = _refused(tmp_path, capsys)
+    assert f"writes model.layers.0.self_attn.v_proj as [16, 32] (out, in); in the model {kv4} it is [32, 32]" \
+        in line, line
+    with pytest.raises(UserError, match="writes model.layers.1.self_attn.q_proj, which this model does not have"):
+        t2l.generate_adapter(folder, TEXT, (tiny_model(layers=1), tok))  # a layer fewer
+
+    pytest.importorskip(t2l.MINILM_PACKAGE)                             # minilm: --model alone is loaded
+    hnet, lay = _hypernet(_adapters(tiny_model("qwen2")), d_enc=384)
+    narrow, wide = save_tiny(tmp_path / "narrow"), save_tiny(tmp_path / "wide", hidden=64)
+    t2l.save(folder, hnet, {"encoder": "minilm", "base_model": str(narrow.resolve())})
+    line = _refused(tmp_path, capsys, "--model", str(wide), "--same-base")
+    assert f"writes {lay.modules[0]} as [32, 32] (out, in); in the model {wide} it is [64, 64]" in line, line
+    assert _generate(tmp_path, capsys, "--model", str(narrow))[0] == 0
+
+
+def test_the_recorded_base_model_is_the_one_the_hypernetwork_writes_for():
+    model = tiny_model("qwen2")
+    ads = list(_adapters(model, 2).values())
+    assert t2l.trained_for("org/used", ads, uses_model=True) == "org/used"
+    assert t2l.trained_for("org/default", ads, uses_model=False) is None            # the adapters name none
+    named = [make_adapter(ad.factors, ad.scales, "org/theirs", name=ad.name) for ad in ads]
+    assert t2l.trained_for("org/default", named, uses_model=False) == "org/theirs"
+    named[1] = make_adapter(ads[1].factors, ads[1].scales, "org/another")
+    assert t2l.trained_for("org/default", named, uses_model=False) is None          # they disagree
+
+
+@pytest.mark.parametrize("alpha", [0, -1.0, float("nan"), float("inf")])
+def test_an_alpha_that_is_not_positive_is_refused_in_the_config(alpha):
+    with pytest.raises(UserError, match=f"--t2l-alpha must be finite and above 0.*got {alpha}"):
+        t2l.T2LConfig(objective="sft", t2l_alpha=alpha, t2l_norm="type")
+
+
+def test_a_saved_alpha_of_zero_is_refused_before_anything_is_written(tmp_path, capsys):
+    folder, _, _, _ = _saved(tmp_path)
+    model_dir = save_tiny(tmp_path / "qwen2")
+    layout = json.loads((folder / t2l.CONFIG_NAME).read_text())["layout"]
+    _rewrite(folder, layout={**layout, "alpha": 0.0})                   # written before alpha 0 was refused
+    with pytest.raises(UserError, match="alpha is 0.0"):
+        t2l.load(folder)
+    assert "alpha is 0.0, so every adapter it writes would change nothing" in \
+        _refused(tmp_path, capsys, "--model", str(model_dir))
+
+
 # ------------------------------------------------------------------------ the reconstruction report
 
 def test_delta_error_matches_the_dense_computation():
@@ -336,3 +455,15 @@ def test_bad_norm_options_are_one_line(tiny_run, tmp_path, capsys):
         err = capsys.readouterr().err
         assert word in err and len(err.strip().splitlines()) == 1, err
     assert not (run / "compose").exists()
+
+
+def test_sft_with_alpha_zero_is_refused_in_one_line(tiny_run, tmp_path, capsys):
+    model_dir = tiny_run[0]
+    run = _run(tiny_run, tmp_path, "alpha")
+    sft = ["--objective", "sft", "--t2l-norm", "type", "--data", "sample", "--train-size", "4", "--eval-size", "2",
+           "--max-len", "96", "--max-target-len", "8", "--max-steps", "1"]
+    for alpha in ("0", "-1", "nan"):
+        assert run_main(script.main, _args(model_dir, run, *sft, "--t2l-alpha", alpha)) == 2
+        err = capsys.readouterr().err
+        assert "--t2l-alpha must be finite and above 0" in err and len(err.strip().splitlines()) == 1, err
+    assert not (run / "compose").exists() and not (run / "checkpoints").exists()
