@@ -41,7 +41,7 @@ from src import tasks as task_registry
 from src.cli import config_dict, parse_configs
 from src.errors import UserError, run_main
 from src.lora import check_adapter_fits
-from src.models import load_base_model, resolve_device, resolve_dtype
+from src.models import load_base_model, resolve_device, resolve_dtype, same_model
 
 
 # ----------------------------------------------------------------------------- config
@@ -117,6 +117,14 @@ def check_context(model, cfg) -> None:
                         f"tokens is more than the model's context of {limit} (max_position_embeddings)")
 
 
+def note_other_base_models(adapters: dict, model: str) -> None:
+    """A note (not an error: the shapes may well fit) for each adapter recorded for another base model."""
+    for task, ad in adapters.items():
+        base = ad.config.get("base_model_name_or_path") if isinstance(ad.config, dict) else None
+        if base and not same_model(base, model):
+            print(f"note: the {task} adapter was trained on {base}; evaluating it on {model}", file=sys.stderr)
+
+
 def check_output_folders(run_dir: Path) -> None:
     """Every folder evaluation writes (eval/ and what is under it, merged/, plots/, analysis/) is
     writable, or can be created: UserError naming the first that is not."""
@@ -152,6 +160,7 @@ def main(argv=None):
     env.eval_ids = {t: {ex.id for ex in exs} for t, exs in data.items()}   # shots never take an evaluated one
     compose.check_all(methods, env)        # every method's inputs; loads the adapters they read
     check_output_folders(run_dir)          # every folder it writes, before any work
+    note_other_base_models(env.adapters, cfg.model)
     config = config_dict(cfg, *opts)
     sizes = sorted({len(v) for v in data.values()})
     per_task = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"

@@ -162,3 +162,25 @@ def test_evaluation_refuses_a_read_only_eval_folder_before_any_work(tmp_path, mo
     line = _one_line(capsys.readouterr().err)
     assert rc == 2 and f"cannot write {ro}: no write permission in {ro}" in line, line
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+
+
+def test_adapters_recorded_for_another_base_model_get_a_note(tmp_path, capsys, monkeypatch):
+    """Evaluating adapters whose config names another base model says so (a note, not an error)."""
+    import shutil
+
+    import full_evaluation
+    shutil.copytree(Path(__file__).parent / "fixtures" / "run_v1", tmp_path / "run")
+    save_tiny(tmp_path / "tiny-qwen2")
+    monkeypatch.chdir(tmp_path)                      # the fixture's adapters name "tiny-qwen2", relative
+    model = "tiny-qwen2"
+    cfg = tmp_path / "run" / "adapters" / "nli" / "adapter_config.json"
+    doc = json.loads(cfg.read_text())
+    cfg.write_text(json.dumps({**doc, "base_model_name_or_path": "Qwen/Qwen2-0.5B"}))
+    capsys.readouterr()
+    rc = run_main(full_evaluation.main, ["--model", str(model), "--output-dir", str(tmp_path / "run"),
+                                         "--tasks", "sentiment,nli,qa", "--methods", "oracle", "--data", "sample",
+                                         "--eval-size", "2", "--no-exclude-selection", "--build-only"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    notes = [x for x in err.splitlines() if x.startswith("note: the ")]
+    assert notes == [f"note: the nli adapter was trained on Qwen/Qwen2-0.5B; evaluating it on {model}"], err
