@@ -28,10 +28,12 @@ from the 7-task run on the same adapters).
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 from tqdm.auto import tqdm
 
@@ -106,6 +108,17 @@ class EvalConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
         if self.eval_size is not None and self.eval_size < 1:
             raise UserError(f"--eval-size must be a positive integer, got {self.eval_size}")
+
+
+def local_config(model: str) -> SimpleNamespace:
+    """A local model folder's config.json as attributes (instant; empty for a hub id or a GGUF,
+    whose context is checked once the model is loaded)."""
+    path = Path(model) / "config.json"
+    try:
+        doc = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        doc = {}
+    return SimpleNamespace(**(doc if isinstance(doc, dict) else {}))
 
 
 def check_context(model, cfg) -> None:
@@ -196,6 +209,8 @@ def main(argv=None):
 
     # ------------------------------------------------------------------ build steps (before any
     # generation: a merge that cannot be built, e.g. ties with --rank in space ab, fails the run here)
+    if pending:
+        check_context(SimpleNamespace(config=local_config(cfg.model)), cfg)   # a local folder: before any build
     with runs.file_lock(run_dir):   # processes sharing RUN build each result once
         built = compose.build_all(list(pending), env)
     n_todo = sum(len(v) for v in pending.values())

@@ -184,3 +184,19 @@ def test_adapters_recorded_for_another_base_model_get_a_note(tmp_path, capsys, m
     assert rc == 0, err
     notes = [x for x in err.splitlines() if x.startswith("note: the ")]
     assert notes == [f"note: the nli adapter was trained on Qwen/Qwen2-0.5B; evaluating it on {model}"], err
+
+
+def test_a_context_too_long_is_refused_before_a_merge_is_built(tmp_path, capsys):
+    import shutil
+
+    import full_evaluation
+    shutil.copytree(Path(__file__).parent / "fixtures" / "run_v1", tmp_path / "run")
+    model = save_tiny(tmp_path / "tiny-qwen2")          # max_position_embeddings 1024
+    capsys.readouterr()
+    rc = run_main(full_evaluation.main, ["--model", str(model), "--output-dir", str(tmp_path / "run"),
+                                         "--tasks", "sentiment,nli,qa", "--methods", "ties", "--data", "sample",
+                                         "--eval-size", "2", "--no-exclude-selection", "--force",
+                                         "--max-prompt-len", "1000", "--max-new-tokens", "64"])
+    line = _one_line("\n".join(x for x in capsys.readouterr().err.splitlines() if not x.startswith("note:")))
+    assert rc == 2 and "is more than the model's context of 1024" in line, line
+    assert not (tmp_path / "run" / "merged" / "ties").exists()
