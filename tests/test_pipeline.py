@@ -156,3 +156,30 @@ def test_reference_script_shares_cells_between_workers_and_reuses_base_and_oracl
     bad = subprocess.run(["bash", str(ROOT / "run_reference.sh")], env=dict(env, DATA=str(tmp_path / "nope")),
                          cwd=tmp_path, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "DATA=" in bad.stderr
+
+
+def _table_rows(text: str, first_cell: str = "oracle") -> dict[str, list[str]]:
+    """{method: its cells} of the first markdown table whose rows start with `| first_cell |`."""
+    lines = text.splitlines()
+    start = next(i for i, x in enumerate(lines) if x.startswith(f"| {first_cell} |"))
+    rows = {}
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_the_readmes_demo_table_is_the_committed_demo_run():
+    """README "What the demo prints" shows results/demo's table (the interval column left out)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### What the demo prints"):readme.index("## Tests")]
+    shown = _table_rows(section)
+    committed = _table_rows((ROOT / "results" / "demo" / "eval" / "results.md").read_text())
+    assert list(shown) == list(committed)
+    for method, cells in shown.items():
+        assert cells == committed[method][:len(cells)], method
+    summary = json.loads((ROOT / "results" / "demo" / "eval" / "summary.json").read_text())
+    for method, cells in shown.items():
+        assert f"{summary['methods'][method]['multitask_score']:.3f}" == cells[-1], method
