@@ -99,6 +99,23 @@ def test_all_ones_gates_equal_the_concat_merge(arch, form):
     torch.testing.assert_close(with_gates(model, ads, make), ref, atol=1e-5, rtol=0)
 
 
+def test_soft_gates_per_sequence_equal_the_weighted_concat_merge(arch):
+    """A per-sequence router whose gates are not one-hot (retrieval's top-k, a soft MoA) takes the
+    per-sequence path: gates g equal folding sum_e g_e s_e B_e A_e (concat with weights g), and
+    the same gates repeated on every token take the per-token path to the same output."""
+    model = tiny_model(arch)
+    ads = adapters_for(model, (4, 2, 6))
+    g = [0.2, 0.5, 0.3]
+    merged = merging.merge_adapters([ads[t] for t in TASKS], "concat", weights=g)
+    with folded(model, merged):
+        ref = logits(model)
+    per_seq = with_gates(model, ads, lambda x: torch.tensor(g).expand(x.shape[0], len(TASKS)))
+    per_tok = with_gates(model, ads, lambda x: torch.tensor(g).expand(*x.shape[:2], len(TASKS)))
+    torch.testing.assert_close(per_seq, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(per_tok, per_seq, atol=1e-6, rtol=0)
+    assert (per_seq - logits(model)).abs().max() > 1e-2          # the experts act
+
+
 @pytest.mark.parametrize("form", ["selection", "sequence", "token"])
 def test_a_mixed_batch_equals_each_sequence_alone(form):
     model = tiny_model("qwen2")
