@@ -229,7 +229,8 @@ def _train_mixer(stage, run, tasks, adapters, modules, data_cfg, train_cfg, cfg,
                              tuned if cfg.mixer_regime == "finetune" else ())
     result = fit_or_exit(model, params, train_items, val_items, cfg=train_cfg, seed=data_cfg.seed, name="lora_mixer",
                          pad_id=tokenizer.pad_token_id, state_dir=stage.state_dir, log_path=stage.log_path,
-                         objective=objective, d=d, amp=amp, fingerprint=fingerprint)
+                         objective=objective, d=d, amp=amp, fingerprint=fingerprint,
+                         group_lr={"experts.": cfg.mixer_expert_lr})
     for p in params.values():
         p.requires_grad_(False)
     mixer.soft = False

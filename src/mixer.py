@@ -99,6 +99,9 @@ class MixerConfig:
                 "fresh experts routed hard by the task label while training", "choices": REGIMES})
     mixer_tune: str | None = field(default=None, metadata={
         "help": "finetune: the experts that may move (C), comma-separated task names; None: every expert"})
+    mixer_expert_lr: float = field(default=3e-4, metadata={
+        "help": "learning rate of the experts that train (finetune, joint), beside the routers' --lr: the task "
+                "adapters' own (3e-4 in the reference recipe); the routers' 1e-2 makes LoRA factors diverge"})
     mixer_preserve: float = field(default=1.0, metadata={
         "help": "b: weight of the preservation term sum_{i in C} ||theta_i - theta_i(0)||^2 (finetune)"})
     mixer_label_weight: float | None = field(default=None, metadata={
@@ -112,6 +115,9 @@ class MixerConfig:
         k = self.mixer_top_k
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise UserError(f"--mixer-top-k must be a positive integer, got {k}")
+        lr = self.mixer_expert_lr
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            raise UserError(f"--mixer-expert-lr must be a finite number above 0, got {lr}")
         for name in ("mixer_balance", "mixer_entropy", "mixer_preserve", "mixer_label_weight"):
             v = getattr(self, name)
             if v is None and name == "mixer_label_weight":

@@ -500,8 +500,13 @@ def _autocast(device, amp: bool):
 def fit(model: nn.Module, params: dict[str, nn.Parameter], train: Sequence[dict], val: Sequence[dict], *,
         cfg, seed: int, name: str, pad_id: int, state_dir: Path, log_path: Path,
         objective: Objective = LM_OBJECTIVE, d: Dist = Dist(), amp: bool = False, side: str = "right",
-        fingerprint: dict | None = None, on_step: Callable[[int], None] | None = None) -> FitResult:
+        fingerprint: dict | None = None, on_step: Callable[[int], None] | None = None,
+        group_lr: dict[str, float] | None = None) -> FitResult:
     """Train `params` (the only tensors that get gradients) on `train`; see the module docstring.
+
+    group_lr: {name prefix: learning rate} for the params whose name starts with the prefix
+    (e.g. a mixture's experts beside its routers); the others take cfg.lr. The schedule scales
+    every group alike.
 
     cfg: a TrainConfig (epochs, max_steps, batch_size, grad_accum, lr, weight_decay,
     warmup_steps, max_grad_norm, eval_every, patience, save_every, log_every, resume, progress).
@@ -514,7 +519,7 @@ def fit(model: nn.Module, params: dict[str, nn.Parameter], train: Sequence[dict]
     """
     trainer = _Trainer(model, params, train, val, cfg=cfg, seed=seed, name=name, pad_id=pad_id,
                        state_dir=state_dir, log_path=log_path, objective=objective, d=d, amp=amp, side=side,
-                       fingerprint=fingerprint, on_step=on_step)
+                       fingerprint=fingerprint, on_step=on_step, group_lr=group_lr)
     trainer.setup()
     return trainer.train()
 
@@ -556,11 +561,12 @@ class _Trainer:
     def __init__(self, model: nn.Module, params: dict[str, nn.Parameter], train: Sequence[dict],
                  val: Sequence[dict], *, cfg, seed: int, name: str, pad_id: int, state_dir: Path, log_path: Path,
                  objective: Objective, d: Dist, amp: bool, side: str, fingerprint: dict | None,
-                 on_step: Callable[[int], None] | None):
+                 on_step: Callable[[int], None] | None, group_lr: dict[str, float] | None = None):
         self.model, self.params, self.train_items, self.val_items = model, params, train, val
         self.cfg, self.seed, self.name, self.pad_id = cfg, seed, name, pad_id
         self.state_dir, self.log_path, self.fingerprint, self.on_step = state_dir, log_path, fingerprint, on_step
         self.objective, self.d, self.amp, self.side = objective, d, amp, side
+        self.group_lr = dict(group_lr or {})
         self.device = next(iter(params.values())).device
         self.global_batch = cfg.batch_size * cfg.grad_accum * d.world
         self.per_epoch, self.total = planned_steps(len(train), self.global_batch, cfg.epochs, cfg.max_steps)
@@ -584,7 +590,7 @@ class _Trainer:
             p.requires_grad_(False)
         for p in self.params.values():
             p.requires_grad_(True)
-        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = linear_schedule(self.optimizer, cfg.warmup_steps, self.total)
         # the log's window: loss, tokens and each term's unweighted value summed since the last train
         # line (a checkpoint keeps it, so the first line after a resume equals the uninterrupted run's)
@@ -601,6 +607,15 @@ class _Trainer:
                         dynamic_ncols=True, disable=not (cfg.progress and self.d.main), leave=True)
         self.window_t = time.perf_counter()
         self.t0, self.start_step = time.perf_counter(), self.progress.step
+
+    def _param_groups(self) -> list[dict]:
+        """One AdamW group per learning rate: cfg.lr, and each `group_lr` prefix's own."""
+        lrs = self.group_lr
+        groups: dict[float, list[nn.Parameter]] = {}
+        for name, p in self.params.items():
+            lr = next((v for k, v in lrs.items() if name.startswith(k)), self.cfg.lr)
+            groups.setdefault(lr, []).append(p)
+        return [{"params": ps, "lr": lr} for lr, ps in groups.items()]
 
     def _restore(self, state: dict) -> None:
         """Continue from a checkpoint, which must come from the same settings (`fingerprint`)."""

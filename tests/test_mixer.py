@@ -282,6 +282,7 @@ def test_preservation_keeps_the_tuned_experts_near_their_start_and_frozen_ones_e
     (["--mixer-modules", "x_proj"], "--mixer-modules: unknown module x_proj; the adapters cover"),
     (["--mixer-modules", "attention"], "--mixer-modules attention leaves out down_proj, gate_proj, up_proj"),
     (["--mixer-router-init", "normal"], "--mixer-router-init"),
+    (["--mixer-expert-lr", "0"], "--mixer-expert-lr must be a finite number above 0"),
     (["--mixer-top-k", "0"], "--mixer-top-k must be a positive integer"),
     (["--mixer-top-k", "4"], "--mixer-top-k 4 is more than the 3 experts (sentiment, nli, qa)"),
     (["--mixer-balance", "-1"], "--mixer-balance must be finite and not negative"),

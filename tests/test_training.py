@@ -255,3 +255,21 @@ def test_presets_and_flags():
     assert train.model == "smollm2-135m" and data.data == "sample"
     with pytest.raises(UserError, match="nothing to train"):
         RouterConfig(eta=0.0)
+
+
+def test_a_group_of_params_trains_at_its_own_learning_rate(tmp_path, items, tokenizer):
+    """group_lr: the lora_A params at lr 0 stay exactly where they start; lora_B (B = 0 at the start, so
+    the only factor with a gradient) moves at cfg.lr."""
+    model = tiny_model("qwen2")
+    torch.manual_seed(0)
+    add_lora(model, LoraConfig(rank=4, alpha=8))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    start = {n: p.detach().clone() for n, p in params.items()}
+    b_names = {n for n in params if "lora_A" in n}
+    frozen = {f"b.{n}": params[n] for n in b_names}
+    moving = {n: p for n, p in params.items() if n not in b_names}
+    fit(model, {**moving, **frozen}, items[0], items[1], cfg=_cfg(max_steps=3, weight_decay=0.0), seed=0,
+        name="sentiment", pad_id=tokenizer.pad_token_id, state_dir=tmp_path / "ckpt", log_path=tmp_path / "log.jsonl",
+        group_lr={"b.": 0.0})
+    assert all(torch.equal(params[n], start[n]) for n in b_names)
+    assert any(not torch.equal(params[n], start[n]) for n in moving)
