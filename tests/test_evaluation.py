@@ -364,7 +364,7 @@ def test_moa_likelihood_routes_like_generation(tiny_run):
 # --------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("case, message", [
-    ("unknown_method", "unknown method 'nope'; known: base, oracle, moa, moa_study, arrow, lora_mixer, lorahub, lorahub_task, t2l, t2l_zeroshot, concat"),
+    ("unknown_method", "unknown method 'nope'; known: base, oracle, moa, moa_study, arrow, lora_mixer, lora_mixer_finetune, lora_mixer_joint, lorahub, lorahub_task, t2l, t2l_zeroshot, concat"),
     ("missing_adapter", "no adapter for task qa"),
     ("missing_moa", "no RUN/moa"),
     ("missing_task_data", "no data folder for task qa"),

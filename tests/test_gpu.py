@@ -197,7 +197,8 @@ def test_the_pipeline_runs_end_to_end_on_cuda_in_bf16(tmp_path):
     steps = ["--lr", "1e-2", "--eval-every", "2", "--save-every", "2"]
     for cmd, extra in ((["train_all_tasks.sh", *small, "--max-steps", "4", *steps], {}),
                        (["train_moa.sh", *small, "--max-steps", "4", *steps], {}),
-                       (["train_moa.sh", *small, "--max-steps", "2", *steps], {"SYSTEM": "lora_mixer"}),
+                       *((["train_moa.sh", *small, "--max-steps", "2", *steps, "--mixer-regime", regime],
+                          {"SYSTEM": "lora_mixer"}) for regime in ("plug", "finetune", "joint")),
                        (["train_text_to_lora.py", "--model", str(model), "--tasks", "sentiment,nli,translation",
                          "--output-dir", str(run), "--encoder", "base", "--max-steps", "2", "--eval-every", "2",
                          "--save-every", "2", "--no-progress", *dev], {}),
@@ -208,7 +209,8 @@ def test_the_pipeline_runs_end_to_end_on_cuda_in_bf16(tmp_path):
                              capture_output=True, text=True, timeout=900)
         assert out.returncode == 0, f"{cmd[0]} exited {out.returncode}\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
     summary = json.loads((run / "eval" / "summary.json").read_text())
-    assert {"base", "oracle", "moa", "lora_mixer", "t2l", "weight_sum", "ties"} <= set(summary["methods"])
+    assert {"base", "oracle", "moa", "lora_mixer", "lora_mixer_finetune", "lora_mixer_joint", "t2l", "weight_sum",
+            "ties"} <= set(summary["methods"])
     cells = list((run / "eval" / "cells").rglob("*.json"))
     assert len(cells) >= 5 * 3
     want = "bfloat16" if DEVICE.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"

@@ -42,8 +42,9 @@ def pipeline(tmp_path_factory, shared_data):
           "--eval-every", "1", "--save-every", "1"], env, tmp)
     _run(["bash", str(ROOT / "train_moa.sh"), *small, "--max-steps", "3", "--lr", "1e-2",
           "--eval-every", "3", "--save-every", "3"], env, tmp)
-    _run(["bash", str(ROOT / "train_moa.sh"), *small, "--max-steps", "2", "--lr", "1e-2",
-          "--eval-every", "2", "--save-every", "2"], {**env, "SYSTEM": "lora_mixer"}, tmp)
+    for regime in ("plug", "finetune", "joint"):   # lora_mixer, lora_mixer_finetune, lora_mixer_joint
+        _run(["bash", str(ROOT / "train_moa.sh"), *small, "--max-steps", "2", "--lr", "1e-2",
+              "--eval-every", "2", "--save-every", "2", "--mixer-regime", regime], {**env, "SYSTEM": "lora_mixer"}, tmp)
     _run([sys.executable, str(ROOT / "train_text_to_lora.py"), "--model", str(model), "--tasks", TASKS,
           "--output-dir", str(run), "--max-steps", "2", "--eval-every", "2", "--save-every", "2", "--no-progress"],
          env, tmp)
