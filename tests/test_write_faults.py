@@ -200,3 +200,53 @@ def test_a_context_too_long_is_refused_before_a_merge_is_built(tmp_path, capsys)
     line = _one_line("\n".join(x for x in capsys.readouterr().err.splitlines() if not x.startswith("note:")))
     assert rc == 2 and "is more than the model's context of 1024" in line, line
     assert not (tmp_path / "run" / "merged" / "ties").exists()
+
+
+@pytest.mark.parametrize("system", ["moa", "lora_mixer"])
+def test_router_training_on_a_full_disk_is_one_line_and_leaves_no_stage(tmp_path, monkeypatch, capsys, system):
+    """MoA's and LoRA-Mixer's routers: the routers file cannot be written; one line, exit 2, no stage."""
+    import src.mixer as mixer
+    import src.moa as moa
+    import train_moa
+    model = save_tiny(tmp_path / "qwen2")
+    run = tmp_path / "run"
+    common = ["--model", str(model), "--tasks", "sentiment,nli", "--data", "sample", "--output-dir", str(run),
+              "--train-size", "8", "--eval-size", "4", "--max-len", "96", "--max-target-len", "8",
+              "--batch-size", "4", "--lr", "1e-2", "--max-steps", "2", "--eval-every", "2", "--save-every", "0",
+              "--no-progress"]
+    assert run_main(train_loras.main, common) == 0
+
+    def full(*a, **kw):
+        raise SafetensorError(NO_SPACE)
+    monkeypatch.setattr(moa if system == "moa" else mixer, "save_file", full)
+    capsys.readouterr()
+    extra = ["--mixer-top-k", "2"] if system == "lora_mixer" else []
+    assert run_main(train_moa.main, [*common, "--system", system, *extra]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if not x.startswith(("Loading", "note:"))]
+    line = _one_line("\n".join(err))
+    assert "no space left on device while writing" in line and "routers.safetensors" in line, line
+    assert not list(run.rglob("routers.safetensors"))            # no stage appeared
+    assert not [p for p in run.rglob(".*") if p.is_file() or p.is_dir()], list(run.rglob(".*"))
+
+
+def test_a_plot_on_a_full_disk_leaves_the_previous_one(tmp_path, monkeypatch):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from src import analysis
+    path = tmp_path / "plots" / "a.png"
+    fig = plt.figure()
+    analysis._save(fig, path)
+    before = path.read_bytes()
+    fig = plt.figure()
+    fig.add_subplot().plot([1, 2])
+
+    def full(self, fname, *a, **kw):
+        Path(fname).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(type(fig), "savefig", full)
+    with pytest.raises(OSError) as e:
+        analysis._save(fig, path)
+    assert e.value.filename == str(path) and path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["a.png"]
