@@ -16,9 +16,9 @@ from src import t2l
 from src.config import TrainConfig
 from src.descriptions import DESCRIPTIONS, N_TRAIN, held_out_descriptions, training_descriptions
 from src.errors import UserError, run_main
-from src.lora import apply_adapter, save_adapter, unload_lora
+from src.lora import apply_adapter, unload_lora
 from src.tasks import TASKS, load_examples
-from tiny import random_adapter, save_tiny, tiny_model, tiny_tokenizer
+from tiny import random_adapter, save_tiny_run, tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -261,15 +261,7 @@ def test_bad_descriptions_heads_encoders_and_ranks_are_refused():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A run folder with tiny-model adapters for sentiment and nli (as train_individual_loras.py leaves them)."""
-    root = tmp_path_factory.mktemp("t2l")
-    model_dir = save_tiny(root / "qwen2")
-    model = tiny_model("qwen2")
-    run = root / "run"
-    for i, t in enumerate(["sentiment", "nli"]):
-        folder = run / "adapters" / t
-        save_adapter(random_adapter(model, 20 + i, rank=4, targets=TARGETS, name=t), folder)
-        (folder / "training_config.json").write_text(json.dumps({"task": t}))
-    return model_dir, run
+    return save_tiny_run(tmp_path_factory.mktemp("t2l"), targets=TARGETS)
 
 
 def _args(model_dir, run, *extra):

@@ -14,8 +14,8 @@ from src import runs, t2l
 from src.config import TrainConfig
 from src.descriptions import held_out_descriptions
 from src.errors import UserError, run_main
-from src.lora import apply_adapter, load_adapter, lora_scale, make_adapter, save_adapter, unload_lora
-from tiny import random_adapter, save_tiny, tiny_model, tiny_tokenizer
+from src.lora import apply_adapter, load_adapter, lora_scale, make_adapter, unload_lora
+from tiny import random_adapter, save_tiny, save_tiny_run, tiny_model, tiny_tokenizer
 
 TASKS = ["sentiment", "nli", "qa"]
 TARGETS = ("q_proj", "v_proj")
@@ -377,15 +377,9 @@ def test_the_report_is_zero_for_exact_targets_and_matches_a_direct_computation(t
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """A tiny model folder and a run folder with adapters for sentiment and nli."""
-    root = tmp_path_factory.mktemp("t2l_steps")
-    model_dir = save_tiny(root / "qwen2")
-    model = tiny_model("qwen2")
-    adapters = root / "adapters"
-    for i, t in enumerate(["sentiment", "nli"]):
-        save_adapter(random_adapter(model, 20 + i, rank=4, targets=TARGETS, name=t), adapters / t)
-        (adapters / t / "training_config.json").write_text(json.dumps({"task": t}))
-    return model_dir, adapters
+    """A tiny model folder and the adapters folder of a run for sentiment and nli."""
+    model_dir, run = save_tiny_run(tmp_path_factory.mktemp("t2l_steps"), targets=TARGETS)
+    return model_dir, run / "adapters"
 
 
 def _run(tiny_run, tmp_path, name):

@@ -79,3 +79,21 @@ def random_adapter(model, seed, rank=4, alpha=8.0, targets=None, name="", std=0.
                           torch.randn(m.out_features, rank, generator=g) * std)
             scales[n] = alpha / rank
     return make_adapter(factors, scales, None, name=name)
+
+
+def save_tiny_run(root: str | Path, tasks=("sentiment", "nli"), targets=("q_proj", "v_proj"), seed: int = 20,
+                  rank: int = 4) -> tuple[Path, Path]:
+    """(model folder, run folder): a tiny Qwen2 model folder and RUN/adapters/<task> for each task,
+    random rank-`rank` adapters with a training_config.json, as train_individual_loras.py leaves them."""
+    import json
+
+    from src.lora import save_adapter
+    root = Path(root)
+    model_dir = save_tiny(root / "qwen2")
+    model = tiny_model("qwen2")
+    run = root / "run"
+    for i, t in enumerate(tasks):
+        folder = run / "adapters" / t
+        save_adapter(random_adapter(model, seed + i, rank=rank, targets=targets, name=t), folder)
+        (folder / "training_config.json").write_text(json.dumps({"task": t}))
+    return model_dir, run
