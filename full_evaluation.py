@@ -37,13 +37,13 @@ from types import SimpleNamespace
 
 from tqdm.auto import tqdm
 
-from src import compose, runs
+from src import compose, models, runs
 from src import evaluation as ev
 from src import tasks as task_registry
 from src.cli import config_dict, parse_configs
 from src.errors import UserError, run_main
 from src.lora import check_adapter_fits
-from src.models import load_base_model, resolve_device, resolve_dtype, same_model
+from src.models import load_base_model, local_config, resolve_device, resolve_dtype, same_model
 
 
 # ----------------------------------------------------------------------------- config
@@ -110,24 +110,11 @@ class EvalConfig:
             raise UserError(f"--eval-size must be a positive integer, got {self.eval_size}")
 
 
-def local_config(model: str) -> SimpleNamespace:
-    """A local model folder's config.json as attributes (instant; empty for a hub id or a GGUF,
-    whose context is checked once the model is loaded)."""
-    path = Path(model) / "config.json"
-    try:
-        doc = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        doc = {}
-    return SimpleNamespace(**(doc if isinstance(doc, dict) else {}))
-
-
 def check_context(model, cfg) -> None:
     """A prompt of --max-prompt-len tokens plus --max-new-tokens must fit the model's context."""
-    limit = getattr(model.config, "max_position_embeddings", None)
     need = cfg.max_prompt_len + cfg.max_new_tokens
-    if isinstance(limit, int) and need > limit:
-        raise UserError(f"--max-prompt-len {cfg.max_prompt_len} + --max-new-tokens {cfg.max_new_tokens} = {need} "
-                        f"tokens is more than the model's context of {limit} (max_position_embeddings)")
+    models.check_context(model.config, need, f"--max-prompt-len {cfg.max_prompt_len} + --max-new-tokens "
+                                             f"{cfg.max_new_tokens} = {need} tokens")
 
 
 def note_other_base_models(adapters: dict, model: str) -> None:

@@ -81,7 +81,8 @@ def _train(todo, run, data_cfg, train_cfg, lora_cfg, d, say, built_from) -> list
     names = [stage.task for stage in todo]
     train_data = load_data(data_cfg, names, "train")
     val_data = load_data(data_cfg, names, "validation")
-    model, tokenizer = load_base_model(train_cfg.model, process_device(d, train_cfg.device), train_cfg.dtype)
+    model, tokenizer = load_base_model(train_cfg.model, process_device(d, train_cfg.device), train_cfg.dtype,
+                                       max_len=data_cfg.max_len)
     amp = model.device.type == "cuda" and model.dtype != torch.float32
     encoded = {t: (encode_examples(tokenizer, train_data[t], data_cfg.max_len, data_cfg.max_target_len),
                    encode_examples(tokenizer, val_data[t], data_cfg.max_len, data_cfg.max_target_len))

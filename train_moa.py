@@ -105,7 +105,8 @@ def _train(stage, run, tasks, data_cfg, train_cfg, router_cfg, d, say, resolved,
     adapters = {t: load_adapter(runs.adapter_dir(run, t)) for t in tasks}
     train_data = load_data(data_cfg, tasks, "train")
     val_data = load_data(data_cfg, tasks, "validation")
-    model, tokenizer = load_base_model(train_cfg.model, process_device(d, train_cfg.device), train_cfg.dtype)
+    model, tokenizer = load_base_model(train_cfg.model, process_device(d, train_cfg.device), train_cfg.dtype,
+                                       max_len=data_cfg.max_len)
     amp = model.device.type == "cuda" and model.dtype != torch.float32
     others = sorted({a.base_model for a in adapters.values()
                      if a.base_model and not same_model(a.base_model, train_cfg.model)})
@@ -199,7 +200,8 @@ def _train_mixer(stage, run, tasks, adapters, modules, data_cfg, train_cfg, cfg,
     cap = cfg.routing_cap(len(tasks))
     train_data = {t: exs[:cap] for t, exs in load_data(data_cfg, tasks, "train").items()}
     val_data = load_data(data_cfg, tasks, "validation")
-    model, tokenizer = load_base_model(train_cfg.model, process_device(d, train_cfg.device), train_cfg.dtype)
+    model, tokenizer = load_base_model(train_cfg.model, process_device(d, train_cfg.device), train_cfg.dtype,
+                                       max_len=data_cfg.max_len)
     amp = model.device.type == "cuda" and model.dtype != torch.float32
 
     def items(split_data):  # every task's full examples, labelled with the task's expert index

@@ -16,7 +16,9 @@ Nothing is cached between calls.
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -188,11 +190,40 @@ def prepare_tokenizer(tokenizer):
     return tokenizer
 
 
-def load_base_model(model: str, device: str = "auto", dtype: str = "auto"):
-    """(model in eval mode on `device`, tokenizer): see the module docstring for `model`."""
+def local_config(model: str) -> SimpleNamespace:
+    """A local model folder's config.json as attributes (instant; empty for a hub id or a GGUF,
+    whose context is checked once the model is loaded)."""
+    path = Path(model) / "config.json"
+    try:
+        doc = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        doc = {}
+    return SimpleNamespace(**(doc if isinstance(doc, dict) else {}))
+
+
+def check_context(config, need: int, what: str) -> None:
+    """Refuse, in one line, `need` tokens (`what` says where they come from) beyond the context
+    of the model whose config this is (max_position_embeddings; unknown: nothing to check)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and need > limit:
+        raise UserError(f"{what} is more than the model's context of {limit} (max_position_embeddings)")
+
+
+def check_max_len(config, max_len: int) -> None:
+    """Training: a sequence of --max-len tokens must fit the model's context."""
+    check_context(config, max_len, f"--max-len {max_len} tokens")
+
+
+def load_base_model(model: str, device: str = "auto", dtype: str = "auto", max_len: int | None = None):
+    """(model in eval mode on `device`, tokenizer): see the module docstring for `model`.
+
+    max_len: training's --max-len, refused when beyond the model's context (a local folder's
+    before its weights load)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name, gguf = resolve_model_path(model)
+    if max_len is not None and not gguf:
+        check_max_len(local_config(name), max_len)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     check_model_files(model)
@@ -220,6 +251,8 @@ def load_base_model(model: str, device: str = "auto", dtype: str = "auto"):
         # transformers dequantised the GGUF weights on load: from here on this is a plain float
         # model (left marked "quantized", transformers' Trainer would refuse to train it)
         quantizer.remove_quantization_config(lm)
+    if max_len is not None:
+        check_max_len(lm.config, max_len)
     lm.to(dev).eval()
     prepare_tokenizer(tokenizer)
     if lm.generation_config is not None and lm.generation_config.pad_token_id is None:

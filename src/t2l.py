@@ -856,7 +856,8 @@ def train_hypernet(run: Path, tasks: Sequence[str], data_cfg, train_cfg, cfg: T2
             if uses_model and base is None:
                 from src.models import load_base_model
                 base = load_base_model(train_cfg.model, "cpu" if cfg.objective == "reconstruction" else
-                                       train_cfg.device, train_cfg.dtype)
+                                       train_cfg.device, train_cfg.dtype,
+                                       max_len=data_cfg.max_len if cfg.objective == "sft" else None)
             _train(stage, tasks, adapters, layout, data_cfg, train_cfg, cfg, resolved, built_from, base, say)
     stages.remove_empty_checkpoints(run)
     return stage.out_dir

@@ -250,3 +250,96 @@ def test_a_plot_on_a_full_disk_leaves_the_previous_one(tmp_path, monkeypatch):
         analysis._save(fig, path)
     assert e.value.filename == str(path) and path.read_bytes() == before
     assert sorted(p.name for p in path.parent.iterdir()) == ["a.png"]
+
+
+# ------------------------------------------------------------------------ Text-to-LoRA: training and generation
+
+def _t2l_args(model, run, *extra):
+    return ["--model", str(model), "--tasks", "sentiment,nli", "--output-dir", str(run), "--encoder", "base",
+            "--t2l-hidden", "16", "--t2l-embed", "8", "--batch-size", "6", "--lr", "3e-3", "--max-steps", "2",
+            "--eval-every", "2", "--save-every", "0", "--patience", "0", "--no-progress", *extra]
+
+
+def test_text_to_lora_training_on_a_full_disk_is_one_line_and_a_rerun_finishes(tmp_path, monkeypatch, capsys):
+    """The hypernetwork's weights cannot be written: one line, exit 2, no compose/t2l, no temporary file."""
+    import src.t2l as t2l
+    import train_text_to_lora
+    from tiny import save_tiny_run
+    model, run = save_tiny_run(tmp_path, targets=("q_proj", "v_proj"))
+    before = _files(run)
+
+    def full(*a, **kw):
+        raise SafetensorError(NO_SPACE)
+    monkeypatch.setattr(t2l, "save_file", full)
+    capsys.readouterr()
+    assert run_main(train_text_to_lora.main, _t2l_args(model, run)) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip() and not x.startswith(("Loading", "note:"))]
+    line = _one_line("\n".join(err))
+    assert "no space left on device while writing" in line and "t2l" in line, line
+    assert not (run / "compose").exists()                         # no stage appeared
+    assert [p for p in run.rglob(".*")] == []                     # no temporary file or folder
+    assert set(_files(run)) - set(before) <= {"checkpoints", "checkpoints/t2l"} | {
+        f"checkpoints/t2l/{p.name}" for p in (run / "checkpoints" / "t2l").glob("*")}, _files(run)
+    monkeypatch.undo()                                             # space freed: --resume trains and publishes
+    assert run_main(train_text_to_lora.main, [*_t2l_args(model, run), "--resume"]) == 0
+    assert (run / "compose" / "t2l" / t2l.WEIGHTS_NAME).is_file()
+
+
+def test_generating_an_adapter_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    import src.t2l as t2l
+    import train_text_to_lora
+    from tiny import save_tiny_run
+    model, run = save_tiny_run(tmp_path, targets=("q_proj", "v_proj"))
+    assert run_main(train_text_to_lora.main, _t2l_args(model, run)) == 0
+    out = tmp_path / "generated"
+    gen = ["generate", "--run", str(run), "--description", "Tell whether a review likes the film.",
+           "--out", str(out), "--model", str(model)]
+    before = _files(tmp_path)
+
+    def full(*a, **kw):
+        raise SafetensorError(NO_SPACE)
+    monkeypatch.setattr(lora, "save_file", full)
+    capsys.readouterr()
+    assert run_main(t2l.main, gen) == 2
+    err = [x for x in capsys.readouterr().err.replace("\r", "\n").splitlines()
+           if x.strip() and not x.startswith(("Loading", "Writing model", "note:"))]
+    line = _one_line("\n".join(err))
+    assert f"no space left on device while writing {out}" in line, line
+    assert _files(tmp_path) == before
+    monkeypatch.undo()
+    assert run_main(t2l.main, gen) == 0 and (out / "adapter_model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------ training: the model's context
+
+@pytest.mark.parametrize("script", ["adapters", "moa"])
+def test_training_beyond_the_models_context_is_refused_before_anything_is_written(tmp_path, capsys, script):
+    """--max-len above max_position_embeddings (a local folder: before its weights load): one line, exit 2."""
+    import train_moa
+    model = save_tiny(tmp_path / "qwen2")                          # max_position_embeddings 1024
+    run = tmp_path / "run"
+    common = ["--model", str(model), "--tasks", "sentiment,nli", "--data", "sample", "--output-dir", str(run),
+              "--train-size", "8", "--eval-size", "4", "--max-target-len", "8", "--batch-size", "4",
+              "--max-steps", "2", "--eval-every", "2", "--save-every", "0", "--no-progress"]
+    if script == "moa":
+        assert run_main(train_loras.main, [*common, "--max-len", "96"]) == 0
+    before = _files(run) if run.exists() else []
+    capsys.readouterr()
+    main = train_loras.main if script == "adapters" else train_moa.main
+    assert run_main(main, [*common, "--max-len", "2048"]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip() and not x.startswith(("Loading", "note:"))]
+    line = _one_line("\n".join(err))
+    assert "--max-len 2048 tokens is more than the model's context of 1024 (max_position_embeddings)" in line, line
+    assert (_files(run) if run.exists() else []) == before
+
+
+def test_the_context_check_after_loading_covers_models_without_a_config_file():
+    """A GGUF or hub model's context is known only once loaded: `check_max_len` on its config."""
+    from types import SimpleNamespace
+
+    from src.errors import UserError
+    from src.models import check_max_len
+    check_max_len(SimpleNamespace(max_position_embeddings=512), 512)
+    check_max_len(SimpleNamespace(), 10 ** 6)                      # unknown context: nothing to check
+    with pytest.raises(UserError, match=r"--max-len 513 tokens is more than the model's context of 512"):
+        check_max_len(SimpleNamespace(max_position_embeddings=512), 513)
