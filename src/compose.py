@@ -184,15 +184,18 @@ class Built:
 
 def selection_ids(run_dir: Path, tasks: Sequence[str]) -> dict[str, list[str]]:
     """{task: ids of the validation examples that chose a checkpoint}: every adapter's early
-    stopping, MoA's and LoRA-Mixer's router training, from their training_config.json (`selection_ids`, or,
-    for runs trained before it was recorded, the same seeded subset rebuilt from their data
-    config). Evaluation on the validation split leaves them out."""
+    stopping, MoA's and LoRA-Mixer's router training, Text-to-LoRA's SFT, from their
+    training_config.json (`selection_ids`, or, for adapters and routers trained before it was
+    recorded, the same seeded subset rebuilt from their data config). Evaluation on the
+    validation split leaves them out."""
     from src.tasks import load_capped
     out: dict[str, set[str]] = {t: set() for t in tasks}
     records = [runs.adapter_dir(run_dir, t) / "training_config.json" for t in tasks]
     records.append(runs.moa_dir(run_dir) / "training_config.json")
     records += [runs.compose_dir(run_dir, m.name) / "training_config.json" for m in REGISTRY.values()
                 if isinstance(m, LoraMixer)]
+    rebuilt = set(records)            # Text-to-LoRA records name theirs (SFT) or have none (reconstruction)
+    records += sorted(runs.compose_dir(run_dir, "t2l").parent.glob("t2l*/training_config.json"))
     for path in records:
         if not path.is_file():
             continue
@@ -201,6 +204,8 @@ def selection_ids(run_dir: Path, tasks: Sequence[str]) -> dict[str, list[str]]:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"{path}: unreadable ({e})") from None
         ids = info.get("selection_ids")
+        if ids is None and path not in rebuilt:
+            continue
         if ids is None:                      # older runs: the same seeded subset, rebuilt
             dc = (info.get("config") or {}).get("DataConfig") or {}
             trained = [info["task"]] if "task" in info else list(info.get("tasks") or [])

@@ -941,6 +941,8 @@ def _train(stage, tasks, adapters, layout, data_cfg, train_cfg, cfg, resolved, b
             "best_step": result.best_step, "best_val_loss": result.best_val_loss,
             "stopped_early": result.stopped_early, "final_train_loss": result.final_train_loss,
             "elapsed_s": round(result.elapsed_s, 2), "reconstruction_error": report["mean"],
+            **({"selection_ids": {t: [ex.id for ex in val_data[t]] for t in tasks}}   # evaluation leaves these out
+               if cfg.objective == "sft" else {}),
             "config": resolved, stages.BUILT_FROM: built_from, "versions": runs.versions()})
     early = f", stopped early (--patience {train_cfg.patience})" if result.stopped_early else ""
     say(f"Text-to-LoRA: {result.steps} of {steps} steps{early}, best validation loss {result.best_val_loss} "

@@ -59,10 +59,30 @@ CHECKPOINT_FORMAT = 1
 
 def load_data(cfg, tasks: Sequence[str], split: str) -> dict[str, list[Example]]:
     """Each task's `split` per a DataConfig: a seeded subset of train_size / eval_size examples,
-    capped at what local files hold (`tasks.load_capped`)."""
-    from src.tasks import load_capped
+    capped at what local files hold (`tasks.load_capped`).
+
+    The validation examples chose checkpoints and routers, and evaluation leaves them out; so
+    where --eval-size would take every validation example of a local file (the bundled sample
+    holds 16 a task, the default asks 200), training takes half of them and leaves the other
+    half to evaluate, with a note.
+    """
+    import sys
+
+    from src.tasks import load_capped, load_examples
 
     size = cfg.train_size if split == "train" else cfg.eval_size
+    if split != "train" and cfg.data != "hub":
+        out = {}
+        for task in tasks:
+            available = len(load_examples(task, split, cfg.data, cfg.data_dir, None, cfg.seed))
+            n = size
+            if available > 1 and (size is None or size >= available):
+                n = available // 2
+                print(f"note: {cfg.data_dir or 'data/sample'} holds {available} {split} examples of task {task}; "
+                      f"model selection takes {n} (--eval-size {size}) and leaves {available - n} to evaluate",
+                      file=sys.stderr)
+            out.update(load_capped([task], split, cfg.data, cfg.data_dir, n, cfg.seed, flag="--eval-size"))
+        return out
     return load_capped(list(tasks), split, cfg.data, cfg.data_dir, size, cfg.seed,
                        flag="--train-size" if split == "train" else "--eval-size")
 

@@ -461,3 +461,29 @@ def test_sft_with_alpha_zero_is_refused_in_one_line(tiny_run, tmp_path, capsys):
         err = capsys.readouterr().err
         assert "--t2l-alpha must be finite and above 0" in err and len(err.strip().splitlines()) == 1, err
     assert not (run / "compose").exists() and not (run / "checkpoints").exists()
+
+
+def test_sft_records_the_examples_that_chose_its_checkpoint_and_evaluation_leaves_them_out(tiny_run, tmp_path):
+    """issue 26: with --objective sft the validation examples choose the checkpoint; the record names
+    them, and `compose.selection_ids` (what evaluation leaves out) includes them."""
+    from src import compose
+    model_dir = tiny_run[0]
+    run = _run(tiny_run, tmp_path, "sft")
+    sft = ["--objective", "sft", "--t2l-norm", "type", "--data", "sample", "--train-size", "4", "--eval-size", "3",
+           "--max-len", "96", "--max-target-len", "8", "--max-steps", "1"]
+    assert run_main(script.main, _args(model_dir, run, *sft)) == 0
+    info = json.loads((run / "compose" / "t2l" / "training_config.json").read_text())
+    chosen = info["selection_ids"]
+    assert sorted(chosen) == ["nli", "sentiment"] and all(len(ids) == 3 for ids in chosen.values())
+    left_out = compose.selection_ids(run, ["sentiment", "nli"])
+    for task, ids in chosen.items():
+        assert set(ids) <= set(left_out[task])
+
+
+def test_a_reconstruction_record_adds_no_examples_to_leave_out(tiny_run, tmp_path):
+    from src import compose
+    model_dir = tiny_run[0]
+    run = _run(tiny_run, tmp_path, "recon")
+    assert run_main(script.main, _args(model_dir, run, "--max-steps", "1")) == 0
+    assert "selection_ids" not in json.loads((run / "compose" / "t2l" / "training_config.json").read_text())
+    assert compose.selection_ids(run, ["sentiment", "nli"]) == {"sentiment": [], "nli": []}

@@ -273,3 +273,21 @@ def test_a_group_of_params_trains_at_its_own_learning_rate(tmp_path, items, toke
         group_lr={"b.": 0.0})
     assert all(torch.equal(params[n], start[n]) for n in b_names)
     assert any(not torch.equal(params[n], start[n]) for n in moving)
+
+
+def test_the_default_eval_size_on_the_sample_leaves_half_the_validation_to_evaluate(capsys):
+    """The sample holds 16 validation examples a task; the default --eval-size (200) would let model
+    selection take them all and leave evaluation nothing: training takes half, with a note."""
+    from src.tasks import load_capped
+    from src.training import load_data
+    chosen = load_data(DataConfig(tasks="sentiment,nli", data="sample"), ["sentiment", "nli"], "validation")
+    err = capsys.readouterr().err
+    for task, n in (("sentiment", 16), ("nli", 15)):
+        assert len(chosen[task]) == n // 2
+        assert f"holds {n} validation examples of task {task}; model selection takes {n // 2}" in err, err
+        left = load_capped([task], "validation", "sample", None, None, 0,
+                           exclude={task: [ex.id for ex in chosen[task]]})[task]
+        assert len(left) == n - n // 2
+    asked = load_data(DataConfig(tasks="sentiment", data="sample", eval_size=8), ["sentiment"], "validation")
+    assert len(asked["sentiment"]) == 8 and "model selection" not in capsys.readouterr().err
+    assert len(load_data(DataConfig(tasks="sentiment", data="sample"), ["sentiment"], "train")["sentiment"]) == 40
