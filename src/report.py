@@ -32,6 +32,7 @@ FAMILY = {"oracle": "each task's own adapter", "base": "no adapter",
           "moa": "trained router, per sequence", "moa_study": "trained router, per sequence, re-decided per step",
           "lora_mixer": "trained router, per token", "lora_mixer_finetune": "trained router, per token, tuned experts",
           "lora_mixer_joint": "trained router, per token, experts trained with it", "arrow": "zero-shot router, per token",
+          "retrieval": "zero-shot router, per sequence (prompt similarity)",
           "lorahub": "few-shot search", "lorahub_task": "few-shot search, per task",
           "t2l": "generated from a description", "t2l_zeroshot": "generated, task held out"}
 

