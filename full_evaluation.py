@@ -7,14 +7,17 @@ Usage:
         [--score-by generate|likelihood] [--density 0.5] [--rank 8] [--seed 0] [--force] \
         [--arrow-top-k 3] [--arrow-temperature 1.0] [--arrow-general DIR ...] \
         [--retrieval-shots 16] [--retrieval-encoder minilm|base] [--retrieval-top-k 1] \
+        [--random-draws 5] [--lorahub-bounds -1.5 1.5] \
         [--reuse-from OTHER_RUN ...] [--build-only]
     python full_evaluation.py --methods list        # every method, its kind and what it is
 
 Methods come from the registry in src/compose.py: base, oracle (each task's own adapter),
 moa (RUN/moa), arrow (zero-shot routing over RUN/adapters), retrieval (each prompt to the
 experts of the tasks whose training prompts it resembles), every merge of src/merging.py
-and its named variants; "merges" and "all" expand. base and oracle are always evaluated
-(the score is relative to the oracle). Each method's options are flags of their own group.
+and its named variants, lorahub and its control random_merge (each of --random-draws seeded
+draws evaluated, the cell their mean); "merges" and "all" expand. base and oracle are always
+evaluated (the score is relative to the oracle). Each method's options are flags of their own
+group.
 
 Reads RUN/adapters/<task>/ and RUN/moa/; writes
     RUN/merged/<method>/                 each merge, built once and reused
@@ -223,18 +226,29 @@ def main(argv=None):
     settings = ev.Settings(cfg.max_new_tokens, cfg.max_prompt_len, cfg.score_by, cfg.batch_size, cfg.truncation_side)
 
     def run_cell(method: str, task: str) -> None:
-        bar = tqdm(total=len(data[task]), desc=f"{method}/{task}", unit="ex", leave=False,
-                   disable=not sys.stderr.isatty())
         m = compose.REGISTRY[method]
+        draws = m.draws(env)               # None, or one evaluation per draw pooled into the cell (random_merge)
+        bar = tqdm(total=len(data[task]) * len(draws or [None]), desc=f"{method}/{task}", unit="ex", leave=False,
+                   disable=not sys.stderr.isatty())
         own = dataclasses.replace(settings, batch_size=min(settings.batch_size, m.max_batch or settings.batch_size))
-        with m.prepare(model, env, task) as router:
-            body = ev.evaluate_task(model, tokenizer, task, data[task], own, router=router, progress=bar.update)
+        if draws is None:
+            with m.prepare(model, env, task) as router:
+                body = ev.evaluate_task(model, tokenizer, task, data[task], own, router=router, progress=bar.update)
+        else:
+            bodies = []
+            for i in range(len(draws)):
+                with m.prepare(model, env, task, draw=i) as router:
+                    bodies.append(ev.evaluate_task(model, tokenizer, task, data[task], own, router=router,
+                                                   progress=bar.update))
+            body = ev.pool_draws(bodies, draws)
         bar.close()
         cells[(method, task)] = runs.save_cell(run_dir, method, task, fingerprint(method, task), body, meta)
         r = body["result"]
         speed = f", {body['tokens_per_s']:.0f} tok/s" if body["tokens_per_s"] else ""
+        spread = (f", mean of {len(r['draws']['scores'])} draws {r['draws']['min']:.4f}-{r['draws']['max']:.4f}"
+                  if "draws" in r else "")
         print(f"  {method:>16} / {task:<14} {r['primary']} {r['score']:.4f}  "
-              f"({body['n']} ex, {body['seconds']:.1f} s{speed})", file=sys.stderr)
+              f"({body['n']} ex, {body['seconds']:.1f} s{speed}{spread})", file=sys.stderr)
 
     # ------------------------------------------------------------------ run
     # Several processes may evaluate one run folder (one per GPU, or per CPU core): each

@@ -10,6 +10,8 @@ A method is one `Method` entry. It declares
   - `fingerprint(env, task)`: what its result on `task` depends on, beyond the model, data and
     generation settings every cell records (a cell is reused only when this matches);
   - `build(env)`: work done once and cached in the run folder (a merge), returned as `Built`;
+  - `draws(env)`: None, or one entry per seeded draw (random_merge): the cell then pools one
+    evaluation per draw, each prepared with `prepare(model, env, task, draw=i)`;
   - `prepare(model, env, task)`: a context that sets the model up for `task` and restores it
     on exit, yielding a router for dynamic methods (None otherwise).
 
@@ -36,7 +38,7 @@ from src.arrow import ArrowConfig, ArrowRouter, check_arrow_adapters
 from src.errors import UserError
 from src.experts import common_modules
 from src.lora import Adapter, check_adapter_fits, folded, load_adapter, make_adapter, save_adapter
-from src.lorahub import LoraHubConfig, ShotLoss
+from src.lorahub import LoraHubConfig, RandomMergeConfig, ShotLoss
 from src.mixer import REGIMES as MIXER_REGIMES, method_name as mixer_method_name
 from src.moa import CONFIG_NAME as MOA_CONFIG, ROUTERS_NAME, MixtureOfLoRAs
 from src.retrieval import RetrievalConfig
@@ -254,6 +256,12 @@ class Method:
 
     def check_model(self, model, env: Env) -> None:
         """Before any generation: what this method applies fits the loaded model."""
+
+    def draws(self, env: Env) -> list[dict] | None:
+        """None: a cell is one evaluation. A list: the cell pools one evaluation per draw (what
+        each draw is, e.g. its weights), each set up by `prepare(model, env, task, draw=i)`; its
+        result is their mean (`evaluation.pool_draws`), its records every draw's."""
+        return None
 
     def prepare(self, model, env: Env, task: str) -> ContextManager:
         return nullcontext()
@@ -626,6 +634,63 @@ class LoraHubTask(LoraHub):
     name = "lorahub_task"
     scope = "task"
     help = "LoraHub per task (its own setting): adapter weights searched on each task's training shots"
+
+
+class RandomMerge(Method):
+    """LoraHub's control: the same merge of every task's adapter with weights drawn uniformly from
+    --lorahub-bounds instead of searched, --random-draws seeded draws, each cached in
+    RUN/merged/random_merge/draw_<i>; a cell evaluates every draw and reports their mean."""
+
+    name = "random_merge"
+    configs = (RandomMergeConfig, LoraHubConfig)
+    help = ("control for lorahub: merges with weights drawn uniformly from --lorahub-bounds (--random-draws, "
+            "seeded by --seed); the mean over draws")
+
+    def check(self, env):
+        super().check(env)
+        env.load_adapters(env.tasks)
+        lorahub.Composer([env.adapters[t] for t in env.tasks], env.opt(LoraHubConfig).lorahub_space)  # ranks fit
+
+    def weights(self, env: Env) -> list[dict[str, float]]:
+        hub = env.opt(LoraHubConfig)
+        drawn = lorahub.draw_weights(env.opt(RandomMergeConfig).random_draws, len(env.tasks), hub.lorahub_bounds,
+                                     env.seed)
+        return [dict(zip(env.tasks, w)) for w in drawn]
+
+    def fingerprint(self, env, task):
+        hub = env.opt(LoraHubConfig)
+        return {"random_merge": {"adapters": [env.digests[t] for t in env.tasks],
+                                 "draws": env.opt(RandomMergeConfig).random_draws, "seed": env.seed,
+                                 "bounds": list(hub.lorahub_bounds), "space": hub.lorahub_space,
+                                 "weights": [list(w.values()) for w in self.weights(env)]}}
+
+    def draws(self, env):
+        return [{"weights": w} for w in self.weights(env)]
+
+    def build(self, env):
+        space = env.opt(LoraHubConfig).lorahub_space
+        method = "weight_sum" if space == "factor" else "concat"          # as LoraHub composes
+        root = runs.merged_dir(env.run_dir, self.name)
+        made, saves = [], []
+        for i, w in enumerate(self.weights(env)):
+            folder = root / f"draw_{i}"
+            recipe = {"method": self.name, "draw": i, "seed": env.seed, "space": space, "weights": w,
+                      "adapters": {t: env.digests[t] for t in env.tasks}}
+            adapter = _reuse(folder, recipe, env.force)
+            if adapter is None:
+                adapter = merging.merge_adapters([env.adapters[t] for t in env.tasks], method, list(w.values()))
+                saves.append((i, folder, adapter, {"recipe": recipe, "composed_as": method}))
+            made.append(adapter)
+
+        def save():
+            for i, folder, adapter, record in saves:
+                save_adapter(adapter, folder, extra_json={"merge_info.json": record})
+                made[i] = load_adapter(folder)        # exactly what a rerun will read
+            return made
+        return Built(made, not saves, save if saves else None, root)
+
+    def prepare(self, model, env, task, draw: int = 0):
+        return static(model, env.built[self.name][draw])
 
 
 # --------------------------------------------------------------------------- MoA
@@ -1063,3 +1128,4 @@ register(T2LZeroShot())
 for _name in [*merging.MERGES, *merging.VARIANTS]:
     register(Merge(_name))
 register(Retrieval())            # after the merges: the registry's order up to them is the one users know
+register(RandomMerge())

@@ -21,7 +21,9 @@ pick the label whose tokens (+ EOS) have the highest log-likelihood after the pr
 
 A cell is one (method, task): predictions, per-example scores, the task's metrics and a
 fingerprint of everything it depends on (model, data, adapters, options, generation
-settings); cells live in the run folder (src/runs.py: `save_cell`, `find_cell`).
+settings); cells live in the run folder (src/runs.py: `save_cell`, `find_cell`). A method
+with seeded draws (random_merge) pools one evaluation per draw into its cell (`pool_draws`):
+the mean over draws is its result, each draw's score and their spread are kept beside it.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import csv
 import io
 import json
 import math
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -328,6 +331,68 @@ def evaluate_task(model, tokenizer, task: str, examples: Sequence, settings: Set
     return body
 
 
+# ------------------------------------------------------------------------- draws
+
+def spread(values: Sequence[float]) -> dict:
+    """{"scores", "std" (sample standard deviation; 0 for one value), "min", "max"} of values."""
+    values = [float(v) for v in values]
+    return {"scores": values, "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values)}
+
+
+def mean_result(results: Sequence[dict]) -> dict:
+    """One result from several draws' results: the mean score and the mean of every numeric metric
+    (another metric is kept when every draw agrees on it, else None), and under "draws" each draw's
+    score with their spread."""
+    metrics_out = {}
+    for k, v in results[0]["metrics"].items():
+        vals = [r["metrics"].get(k) for r in results]
+        numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals)
+        metrics_out[k] = statistics.fmean(vals) if numeric else (v if all(x == v for x in vals) else None)
+    scores = [r["score"] for r in results]
+    return {"primary": results[0]["primary"], "score": statistics.fmean(scores), "metrics": metrics_out,
+            "draws": spread(scores)}
+
+
+def pool_draws(bodies: Sequence[dict], draws: Sequence[dict]) -> dict:
+    """One cell body from the evaluations of a method's draws (`evaluate_task` bodies on the same
+    examples; `draws` says what each draw is). Per protocol the result is `mean_result` of the
+    draws'; the records are every draw's, each with its "draw" index; "draws" keeps each draw's own
+    results; "n" is the examples per draw."""
+    results = {p: mean_result([b["results"][p] for b in bodies]) for p in bodies[0]["results"]}
+    seconds = sum(b["seconds"] for b in bodies)
+    new_tokens = sum(b["new_tokens"] for b in bodies)
+    return {"task": bodies[0]["task"], "n": bodies[0]["n"], "result": results["toolkit"], "results": results,
+            "records": [{**r, "draw": i} for i, b in enumerate(bodies) for r in b["records"]],
+            "draws": [{"draw": i, **d, "results": b["results"], "seconds": b["seconds"]}
+                      for i, (d, b) in enumerate(zip(draws, bodies))],
+            "seconds": seconds, "new_tokens": new_tokens,
+            "tokens_per_s": new_tokens / seconds if seconds > 0 and new_tokens else None}
+
+
+def draw_groups(records: Sequence[dict]) -> list[list[dict]]:
+    """A cell's records per draw, in draw order; records without draws are one group."""
+    if not records or "draw" not in records[0]:
+        return [list(records)]
+    groups: dict[int, list[dict]] = {}
+    for r in records:
+        groups.setdefault(r["draw"], []).append(r)
+    return [groups[d] for d in sorted(groups)]
+
+
+def rescored_cell(task: str, records: Sequence[dict], seconds: float = 0.0, tokens_per_s=None) -> dict:
+    """A cell rebuilt from its saved records, without generating: every protocol's result (pooled
+    over the draws when the records carry them)."""
+    groups = draw_groups(records)
+    per = [{p: score_records(task, g, p) for p in task_registry.SCORING} for g in groups]
+    for res in per:
+        for r in res.values():
+            r.pop("per_example")
+    results = per[0] if len(per) == 1 else {p: mean_result([x[p] for x in per]) for p in task_registry.SCORING}
+    return {"task": task, "n": len(groups[0]), "records": list(records), "seconds": seconds,
+            "tokens_per_s": tokens_per_s, "result": results["toolkit"], "results": results}
+
+
 # ------------------------------------------------------------------------- summary
 
 # ------------------------------------------------------------------------- intervals
@@ -349,6 +414,17 @@ def example_values(cell: dict, protocol: str):
     if all(key in r for r in records):
         return np.array([r[key] for r in records], dtype=float)
     return np.array(score_records(task.name, records, protocol)["per_example"], dtype=float)
+
+
+def cell_resampled(cell: dict, idx, protocol: str):
+    """The cell's primary metric on each resample -> [samples]; a cell of several draws: the mean
+    over its draws, each scored on the same resampled examples."""
+    import numpy as np
+    groups = draw_groups(cell["records"])
+    if len(groups) == 1:
+        return resampled(example_values(cell, protocol), idx, protocol)
+    return np.mean([resampled(example_values({"task": cell["task"], "records": g}, protocol), idx, protocol)
+                    for g in groups], axis=0)
 
 
 def resampled(values, idx, protocol: str):
@@ -375,7 +451,7 @@ def intervals(tasks: Sequence[str], methods: Sequence[str], cells: dict, protoco
             if cells[(m, t)]["n"] != idx.shape[1]:
                 raise UserError(f"method {m} has {cells[(m, t)]['n']} examples of task {t}, the oracle "
                                 f"{idx.shape[1]}: the paired bootstrap needs the same examples")
-            stats[(m, t)] = resampled(example_values(cells[(m, t)], protocol), idx, protocol)
+            stats[(m, t)] = cell_resampled(cells[(m, t)], idx, protocol)
             per_cell[(m, t)] = [float(np.percentile(stats[(m, t)], lo_q)), float(np.percentile(stats[(m, t)], hi_q))]
     per_method = {}
     oracle = np.stack([stats[("oracle", t)] for t in tasks])             # [tasks, samples]
@@ -416,6 +492,8 @@ def summarize(model: str, tasks: Sequence[str], methods: Sequence[str], cells: d
                            "interval": cell_iv[(m, t)],
                            "metrics": r["metrics"], "n": c["n"], "seconds": round(c["seconds"], 3),
                            "tokens_per_s": c.get("tokens_per_s")}
+            if "draws" in r:
+                per_task[t]["draws"] = r["draws"]
         scores = {t: per_task[t]["score"] for t in tasks}
         entry = {"multitask_score": None if zero else multitask_score(scores, oracle),
                  "multitask_interval": None if zero else method_iv[m], "per_task": per_task}
@@ -424,6 +502,9 @@ def summarize(model: str, tasks: Sequence[str], methods: Sequence[str], cells: d
             if defined:
                 entry["multitask_defined"] = {"tasks": defined, "interval": defined_iv[m], "score": multitask_score(
                     {t: scores[t] for t in defined}, {t: oracle[t] for t in defined})}
+        drawn = draws_summary(per_task, defined)
+        if drawn is not None:
+            entry["draws"] = drawn
         out_methods[m] = entry
         table = routing_summary(tasks, [cells[(m, t)] for t in tasks])
         if table is not None:
@@ -434,6 +515,22 @@ def summarize(model: str, tasks: Sequence[str], methods: Sequence[str], cells: d
         summary["routing"] = routing
     summary["meta"] = meta
     return summary
+
+
+def draws_summary(per_task: dict, tasks: Sequence[str]) -> dict | None:
+    """A method with draws: {"n", "tasks", "multitask_scores" (each draw's multitask score over
+    `tasks`, those whose oracle is not 0), "std", "min", "max"}; None for any other method."""
+    drawn = [per_task[t].get("draws") for t in per_task]
+    if not drawn or any(d is None for d in drawn) or len({len(d["scores"]) for d in drawn}) != 1:
+        return None
+    n = len(drawn[0]["scores"])
+    if not tasks:                                     # every oracle scores 0: no multitask score to spread
+        return {"n": n, "tasks": [], "multitask_scores": None, "std": None, "min": None, "max": None}
+    each = [multitask_score({t: per_task[t]["draws"]["scores"][i] for t in tasks},
+                            {t: per_task[t]["oracle_score"] for t in tasks}) for i in range(n)]
+    s = spread(each)
+    return {"n": n, "tasks": list(tasks), "multitask_scores": s["scores"], "std": s["std"], "min": s["min"],
+            "max": s["max"]}
 
 
 def routing_summary(tasks: Sequence[str], cells: Sequence[dict]) -> dict | None:
@@ -527,6 +624,14 @@ def results_markdown(summary: dict) -> str:
         else:
             lines += ["", f"{m} routing accuracy (share of examples routed to their own task's expert): "
                           f"{_fmt(table['accuracy'])}"]
+    for m, entry in summary["methods"].items():
+        d = entry.get("draws")
+        if d and d["tasks"]:
+            over = "" if d["tasks"] == summary["tasks"] else f" (over {', '.join(d['tasks'])})"
+            lines += ["", f"{m}: the mean over {d['n']} seeded draws; each draw's multitask score{over} "
+                          f"{_fmt(d['min'])}-{_fmt(d['max'])}, standard deviation {_fmt(d['std'])}"]
+        elif d:
+            lines += ["", f"{m}: the mean over {d['n']} seeded draws (each draw's scores: summary.json)"]
     lines += ["", f"<!-- config: {json.dumps(summary['meta']['config'], sort_keys=True)} -->", ""]
     return "\n".join(lines)
 
@@ -600,13 +705,12 @@ def rescore(run_dir: Path, protocols: Sequence[str] = ("toolkit", "study"), also
                                     f"(looked in {', '.join(str(r) for r in (run_dir, *also))})")
                 records = [json.loads(x) for x in found[0].read_text(encoding="utf-8").splitlines() if x.strip()]
                 per = old["methods"][m]["per_task"][t]
-                result = score_records(t, records, "toolkit")
-                result.pop("per_example")
+                cell = rescored_cell(t, records, per["seconds"], per.get("tokens_per_s"))
+                result = cell["result"]
                 if not math.isclose(result["score"], per["score"], rel_tol=1e-9, abs_tol=1e-12):
                     raise UserError(f"{found[0]}: rescored {per['primary']} {result['score']} is not the "
                                     f"summary's {per['score']} (predictions of another run?)")
-                cells[(m, t)] = {"task": t, "n": len(records), "records": records, "seconds": per["seconds"],
-                                 "tokens_per_s": per.get("tokens_per_s"), "result": result}
+                cells[(m, t)] = cell
     written = []
     for protocol in protocols:
         meta = copy.deepcopy(old["meta"])

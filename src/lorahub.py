@@ -24,12 +24,17 @@ overwritten per candidate and removed at the end), so no weight is re-loaded or 
 The same shots and side path serve `--merge-scale auto` (`scale_search`), which picks a merge's
 scaling coefficient from a small grid.
 
-Pure math and search first (`compose_factors`, `l1_penalty`, `search`), then the model side
-(`ShotLoss`, `SidePath`, `scale_search`).
+Its control, `random_merge` (`draw_weights`): the same merge with weights drawn uniformly from
+the same bounds instead of searched (Liu et al., arXiv 2602.12323, find adaptive merges gain
+little from which LoRAs they combine, even randomly initialised ones doing about as well).
+
+Pure math and search first (`compose_factors`, `l1_penalty`, `search`, `draw_weights`), then the
+model side (`ShotLoss`, `SidePath`, `scale_search`).
 """
 from __future__ import annotations
 
 import math
+import random
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -95,6 +100,22 @@ class LoraHubConfig:
                 "max_len": self.lorahub_max_len}
 
 
+@dataclass
+class RandomMergeConfig:
+    """random_merge: LoraHub's control, merges with random weights from --lorahub-bounds."""
+
+    title = "Random merge options"
+
+    random_draws: int = field(default=5, metadata={
+        "help": "random_merge: weight vectors drawn (seeded by --seed), each merge evaluated on every task; the "
+                "table shows the mean over draws, summary.json each draw's score and their spread"})
+
+    def __post_init__(self):
+        n = self.random_draws
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise UserError(f"--random-draws must be at least 1, got {n}")
+
+
 # --------------------------------------------------------------------------- pure math
 
 def compose_factors(a: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, w: torch.Tensor, space: str
@@ -114,6 +135,15 @@ def compose_factors(a: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, w: t
 def l1_penalty(w: Sequence[float], l1: float) -> float:
     """LoraHub's regulariser: l1 * mean_i |w_i|."""
     return l1 * sum(abs(x) for x in w) / len(w)
+
+
+def draw_weights(n_draws: int, n: int, bounds: tuple[float, float], seed: int) -> list[list[float]]:
+    """n_draws weight vectors of n weights, each uniform on [lower, upper], from Python's Mersenne
+    Twister seeded by `seed` (the same numbers on every machine and version). Draw i does not depend
+    on n_draws: more draws extend the list."""
+    lo, hi = bounds
+    rng = random.Random(seed)
+    return [[rng.uniform(lo, hi) for _ in range(n)] for _ in range(n_draws)]
 
 
 @dataclass

@@ -34,6 +34,7 @@ FAMILY = {"oracle": "each task's own adapter", "base": "no adapter",
           "lora_mixer_joint": "trained router, per token, experts trained with it", "arrow": "zero-shot router, per token",
           "retrieval": "zero-shot router, per sequence (prompt similarity)",
           "lorahub": "few-shot search", "lorahub_task": "few-shot search, per task",
+          "random_merge": "random weights, mean over draws (lorahub's control)",
           "t2l": "generated from a description", "t2l_zeroshot": "generated, task held out"}
 
 
