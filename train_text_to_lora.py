@@ -1,7 +1,10 @@
 """Train a Text-to-LoRA hypernetwork (src/t2l.py) on the per-task LoRAs in RUN/adapters.
 
 Usage:
-    # after train_individual_loras.py --preset demo --output-dir runs/demo: exactly 2000 steps
+    # after train_individual_loras.py --preset demo --output-dir runs/demo: 400 steps at lr 1e-3
+    python train_text_to_lora.py --preset demo --output-dir runs/demo
+
+    # exactly 2000 steps
     python train_text_to_lora.py --output-dir runs/demo --lr 1e-3 --max-steps 2000
 
     # this project's first normalisation (one std per module type, heads start at the LoRA init)
@@ -46,14 +49,14 @@ from pathlib import Path
 
 from src import t2l
 from src.cli import parse_configs
-from src.config import DataConfig, TrainConfig
+from src.config import T2L_PRESETS, DataConfig, TrainConfig
 from src.errors import run_main
 from src.tasks import resolve_tasks
 
 
 def main(argv=None) -> None:
     (data_cfg, train_cfg, cfg), _ = parse_configs(argv, "train_text_to_lora.py", __doc__, DataConfig, TrainConfig,
-                                                  t2l.T2LConfig)
+                                                  t2l.T2LConfig, presets=T2L_PRESETS)
     t2l.train_hypernet(Path(train_cfg.output_dir), resolve_tasks(data_cfg.tasks), data_cfg, train_cfg, cfg)
 
 

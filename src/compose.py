@@ -198,7 +198,7 @@ def selection_ids(run_dir: Path, tasks: Sequence[str]) -> dict[str, list[str]]:
     records = [runs.adapter_dir(run_dir, t) / "training_config.json" for t in tasks]
     records.append(runs.moa_dir(run_dir) / "training_config.json")
     records += [runs.compose_dir(run_dir, m.name) / "training_config.json" for m in REGISTRY.values()
-                if isinstance(m, LoraMixer)]
+                if isinstance(m, LoRAMixerMethod)]
     rebuilt = set(records)            # Text-to-LoRA records name theirs (SFT) or have none (reconstruction)
     records += sorted(runs.compose_dir(run_dir, "t2l").parent.glob("t2l*/training_config.json"))
     for path in records:
@@ -932,7 +932,7 @@ class MixerEvalConfig:
             raise UserError(f"--eval-mixer-top-k must be a positive integer, got {k}")
 
 
-class LoraMixer(Method):
+class LoRAMixerMethod(Method):
     """LoRA-Mixer trained in one regime: `lora_mixer` (the default, plug) or `lora_mixer_<regime>`."""
 
     kind = "dynamic"
@@ -1120,7 +1120,7 @@ register(MoA())
 register(MoAStudy())
 register(Arrow())
 for _regime in MIXER_REGIMES:
-    register(LoraMixer(_regime))
+    register(LoRAMixerMethod(_regime))
 register(LoraHub())
 register(LoraHubTask())
 register(T2L())

@@ -257,6 +257,18 @@ def test_presets_and_flags():
         RouterConfig(eta=0.0)
 
 
+def test_train_text_to_lora_takes_its_presets(monkeypatch):
+    """train_text_to_lora.py --preset demo / paper (T2L_PRESETS); an explicit flag wins."""
+    import train_text_to_lora
+    seen = []
+    monkeypatch.setattr(train_text_to_lora.t2l, "train_hypernet", lambda run, tasks, *cfgs: seen.append(cfgs))
+    train_text_to_lora.main(["--preset", "demo"])
+    data, train, _ = seen[-1]
+    assert (train.max_steps, train.lr, data.tasks, data.data) == (400, 1e-3, "sentiment,nli", "sample")
+    train_text_to_lora.main(["--preset", "paper", "--max-steps", "7"])
+    assert (seen[-1][1].max_steps, seen[-1][1].lr, seen[-1][1].batch_size) == (7, 1e-3, 16)
+
+
 def test_a_group_of_params_trains_at_its_own_learning_rate(tmp_path, items, tokenizer):
     """group_lr: the lora_A params at lr 0 stay exactly where they start; lora_B (B = 0 at the start, so
     the only factor with a gradient) moves at cfg.lr."""
