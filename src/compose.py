@@ -1011,12 +1011,18 @@ class T2L(Method):
 
     def check(self, env):
         from src import t2l
+        from src.models import same_model
         try:
-            t2l.read_config(self.folder(env))
+            meta = t2l.read_config(self.folder(env))
         except UserError as e:
             raise UserError(f"method {self.name}: {e} (or leave {self.name} out of --methods)") from None
         for t in env.tasks:
             self.description(t)
+        recorded = meta.get("base_model")
+        if recorded and env.model_name and not same_model(recorded, env.model_name):
+            # as for task adapters of another base model: a note, since the shapes may well fit
+            print(f"note: {self.folder(env)} writes adapters for {recorded}; evaluating them on {env.model_name}",
+                  file=sys.stderr)
 
     def adapter_tasks(self, env):
         return []

@@ -274,6 +274,19 @@ def test_generate_for_another_model_is_refused_unless_same_base(tmp_path, capsys
     assert load_adapter(tmp_path / "out").base_model == str(narrow.resolve())   # the hypernetwork's name, as merge
 
 
+def test_evaluating_t2l_on_another_model_than_it_writes_for_says_so(tmp_path, capsys):
+    """The t2l entry, like task adapters of another base model: a note naming both (the shapes may fit)."""
+    from src import compose
+    folder, _, ads, _ = _saved(tmp_path)
+    _rewrite(folder, base_model="Qwen/Qwen2-0.5B")
+    tasks = list(ads)
+    for model_name, expected in (("Qwen/Qwen2-0.5B", []), ("Qwen/Qwen2-1.5B", [
+            f"note: {folder} writes adapters for Qwen/Qwen2-0.5B; evaluating them on Qwen/Qwen2-1.5B"])):
+        capsys.readouterr()
+        compose.REGISTRY["t2l"].check(compose.Env(tmp_path / "run", tasks, model_name=model_name))
+        assert [x for x in capsys.readouterr().err.splitlines() if x.startswith("note:")] == expected
+
+
 def _save_kv4(path):
     """A tiny model as wide as tiny_model's (32) whose v_proj is [32, 32], not [16, 32]: 4 key-value heads, not 2."""
     from transformers import Qwen2ForCausalLM
