@@ -6,14 +6,15 @@ Usage:
         [--eval-size 500] [--batch-size 16] [--max-new-tokens 128] [--max-prompt-len 400] \
         [--score-by generate|likelihood] [--density 0.5] [--rank 8] [--seed 0] [--force] \
         [--arrow-top-k 3] [--arrow-temperature 1.0] [--arrow-general DIR ...] \
+        [--smile-top-k 1] [--smile-gate-k 4] [--smile-gate-scale none|singular] [--smile-rank R] \
         [--retrieval-shots 16] [--retrieval-encoder minilm|base] [--retrieval-top-k 1] \
         [--random-draws 5] [--lorahub-bounds -1.5 1.5] \
         [--reuse-from OTHER_RUN ...] [--build-only]
     python full_evaluation.py --methods list        # every method, its kind and what it is
 
 Methods come from the registry in src/compose.py: base, oracle (each task's own adapter),
-moa (RUN/moa), arrow (zero-shot routing over RUN/adapters), retrieval (each prompt to the
-experts of the tasks whose training prompts it resembles), every merge of src/merging.py
+moa (RUN/moa), arrow and smile (zero-shot per-token routing over RUN/adapters), retrieval (each
+prompt to the experts of the tasks whose training prompts it resembles), every merge of src/merging.py
 and its named variants, lorahub and its control random_merge (each of --random-draws seeded
 draws evaluated, the cell their mean); "merges" and "all" expand. base and oracle are always
 evaluated (the score is relative to the oracle). Each method's options are flags of their own

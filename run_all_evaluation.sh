@@ -12,7 +12,7 @@ TASKS="${TASKS:-5tasks}"         # comma-separated task names or a preset (5task
 RUN="${RUN:-runs/demo}"          # the run folder written by train_all_tasks.sh and train_moa.sh
 DATA="${DATA:-sample}"           # sample | hub | a folder holding <task>/<split>.jsonl
 METHODS_SET="${METHODS:-}"     # given by the caller: used as it is
-METHODS="${METHODS:-moa,arrow,retrieval,concat,weight_sum,svd,task_arithmetic,ties,dare_linear,dare_ties,knots,core_space,tsv,iso_c,lorahub,random_merge}"  # + base, oracle
+METHODS="${METHODS:-moa,arrow,smile,retrieval,concat,weight_sum,svd,task_arithmetic,ties,dare_linear,dare_ties,knots,core_space,tsv,iso_c,lorahub,random_merge}"  # + base, oracle
 DENSITY="${DENSITY:-0.5}"         # share of entries TIES / DARE keep (the other methods ignore it)
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"   # the repository; paths stay relative to the caller

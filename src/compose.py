@@ -3,7 +3,7 @@
 A method is one `Method` entry. It declares
   - `kind`: "none" (the base model), "static" (one adapter folded into the weights: the
     oracle, every merge, later searches and generated adapters) or "dynamic" (a router over
-    the experts: MoA, Arrow, LoRA-Mixer, retrieval);
+    the experts: MoA, Arrow, SMILE, LoRA-Mixer, retrieval);
   - `configs`: the option dataclasses it reads (the evaluation CLI is generated from them);
   - `check(env)`: what it needs from the run folder, as one UserError naming what is missing;
   - `adapter_tasks(env)`: the tasks whose RUN/adapters/<task> it reads;
@@ -42,6 +42,7 @@ from src.lorahub import LoraHubConfig, RandomMergeConfig, ShotLoss
 from src.mixer import REGIMES as MIXER_REGIMES, method_name as mixer_method_name
 from src.moa import CONFIG_NAME as MOA_CONFIG, ROUTERS_NAME, MixtureOfLoRAs
 from src.retrieval import RetrievalConfig
+from src.smile import SmileConfig, SmileRouter
 
 KINDS = ("none", "static", "dynamic")
 SCALE_GRID = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
@@ -843,6 +844,53 @@ class Arrow(Method):
             router.remove()
 
 
+# --------------------------------------------------------------------------- SMILE
+
+class Smile(Method):
+    """SMILE (src/smile.py): each token to the experts whose top singular directions hold most of it."""
+
+    name, kind = "smile", "dynamic"
+    configs = (SmileConfig,)
+    help = ("SMILE: zero-shot per-token routing by the norm of the input's projection on each adapter's top "
+            "singular vectors (Tang et al. 2024)")
+
+    def max_rank(self, env: Env) -> int:
+        return max(r for t in env.tasks for r in env.adapters[t].ranks.values())
+
+    def check(self, env):
+        super().check(env)
+        cfg = env.opt(SmileConfig)
+        if cfg.smile_top_k > len(env.tasks):
+            raise UserError(f"--smile-top-k {cfg.smile_top_k} is more than the {len(env.tasks)} experts "
+                            f"({', '.join(env.tasks)})")
+        env.load_adapters(env.tasks)
+        common_modules({t: env.adapters[t] for t in env.tasks}, env.tasks, "SMILE's adapters")
+        top = self.max_rank(env)
+        if cfg.smile_gate_k > top:
+            print(f"note: --smile-gate-k {cfg.smile_gate_k} is above the adapters' rank {top}: the gate uses "
+                  f"every singular direction", file=sys.stderr)
+        if cfg.smile_rank is not None and cfg.smile_rank >= top:
+            print(f"note: --smile-rank {cfg.smile_rank} is not below the adapters' rank {top}: the experts are "
+                  f"kept whole", file=sys.stderr)
+
+    def fingerprint(self, env, task):
+        cfg, top = env.opt(SmileConfig), self.max_rank(env)
+        rank = cfg.smile_rank if cfg.smile_rank is not None and cfg.smile_rank < top else None
+        fp = {"adapters": [env.digests[t] for t in env.tasks], "top_k": cfg.smile_top_k,
+              "gate_k": min(cfg.smile_gate_k, top), "gate_scale": cfg.smile_gate_scale, "rank": rank}
+        if cfg.smile_top_k > 1:   # at k = 1 rescaling a token's logits changes no gate
+            fp.update(temperature=cfg.smile_temperature, normalize=cfg.smile_normalize)
+        return {"smile": fp}
+
+    @contextmanager
+    def prepare(self, model, env, task):
+        router = SmileRouter(model, {t: env.adapters[t] for t in env.tasks}, env.opt(SmileConfig))
+        try:
+            yield router
+        finally:
+            router.remove()
+
+
 # --------------------------------------------------------------------------- retrieval
 
 class Retrieval(Method):
@@ -1135,3 +1183,4 @@ for _name in [*merging.MERGES, *merging.VARIANTS]:
     register(Merge(_name))
 register(Retrieval())            # after the merges: the registry's order up to them is the one users know
 register(RandomMerge())
+register(Smile())

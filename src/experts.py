@@ -16,7 +16,10 @@ Factors are float32 (as LoRALinear), zero-padded to the largest rank, which chan
 
 A per-token router that scores tokens by a linear map of the layer's input (Arrow's
 prototypes, a learned router) passes it as `keys` [K, in]: it is computed in the same
-matmul as the experts' A projection, and the callback receives `x @ keys^T`.
+matmul as the experts' A projection, and the callback receives `x @ keys^T`. A router that
+scores tokens by the experts' own A projection (SMILE: experts in SVD form, whose first rows
+are the gate's singular directions) calls `layer.route_on_projection()`: the callback then
+receives that projection, [..., E * r_max], and no extra column is computed.
 
 Pure gate helpers: `topk_softmax`, `entropy`, `load_balance`. `TokenRouter` is the part every
 per-token router shares (Arrow, LoRA-Mixer): the routing session and its records.
@@ -138,6 +141,7 @@ class ExpertLinear(nn.Module):
         self.register_buffer("col_scale", torch.tensor(self.scale_list, dtype=dtype, device=dev)
                              .repeat_interleave(r), persistent=False)
         self.keys: torch.Tensor | None = None
+        self.on_projection = False        # route(self, x, proj) instead of route(self, x, keys_out)
         self._fused: torch.Tensor | None = None
         self._b_scaled: torch.Tensor | None = None
 
@@ -163,23 +167,33 @@ class ExpertLinear(nn.Module):
         self.keys = None if keys is None else keys.to(self.lora_A)
         self._fused = None
 
+    def route_on_projection(self, on: bool = True) -> None:
+        """The route callback receives the experts' A projection [..., E * r_max] (computed once,
+        padded like the fused keys) in place of keys_out; the experts are frozen."""
+        self.on_projection = on
+        self._fused = None
+
     def _fused_weight(self) -> torch.Tensor:
         """[E*r + K (+ zero rows to a multiple of 16), in]: odd widths are markedly slower in the
         CPU matmul (63 rows cost about twice 64 here)."""
-        if self._fused is None or self.lora_A.requires_grad or self.keys.requires_grad:
+        if self._fused is None or self.lora_A.requires_grad or (self.keys is not None and self.keys.requires_grad):
             a = self.lora_A.flatten(0, 1)
-            pad = -(a.shape[0] + self.keys.shape[0]) % 16
-            self._fused = torch.cat([a, self.keys, a.new_zeros(pad, a.shape[1])])
+            keys = self.keys if self.keys is not None else a.new_zeros(0, a.shape[1])
+            pad = -(a.shape[0] + keys.shape[0]) % 16
+            self._fused = torch.cat([a, keys, a.new_zeros(pad, a.shape[1])])
         return self._fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.linear(x)
         h = x.to(self.lora_A.dtype)
-        if self.keys is not None:
+        if self.keys is not None or self.on_projection:
             z = F.linear(h, self._fused_weight())                          # [..., E*r + K + pad]
             n_cols = self.lora_A.shape[0] * self.lora_A.shape[1]
-            proj, keys_out = z[..., :n_cols], z[..., n_cols:n_cols + self.keys.shape[0]]
-            gates = self.route(self, x, keys_out)
+            proj = z[..., :n_cols]
+            if self.on_projection:
+                gates = self.route(self, x, proj)
+            else:
+                gates = self.route(self, x, z[..., n_cols:n_cols + self.keys.shape[0]])
             return self._add_gated(y, proj, gates)
         gates = self.route(self, x, None)
         if isinstance(gates, Selection):
@@ -224,7 +238,8 @@ class ExpertLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"experts={len(self.ranks)}, ranks={self.ranks}" + (
-            f", keys={self.keys.shape[0]}" if self.keys is not None else "")
+            f", keys={self.keys.shape[0]}" if self.keys is not None else "") + (
+            ", routed on the projection" if self.on_projection else "")
 
 
 # --------------------------------------------------------------------------- injection

@@ -165,3 +165,30 @@ def test_keys_are_computed_with_the_a_projection():
     assert len(seen) == len(layers)
     for want, got in seen.values():
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_router_on_the_projection_sees_every_experts_a_side():
+    """route_on_projection(): the callback receives [..., E * r_max], each expert's A x side by side
+    (zero-padded ranks), and the output is the per-token path's for the same gates."""
+    model = tiny_model("qwen2")
+    ads = adapters_for(model, (4, 2, 6))
+    g = torch.Generator().manual_seed(5)
+    tok_gates = topk_softmax(torch.randn(2, IDS.shape[1], len(TASKS), generator=g), 2)
+    ref = with_gates(model, ads, lambda x: tok_gates)
+    seen = {}
+
+    def route(layer, x, proj):
+        seen[layer.index] = (torch.cat([x.detach().float() @ layer.lora_A[e].T for e in range(len(TASKS))], -1),
+                             proj.detach())
+        return tok_gates
+    names, layers = inject_experts(model, ads, TASKS, route)
+    for layer in layers:
+        layer.route_on_projection()
+    try:
+        got = logits(model)
+    finally:
+        remove_experts(model, names, layers)
+    assert len(seen) == len(layers) and all(p.shape[-1] == 3 * 6 for _, p in seen.values())
+    for want, proj in seen.values():
+        torch.testing.assert_close(proj, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)

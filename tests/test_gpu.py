@@ -2,7 +2,7 @@
 
 Every test here is marked `gpu` and skipped where CUDA is absent (CI never has it). What the
 CPU suite checks on CPU, these check on the GPU: a training step in bf16 autocast within
-tolerance of float32, merged forward equal to unmerged (float32 and bf16), MoA, Arrow and
+tolerance of float32, merged forward equal to unmerged (float32 and bf16), MoA, Arrow, SMILE and
 LoRA-Mixer forward on CUDA equal to their CPU forward, and the shell pipeline end to end on
 CUDA (tiny model, bf16, real data). GPU_TESTS_DEVICE=cpu runs them on the CPU instead, to check
 the tests themselves on a machine without a GPU (the comparisons are then trivially close).
@@ -26,6 +26,7 @@ from src.config import DataConfig, TrainConfig
 from src.lora import LoraConfig, add_lora, apply_adapter, folded, merge_lora, unload_lora, unmerge_lora
 from src.mixer import LoRAMixer
 from src.moa import MixtureOfLoRAs, MoAConfig
+from src.smile import SmileConfig, SmileRouter
 from src.training import collate, encode_examples, fit, load_data, target_only_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,6 +160,12 @@ def test_moa_on_cuda_equals_cpu(router):
 @pytest.mark.parametrize("k", [1, 3])
 def test_arrow_on_cuda_equals_cpu(k):
     _routers_agree(lambda model, adapters: ArrowRouter(model, adapters, ArrowConfig(arrow_top_k=k)))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_smile_on_cuda_equals_cpu(k):
+    _routers_agree(lambda model, adapters: SmileRouter(model, adapters, SmileConfig(smile_top_k=k, smile_gate_k=2,
+                                                                                    smile_gate_scale="singular")))
 
 
 @pytest.mark.parametrize("k", [1, 3])
