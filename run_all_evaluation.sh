@@ -3,7 +3,8 @@
 #
 # Usage: bash run_all_evaluation.sh [-h] [more full_evaluation.py flags ...]
 #   e.g. MODEL=Qwen/Qwen2-1.5B RUN=runs/qwen2-1.5b DATA=hub bash run_all_evaluation.sh --eval-size 500
-# Reads RUN/adapters/<task>/ and RUN/moa/; writes RUN/merged/, RUN/eval/ (table, summary, predictions)
+# Reads RUN/adapters/<task>/ and RUN/moa/ (and RUN/compose/lora_mixer*/, RUN/adapters/_multitask/ when
+# present: their methods join the default list); writes RUN/merged/, RUN/eval/ (table, summary, predictions)
 # and RUN/plots/. Finished cells are reused on rerun (pass --force to recompute).
 set -euo pipefail
 
@@ -20,18 +21,20 @@ export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
 
 source "$HERE/drivers.sh"   # PYTHON, has_packages, no_python, show_help, notebook_hint
 
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-    HELP_EXTRA="Variables (environment overrides): MODEL=$MODEL TASKS=$TASKS RUN=$RUN DATA=$DATA
-  METHODS=$METHODS DENSITY=$DENSITY PYTHON=$PYTHON"
-    show_help full_evaluation.py '2,7p'
-    exit 0
-fi
-has_packages || no_python
-
 # the trained systems beside MoA join the default list when the run folder has them
 for mixer in lora_mixer lora_mixer_finetune lora_mixer_joint; do
     if [[ -z "${METHODS_SET:-}" && -f "$RUN/compose/$mixer/mixer_config.json" ]]; then METHODS="$METHODS,$mixer"; fi
 done
+# ... and the multitask baseline (train_individual_loras.py --multitask)
+if [[ -z "${METHODS_SET:-}" && -f "$RUN/adapters/_multitask/adapter_config.json" ]]; then METHODS="$METHODS,multitask_lora"; fi
+
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+    HELP_EXTRA="Variables (environment overrides): MODEL=$MODEL TASKS=$TASKS RUN=$RUN DATA=$DATA
+  METHODS=$METHODS DENSITY=$DENSITY PYTHON=$PYTHON"
+    show_help full_evaluation.py '2,8p'
+    exit 0
+fi
+has_packages || no_python
 
 if [[ -d "$DATA" ]]; then
     data_flags=(--data dir --data-dir "$DATA")

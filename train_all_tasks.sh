@@ -11,7 +11,8 @@
 # With several GPUs visible (nvidia-smi -L, limited by CUDA_VISIBLE_DEVICES) the tasks are
 # spread over them, one process per GPU working through its share; otherwise they run one
 # after another. Finished tasks are skipped on rerun; --resume continues interrupted ones,
-# --force retrains. Extra arguments go to every train_individual_loras.py call.
+# --force retrains. Extra arguments go to every train_individual_loras.py call. With --multitask
+# it trains the one multitask adapter over TASKS instead (RUN/adapters/_multitask, one process).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
@@ -23,7 +24,7 @@ DATA=${DATA:-}
 
 source "$HERE/drivers.sh"   # PYTHON, has_packages, no_python, show_help, notebook_hint
 
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then show_help train_individual_loras.py '2,14p'; exit 0; fi
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then show_help train_individual_loras.py '2,15p'; exit 0; fi
 has_packages || no_python
 
 # Explicit flags beat a --preset in "$@"; flags later in "$@" beat these.
@@ -43,10 +44,11 @@ from src.cli import parse_configs
 from src.config import PRESETS, DataConfig, TrainConfig
 from src.errors import UserError
 from src.lora import LoraConfig
+from src.multitask import MultitaskConfig
 from src.tasks import resolve_tasks
 try:
-    (data, _, _), _ = parse_configs(sys.argv[1:], "train_all_tasks.sh", "", DataConfig, TrainConfig, LoraConfig,
-                                    presets=PRESETS)
+    (data, _, _, _), _ = parse_configs(sys.argv[1:], "train_all_tasks.sh", "", DataConfig, TrainConfig, LoraConfig,
+                                       MultitaskConfig, presets=PRESETS)
     print(",".join(resolve_tasks(data.tasks)))
 except UserError as e:   # one line, exit 2 (as the training script itself would)
     print(f"error: {e}", file=sys.stderr)
@@ -66,6 +68,16 @@ fi
 gpus=("${gpus[@]// /}")
 if ((${#gpus[@]} > 0)) && [[ -z "${gpus[0]}" ]]; then gpus=(); fi
 
+# --multitask (the last of --multitask / --no-multitask wins): one adapter over every task, one process.
+multitask=""
+for arg in "$@"; do
+  case "$arg" in --multitask) multitask=1 ;; --no-multitask) multitask="" ;; esac
+done
+
+if [[ -n "$multitask" ]]; then
+  echo "train_all_tasks: the multitask adapter over ${#tasks[@]} task(s) on ${gpus[0]:+GPU ${gpus[0]}}${gpus[0]:-the default device}"
+  exec "$PYTHON" "$HERE/train_individual_loras.py" "${common[@]}" "$@"
+fi
 if ((${#gpus[@]} <= 1)); then
   echo "train_all_tasks: ${#tasks[@]} task(s) one after another on ${gpus[0]:+GPU ${gpus[0]}}${gpus[0]:-the default device}"
   exec "$PYTHON" "$HERE/train_individual_loras.py" "${common[@]}" "$@"

@@ -2,7 +2,7 @@
 
     python -m src.analysis RUN [RUN ...] [--out DIR]
 
-For each RUN, writes RUN/analysis/cosine.json (from RUN/adapters/*) and, under RUN/plots/:
+For each RUN, writes RUN/analysis/cosine.json (from RUN/adapters/<task>) and, under RUN/plots/:
     cosine_overall.png      task x task cosine of the whole LoRA deltas (the study's heatmap)
     cosine_per_layer.png    the same per decoder layer, one row per task pair
     multitask_score.png     oracle-normalised multitask score per method (RUN/eval/summary.json)
@@ -112,13 +112,13 @@ def cosine_matrices(adapters: Mapping[str, object]) -> dict:
 
 
 def run_cosines(run_dir: Path) -> dict:
-    """cosine_matrices of RUN/adapters/* (every task folder holding an adapter), saved to
-    RUN/analysis/cosine.json."""
+    """cosine_matrices of RUN/adapters/<task> (every task folder holding an adapter; the multitask
+    adapter, RUN/adapters/_multitask, is no task), saved to RUN/analysis/cosine.json."""
     from src.lora import load_adapter
-    from src.runs import write_json_atomic
+    from src.runs import task_adapters, write_json_atomic
 
     folder = adapters_dir(run_dir)
-    tasks = _task_order(run_dir, sorted(p.name for p in folder.glob("*") if (p / "adapter_config.json").is_file()))
+    tasks = _task_order(run_dir, task_adapters(run_dir))
     if len(tasks) < 1:
         raise UserError(f"{folder}: no adapters to compare")
     adapters = {t: load_adapter(folder / t) for t in tasks}

@@ -190,10 +190,10 @@ class Built:
 
 def selection_ids(run_dir: Path, tasks: Sequence[str]) -> dict[str, list[str]]:
     """{task: ids of the validation examples that chose a checkpoint}: every adapter's early
-    stopping, MoA's and LoRA-Mixer's router training, Text-to-LoRA's SFT, from their
-    training_config.json (`selection_ids`, or, for adapters and routers trained before it was
-    recorded, the same seeded subset rebuilt from their data config). Evaluation on the
-    validation split leaves them out."""
+    stopping (the multitask adapter's too), MoA's and LoRA-Mixer's router training, Text-to-LoRA's
+    SFT, from their training_config.json (`selection_ids`, or, for adapters and routers trained
+    before it was recorded, the same seeded subset rebuilt from their data config). Evaluation on
+    the validation split leaves them out."""
     from src.tasks import load_capped
     out: dict[str, set[str]] = {t: set() for t in tasks}
     records = [runs.adapter_dir(run_dir, t) / "training_config.json" for t in tasks]
@@ -202,6 +202,7 @@ def selection_ids(run_dir: Path, tasks: Sequence[str]) -> dict[str, list[str]]:
                 if isinstance(m, LoRAMixerMethod)]
     rebuilt = set(records)            # Text-to-LoRA records name theirs (SFT) or have none (reconstruction)
     records += sorted(runs.compose_dir(run_dir, "t2l").parent.glob("t2l*/training_config.json"))
+    records.append(runs.multitask_dir(run_dir) / "training_config.json")    # {task: ids}, always recorded
     for path in records:
         if not path.is_file():
             continue
@@ -390,6 +391,50 @@ class Oracle(Method):
 
     def prepare(self, model, env, task):
         return static(model, env.adapters[task])
+
+
+class MultitaskLoRA(Method):
+    """The multitask baseline: one adapter trained on the union of the tasks' training examples
+    (train_individual_loras.py --multitask, src/multitask.py), folded like the oracle, for every task."""
+
+    name = "multitask_lora"
+    help = ("one adapter trained on the union of the tasks' training examples, as many steps as the task adapters "
+            "together (RUN/adapters/_multitask), folded")
+
+    def adapter_tasks(self, env):
+        return [runs.MULTITASK]
+
+    def trained_on(self, env: Env) -> list[str] | None:
+        """The tasks its training_config.json names (None: no readable record)."""
+        try:
+            tasks = json.loads((runs.multitask_dir(env.run_dir) / "training_config.json").read_text())["tasks"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return [t for t in tasks if isinstance(t, str)] if isinstance(tasks, list) else None
+
+    def check(self, env):
+        folder = runs.multitask_dir(env.run_dir)
+        if not runs.has_adapter(env.run_dir, runs.MULTITASK):
+            raise UserError(f"method multitask_lora needs the multitask adapter: no {folder} (train it with "
+                            f"train_individual_loras.py --multitask --tasks {','.join(env.tasks)} and the task "
+                            f"adapters' flags, or leave multitask_lora out of --methods)")
+        trained = self.trained_on(env)
+        if trained is None:
+            return
+        unseen = [t for t in env.tasks if t not in trained]
+        if unseen:
+            raise UserError(f"method multitask_lora: {folder} was trained on {', '.join(trained)}, not on "
+                            f"{', '.join(unseen)} (retrain it with train_individual_loras.py --multitask --tasks "
+                            f"{','.join(env.tasks)} --force)")
+        if len(trained) > len(env.tasks):
+            print(f"note: {folder} was trained on {len(trained)} tasks ({', '.join(trained)}); evaluating "
+                  f"{len(env.tasks)} of them", file=sys.stderr)
+
+    def fingerprint(self, env, task):
+        return {"multitask_lora": {"adapter": env.digests[runs.MULTITASK]}}
+
+    def prepare(self, model, env, task):
+        return static(model, env.adapters[runs.MULTITASK])
 
 
 # --------------------------------------------------------------------------- merges
@@ -1184,3 +1229,4 @@ for _name in [*merging.MERGES, *merging.VARIANTS]:
 register(Retrieval())            # after the merges: the registry's order up to them is the one users know
 register(RandomMerge())
 register(Smile())
+register(MultitaskLoRA())

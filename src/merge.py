@@ -1,6 +1,6 @@
 """Merge several LoRA adapters into one, without a router.
 
-    python -m src.merge --method concat --out RUN/merged/concat RUN/adapters/*/
+    python -m src.merge --method concat --out RUN/merged/concat RUN/adapters/[!_]*/   # every task (not _multitask)
     python -m src.merge --method weight_sum --weights 1 1 0.5 --out OUT A B C
     python -m src.merge --method svd --rank 16 --out OUT A B C
     python -m src.merge --method ties --density 0.2 --majority-sign total --out OUT A B C

@@ -1,6 +1,8 @@
 """The run folder's one home: its layout, atomic writes, locks, digests, provenance, cells.
 
     RUN/adapters/<task>/                  one PEFT adapter per task (train_individual_loras.py)
+    RUN/adapters/_multitask/              one adapter on the union of the tasks' data (--multitask);
+                                          a leading "_" marks it as no task: task_adapters() skips it
     RUN/checkpoints/<name>/               resumable training state until a stage finishes
     RUN/moa/                              a trained Mixture-of-LoRAs (train_moa.py)
     RUN/merged/<method>/                  a built static composition (merges, searches), reused
@@ -39,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MOA_FILES = ("moa_config.json", "routers.safetensors")
+MULTITASK = "_multitask"     # RUN/adapters/_multitask: the multitask baseline, never one of the tasks
 
 
 def adapters_dir(run: Path) -> Path:
@@ -47,6 +50,22 @@ def adapters_dir(run: Path) -> Path:
 
 def adapter_dir(run: Path, task: str) -> Path:
     return adapters_dir(run) / task
+
+
+def multitask_dir(run: Path) -> Path:
+    """RUN/adapters/_multitask: one adapter trained on the union of the tasks' training examples."""
+    return adapter_dir(run, MULTITASK)
+
+
+def task_adapters(run: Path) -> list[str]:
+    """The tasks with an adapter in RUN/adapters, by name: every folder holding one, except the
+    reserved names that start with "_" (the multitask adapter) and the hidden ones (a folder being
+    written or replaced, `atomic_dir` / `replace_dir`)."""
+    folder = adapters_dir(run)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir()
+                  if not p.name.startswith(("_", ".")) and (p / ADAPTER_FILES[0]).is_file())
 
 
 def checkpoint_dir(run: Path, name: str) -> Path:

@@ -203,6 +203,8 @@ def test_the_pipeline_runs_end_to_end_on_cuda_in_bf16(tmp_path):
              "--batch-size", "4", "--no-progress", *dev]
     steps = ["--lr", "1e-2", "--eval-every", "2", "--save-every", "2"]
     for cmd, extra in ((["train_all_tasks.sh", *small, "--max-steps", "4", *steps], {}),
+                       (["train_all_tasks.sh", *small, "--max-steps", "4", *steps, "--multitask",
+                         "--multitask-steps", "2"], {}),
                        (["train_moa.sh", *small, "--max-steps", "4", *steps], {}),
                        *((["train_moa.sh", *small, "--max-steps", "2", *steps, "--mixer-regime", regime],
                           {"SYSTEM": "lora_mixer"}) for regime in ("plug", "finetune", "joint")),
@@ -217,7 +219,7 @@ def test_the_pipeline_runs_end_to_end_on_cuda_in_bf16(tmp_path):
         assert out.returncode == 0, f"{cmd[0]} exited {out.returncode}\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
     summary = json.loads((run / "eval" / "summary.json").read_text())
     assert {"base", "oracle", "moa", "lora_mixer", "lora_mixer_finetune", "lora_mixer_joint", "t2l", "weight_sum",
-            "ties"} <= set(summary["methods"])
+            "ties", "smile", "multitask_lora"} <= set(summary["methods"])
     cells = list((run / "eval" / "cells").rglob("*.json"))
     assert len(cells) >= 5 * 3
     want = "bfloat16" if DEVICE.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"

@@ -40,6 +40,8 @@ def pipeline(tmp_path_factory, shared_data):
              "--batch-size", "2", "--no-progress"]
     _run(["bash", str(ROOT / "train_all_tasks.sh"), *small, "--max-steps", "2", "--lr", "1e-3",
           "--eval-every", "1", "--save-every", "1"], env, tmp)
+    _run(["bash", str(ROOT / "train_all_tasks.sh"), *small, "--max-steps", "2", "--lr", "1e-3",   # multitask_lora's
+          "--eval-every", "1", "--save-every", "1", "--multitask", "--multitask-steps", "3"], env, tmp)
     _run(["bash", str(ROOT / "train_moa.sh"), *small, "--max-steps", "3", "--lr", "1e-2",
           "--eval-every", "3", "--save-every", "3"], env, tmp)
     for regime in ("plug", "finetune", "joint"):   # lora_mixer, lora_mixer_finetune, lora_mixer_joint
@@ -61,6 +63,8 @@ def test_training_writes_a_peft_adapter_per_task(pipeline):
         cfg = json.loads((folder / "adapter_config.json").read_text())
         assert cfg["peft_type"] == "LORA" and cfg["r"] == 8
     assert not any((pipeline / "checkpoints").glob("*/*")), "finished tasks leave no checkpoint behind"
+    multi = json.loads((pipeline / "adapters" / "_multitask" / "training_config.json").read_text())
+    assert multi["tasks"] == SEVEN and multi["steps"] == 3                      # train_all_tasks.sh --multitask
     moa = json.loads((pipeline / "moa" / "moa_config.json").read_text())
     assert set(moa["tasks"]) == set(SEVEN)
     assert (pipeline / "moa" / "routing_accuracy.json").is_file()
@@ -90,6 +94,8 @@ def test_every_method_is_scored_on_every_task(pipeline):
     assert summary["meta"]["data_hash"] and "git_commit" in summary["meta"]
     for task in SEVEN:       # evaluation never sees the examples that chose a checkpoint
         chosen = set(json.loads((pipeline / "adapters" / task / "training_config.json").read_text())["selection_ids"])
+        chosen |= set(json.loads((pipeline / "adapters" / "_multitask" / "training_config.json").read_text())
+                      ["selection_ids"][task])
         chosen |= set(json.loads((pipeline / "moa" / "training_config.json").read_text())["selection_ids"][task])
         seen = {json.loads(x)["id"] for x in (pipeline / "eval" / "predictions" / "base" / f"{task}.jsonl")
                 .read_text().splitlines()}
