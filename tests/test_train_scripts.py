@@ -200,10 +200,12 @@ def test_moa_routers_learn_to_route_the_sample_tasks(moa_run, capsys):
     # the saved mixture loads back onto a fresh model and routes as reported
     from src.models import load_base_model
     from src.moa import MixtureOfLoRAs
-    from src.tasks import load_task_data
+    from src.config import DataConfig
     base, tok = load_base_model(str(model), device="cpu")
     moa = MixtureOfLoRAs.load(base, moa_dir)
-    val = load_task_data(["sentiment", "nli", "qa"], "validation", "sample")
+    # the validation examples training reported on (the default --eval-size: half the sample's, test_training.py)
+    val = training.load_data(DataConfig(tasks="sentiment,nli,qa", data="sample"), ["sentiment", "nli", "qa"],
+                             "validation")
     items = [it for i, t in enumerate(moa.tasks) for it in training.encode_examples(tok, val[t], 512, 128, label=i)]
     assert training.routing_accuracy(moa, base, items, tok.pad_token_id)["per_task"] == acc["per_task"]
 
