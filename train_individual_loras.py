@@ -139,21 +139,27 @@ def _train(todo, run, data_cfg, train_cfg, lora_cfg, d, say, built_from) -> list
             info = {"task": task, "seed": data_cfg.seed, "git_commit": runs.git_commit(), "data_hash": hashes,
                     "model": train_cfg.model, "world_size": d.world, "global_batch": global_batch,
                     "n_train": len(train_data[task]), "n_validation": len(val_data[task]),
-                    "selection_ids": [ex.id for ex in val_data[task]],   # evaluation leaves these out
-                    "steps": result.steps, "best_step": result.best_step, "best_val_loss": result.best_val_loss,
-                    "stopped_early": result.stopped_early, "final_train_loss": result.final_train_loss,
-                    "tokens": result.tokens, "elapsed_s": round(result.elapsed_s, 2),
-                    "lora_modules": len(lora_layers(model)), "config": resolved,
-                    stages.BUILT_FROM: built_from(stage), "versions": runs.versions()}
-            with stages.publish(stage) as folder:
-                save_adapter(adapter, folder, extra_json={"training_config.json": info})
-            val = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a"
-            say(f"{task}: {result.steps} steps, best validation loss {val}"
-                f"{' (stopped early)' if result.stopped_early else ''} -> {stage.out_dir}")
+                    "selection_ids": [ex.id for ex in val_data[task]]}   # evaluation leaves these out
+            _publish(stage, adapter, info, result, model, resolved, built_from(stage), say)
         barrier(d)
         unload_lora(model)
 
     return failed
+
+
+def _publish(stage, adapter, info: dict, result, model, resolved: dict, built_from, say) -> None:
+    """Publish a trained adapter with its training_config.json: `info` (what the trainer knows) and
+    the result's record, then one line naming it."""
+    info = {**info, "steps": result.steps, "best_step": result.best_step, "best_val_loss": result.best_val_loss,
+            "stopped_early": result.stopped_early, "final_train_loss": result.final_train_loss,
+            "tokens": result.tokens, "elapsed_s": round(result.elapsed_s, 2),
+            "lora_modules": len(lora_layers(model)), "config": resolved,
+            stages.BUILT_FROM: built_from, "versions": runs.versions()}
+    with stages.publish(stage) as folder:
+        save_adapter(adapter, folder, extra_json={"training_config.json": info})
+    val = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a"
+    say(f"{info['task']}: {result.steps} steps, best validation loss {val}"
+        f"{' (stopped early)' if result.stopped_early else ''} -> {stage.out_dir}")
 
 
 def _train_multitask(run, tasks, data_cfg, train_cfg, lora_cfg, mt_cfg, d, say) -> list[str]:
@@ -221,17 +227,8 @@ def _train_multitask(run, tasks, data_cfg, train_cfg, lora_cfg, mt_cfg, d, say) 
                     "n_train": len(train_items), "n_train_per_task": {t: len(train_data[t]) for t in tasks},
                     "n_validation": len(val_items), "selection_ids": selection,   # evaluation leaves these out
                     "planned_steps": steps, "multitask_steps": mt_cfg.multitask_steps, "task_steps": per_task,
-                    "schedule": {"epochs": cfg.epochs, "max_steps": cfg.max_steps},
-                    "steps": result.steps, "best_step": result.best_step, "best_val_loss": result.best_val_loss,
-                    "stopped_early": result.stopped_early, "final_train_loss": result.final_train_loss,
-                    "tokens": result.tokens, "elapsed_s": round(result.elapsed_s, 2),
-                    "lora_modules": len(lora_layers(model)), "config": resolved,
-                    stages.BUILT_FROM: built_from(stage), "versions": runs.versions()}
-            with stages.publish(stage) as folder:
-                save_adapter(adapter, folder, extra_json={"training_config.json": info})
-            val = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a"
-            say(f"{runs.MULTITASK}: {result.steps} steps, best validation loss {val}"
-                f"{' (stopped early)' if result.stopped_early else ''} -> {stage.out_dir}")
+                    "schedule": {"epochs": cfg.epochs, "max_steps": cfg.max_steps}}
+            _publish(stage, adapter, info, result, model, resolved, built_from(stage), say)
         barrier(d)
         unload_lora(model)
     return []
