@@ -5,7 +5,7 @@ import torch
 from src.arrow import (ArrowConfig, ArrowRouter, arrow_gates, genknowsub, power_prototype,
                        top_right_singular_vector)
 from src.errors import UserError
-from src.lora import apply_adapter, folded, load_adapter, unload_lora
+from src.lora import load_adapter
 from tiny import random_adapter, tiny_model
 
 peft = pytest.importorskip("peft")
@@ -91,23 +91,6 @@ def test_gates_keep_top_k_of_the_absolute_scores():
     g = arrow_gates(s, 2)
     assert g[0, 0, 0] == 0 and g[0, 0, 3] == 0                    # |-3| and |1| are the top 2
     torch.testing.assert_close(g[0, 0, [1, 2]], torch.softmax(torch.tensor([3.0, 1.0]), 0))
-
-
-def test_a_single_adapter_is_the_oracle(arch):
-    model = tiny_model(arch)
-    ad = random_adapter(model, 3, name="qa")
-    apply_adapter(model, ad)
-    layered = logits(model)
-    unload_lora(model)
-    with folded(model, ad):
-        in_weights = logits(model)
-    router = ArrowRouter(model, {"qa": ad}, ArrowConfig(arrow_top_k=1))
-    with router.session():
-        got = logits(model)
-    router.remove()
-    assert torch.equal(got, layered)                               # LoRALinear's own math, bit for bit
-    torch.testing.assert_close(got, in_weights, atol=5e-5, rtol=0)      # folding rounds differently
-    assert router.routing_records() == [{"expert_share": {"qa": 1.0}}] * 2
 
 
 def test_session_records_each_experts_share_of_the_prompt():

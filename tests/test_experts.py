@@ -192,3 +192,31 @@ def test_a_router_on_the_projection_sees_every_experts_a_side():
     for want, proj in seen.values():
         torch.testing.assert_close(proj, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("router", ["arrow", "smile"])
+def test_a_per_token_router_over_one_adapter_is_that_adapter(arch, router):
+    """Arrow and SMILE over one expert: LoRALinear's own math bit for bit (the expert layer's one-expert
+    path), the adapter folded into the weights up to rounding, the whole prompt on that expert."""
+    from src.arrow import ArrowConfig, ArrowRouter
+    from src.smile import SmileConfig, SmileRouter
+    model = tiny_model(arch)
+    ad = random_adapter(model, 3, name="qa")
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 12], [8, 61, 2, 300, 77, 140, 18, 33]])
+
+    def logits():
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+    apply_adapter(model, ad)
+    layered = logits()
+    unload_lora(model)
+    with folded(model, ad):
+        in_weights = logits()
+    made = (ArrowRouter(model, {"qa": ad}, ArrowConfig(arrow_top_k=1)) if router == "arrow"
+            else SmileRouter(model, {"qa": ad}, SmileConfig()))
+    with made.session():
+        got = logits()
+    made.remove()
+    assert torch.equal(got, layered)                               # LoRALinear's own math, bit for bit
+    torch.testing.assert_close(got, in_weights, atol=5e-5, rtol=0)      # folding rounds differently
+    assert made.routing_records() == [{"expert_share": {"qa": 1.0}}] * 2

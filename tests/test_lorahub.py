@@ -2,11 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,10 +12,9 @@ from src.lora import apply_adapter, folded, save_adapter, unload_lora
 from src.lorahub import Composer, LoraHubConfig, ShotLoss, SidePath, l1_penalty, scale_search, search
 from src.merging import merge_adapters
 from src.tasks import load_examples
+from fixture_run import eval_command, fixture_run
 from tiny import random_adapter, tiny_model, tiny_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURE = ROOT / "tests" / "fixtures" / "run_v1"
 TASKS = ["sentiment", "nli", "qa"]
 
 
@@ -139,22 +134,12 @@ def test_config_refuses_bad_values(kw, msg):
 
 # --------------------------------------------------------------------------- through full_evaluation
 
-def _cmd(*extra):
-    return [sys.executable, str(ROOT / "full_evaluation.py"), "--model", "tiny-qwen2", "--output-dir", "run",
-            "--tasks", ",".join(TASKS), "--data", "sample", "--eval-size", "3", "--batch-size", "4",
-            "--max-new-tokens", "3", "--max-prompt-len", "128", "--no-exclude-selection", *extra]
+_cmd = eval_command
 
 
 @pytest.fixture()
 def run(tmp_path):
-    from tiny import save_tiny
-    shutil.copytree(FIXTURE, tmp_path / "run")
-    save_tiny(tmp_path / "tiny-qwen2")
-
-    def go(*extra):
-        return subprocess.run(_cmd(*extra), cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                              env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
-    return tmp_path / "run", go
+    return fixture_run(tmp_path)
 
 
 def test_lorahub_and_auto_scale_search_on_training_shots_only(run):

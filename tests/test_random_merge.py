@@ -4,11 +4,8 @@ through full_evaluation and the rescoring of saved predictions."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,7 @@ from src import evaluation as ev
 from src.lorahub import LoraHubConfig, RandomMergeConfig, draw_weights
 from src.retrieval import RetrievalConfig
 from src.tasks import SCORING, clean_prediction, get_task, load_examples
+from fixture_run import eval_command, fixture_run
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "run_v1"
@@ -151,21 +149,11 @@ def test_a_pooled_cell_reports_the_mean_each_draw_and_their_spread():
 # --------------------------------------------------------------------------- through full_evaluation
 
 def _cmd(*extra):
-    return [sys.executable, str(ROOT / "full_evaluation.py"), "--model", "tiny-qwen2", "--output-dir", "run",
-            "--tasks", ",".join(TASKS), "--data", "sample", "--eval-size", "8", "--batch-size", "8",
-            "--max-new-tokens", "3", "--max-prompt-len", "128", "--no-exclude-selection", "--score-by", "likelihood",
-            *extra]
+    return eval_command("--score-by", "likelihood", *extra, eval_size=8, batch_size=8)
 
 
 def _copy(tmp_path, name):
-    from tiny import save_tiny
-    shutil.copytree(FIXTURE, tmp_path / name / "run")
-    save_tiny(tmp_path / name / "tiny-qwen2")
-
-    def go(*extra):
-        return subprocess.run(_cmd(*extra), cwd=tmp_path / name, capture_output=True, text=True, timeout=300,
-                              env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
-    return tmp_path / name / "run", go
+    return fixture_run(tmp_path / name, "--score-by", "likelihood", eval_size=8, batch_size=8)
 
 
 def test_random_merge_through_full_evaluation_is_deterministic_for_a_seed(tmp_path):

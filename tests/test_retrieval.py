@@ -4,10 +4,7 @@ method through full_evaluation."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +18,7 @@ from src.experts import Selection, topk_softmax
 from src.lora import apply_adapter, folded, unload_lora
 from src.retrieval import RetrievalConfig, RetrievalRouter, load_embeddings, save_embeddings, task_embeddings
 from src.tasks import get_task, load_examples
+from fixture_run import eval_command, fixture_run
 from tiny import random_adapter, tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,22 +191,12 @@ def test_fingerprint_changes_with_each_option_and_nothing_else(tmp_path):
     assert method.kind == "dynamic" and RetrievalConfig in method.configs
 
 
-def _cmd(*extra):
-    return [sys.executable, str(ROOT / "full_evaluation.py"), "--model", "tiny-qwen2", "--output-dir", "run",
-            "--tasks", ",".join(TASKS), "--data", "sample", "--eval-size", "3", "--batch-size", "4",
-            "--max-new-tokens", "3", "--max-prompt-len", "128", "--no-exclude-selection", *extra]
+_cmd = eval_command
 
 
 @pytest.fixture()
 def run(tmp_path):
-    from tiny import save_tiny
-    shutil.copytree(FIXTURE, tmp_path / "run")
-    save_tiny(tmp_path / "tiny-qwen2")
-
-    def go(*extra):
-        return subprocess.run(_cmd(*extra), cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                              env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
-    return tmp_path / "run", go
+    return fixture_run(tmp_path)
 
 
 def test_retrieval_through_full_evaluation(run):
