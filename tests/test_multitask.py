@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from tiny import save_tiny
+from trainutil import train_args
 
 import train_individual_loras as train_loras
 from src import analysis, compose, multitask, runs
@@ -32,10 +33,7 @@ def tiny_dir(tmp_path_factory):
 
 
 def _args(model, run, *extra, tasks="sentiment,nli"):
-    return ["--model", str(model), "--tasks", tasks, "--data", "sample", "--output-dir", str(run),
-            "--train-size", "16", "--eval-size", "4", "--max-len", "96", "--max-target-len", "8",
-            "--batch-size", "4", "--lr", "1e-2", "--max-steps", "4", "--eval-every", "2", "--save-every", "2",
-            "--patience", "0", "--log-every", "1", "--no-progress", *extra]
+    return train_args(model, run, "--patience", "0", *extra, tasks=tasks)
 
 
 def _info(run: Path) -> dict:

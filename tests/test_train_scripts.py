@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from tiny import save_tiny
+from trainutil import train_args
 
 import src.training as training
 import train_individual_loras as train_loras
@@ -27,11 +28,7 @@ def tiny_dir(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("models") / "qwen2")
 
 
-def _args(model, run, *extra, tasks="sentiment,nli"):
-    return ["--model", str(model), "--tasks", tasks, "--data", "sample", "--output-dir", str(run),
-            "--train-size", "16", "--eval-size", "4", "--max-len", "96", "--max-target-len", "8",
-            "--batch-size", "4", "--lr", "1e-2", "--max-steps", "4", "--eval-every", "2", "--save-every", "2",
-            "--log-every", "1", "--no-progress", *extra]
+_args = train_args
 
 
 def _tensors(folder: Path) -> dict:

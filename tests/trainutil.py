@@ -43,3 +43,12 @@ def write_task_data(root: str | Path, tasks=("sentiment", "nli"), n_train: int =
             rows = [MAKERS[task](rng, f"{split}{i}") for i in range(n)]
             (root / task / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
+
+
+def train_args(model, run, *extra, tasks: str = "sentiment,nli") -> list[str]:
+    """train_individual_loras.py / train_moa.py arguments for a tiny model on the bundled sample:
+    4 steps of 4, validation every 2 steps on 4 examples, a checkpoint every 2 steps."""
+    return ["--model", str(model), "--tasks", tasks, "--data", "sample", "--output-dir", str(run),
+            "--train-size", "16", "--eval-size", "4", "--max-len", "96", "--max-target-len", "8",
+            "--batch-size", "4", "--lr", "1e-2", "--max-steps", "4", "--eval-every", "2", "--save-every", "2",
+            "--log-every", "1", "--no-progress", *extra]
