@@ -31,6 +31,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from src.cli import check_positive_ints
 from src.errors import UserError
 from src.experts import Selection, TokenRouter, common_modules, inject_experts, topk_softmax
 from src.lora import Adapter
@@ -63,9 +64,7 @@ class ArrowConfig:
             self.arrow_general = (self.arrow_general,)
         if self.arrow_general is not None:
             self.arrow_general = tuple(self.arrow_general)
-        k = self.arrow_top_k
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise UserError(f"--arrow-top-k must be a positive integer, got {k}")
+        check_positive_ints(self, "arrow_top_k")
         if not (isinstance(self.arrow_temperature, (int, float)) and math.isfinite(self.arrow_temperature)
                 and self.arrow_temperature > 0):
             raise UserError(f"--arrow-temperature must be a finite number > 0, got {self.arrow_temperature}")

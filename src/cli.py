@@ -168,3 +168,12 @@ def parse_configs(argv: Sequence[str] | None, prog: str, description: str, *conf
 def config_dict(*configs) -> dict:
     """JSON-ready dict of several config instances, keyed by class name."""
     return {type(c).__name__: dataclasses.asdict(c) for c in configs}
+
+
+def check_positive_ints(cfg, *names: str) -> None:
+    """In a config's __post_init__: each field of `names` is None or an int >= 1 (not a bool), else
+    one line naming its flag: "--smile-top-k must be a positive integer, got 0"."""
+    for name in names:
+        v = getattr(cfg, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")

@@ -43,6 +43,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
+from src.cli import check_positive_ints
 from src.errors import UserError
 from src.lora import Adapter, LoRALinear, set_module
 
@@ -111,9 +112,9 @@ class RandomMergeConfig:
                 "table shows the mean over draws, summary.json each draw's score and their spread"})
 
     def __post_init__(self):
-        n = self.random_draws
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise UserError(f"--random-draws must be at least 1, got {n}")
+        if self.random_draws is None:
+            raise UserError("--random-draws needs a value")
+        check_positive_ints(self, "random_draws")
 
 
 # --------------------------------------------------------------------------- pure math

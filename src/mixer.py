@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from src.cli import check_positive_ints
 from src.errors import UserError
 from src.experts import TokenRouter, entropy, expert_order, inject_experts, load_balance, topk_softmax
 from src.lora import Adapter, load_adapter, save_adapter
@@ -137,9 +138,7 @@ class MixerConfig:
         if self.mixer_regime == "joint" and self.mixer_label_weight == 0:
             raise UserError("--mixer-regime joint trains the routers on the task labels: --mixer-label-weight "
                             "must be above 0")
-        if self.routing_size is not None and (isinstance(self.routing_size, bool)
-                                              or not isinstance(self.routing_size, int) or self.routing_size < 1):
-            raise UserError(f"--routing-size must be a positive integer, got {self.routing_size}")
+        check_positive_ints(self, "routing_size")
 
     @property
     def label_weight(self) -> float:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from src import runs, stages
+from src.cli import check_positive_ints
 from src.errors import UserError
 from src.training import planned_steps
 
@@ -44,8 +45,7 @@ class MultitaskConfig:
 
     def __post_init__(self):
         n = self.multitask_steps
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise UserError(f"--multitask-steps must be a positive integer, got {n}")
+        check_positive_ints(self, "multitask_steps")
         if n is not None and not self.multitask:
             raise UserError("--multitask-steps is the multitask adapter's: pass it with --multitask")
 

@@ -33,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from src.encoders import ENCODERS
+from src.cli import check_positive_ints
 from src.errors import UserError
 from src.experts import ExpertLinear, Selection, inject_experts, remove_experts, topk_softmax
 from src.lora import Adapter
@@ -57,10 +58,7 @@ class RetrievalConfig:
         "help": "softmax temperature over the top-k cosine similarities (no effect at top-k 1)"})
 
     def __post_init__(self):
-        for name in ("retrieval_shots", "retrieval_top_k"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+        check_positive_ints(self, "retrieval_shots", "retrieval_top_k")
         if self.retrieval_encoder not in ENCODERS:
             raise UserError(f"--retrieval-encoder must be one of {', '.join(ENCODERS)}; got {self.retrieval_encoder!r}")
         t = self.retrieval_temperature

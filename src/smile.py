@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from src.cli import check_positive_ints
 from src.errors import UserError
 from src.experts import Selection, TokenRouter, common_modules, inject_experts, topk_softmax
 from src.lora import Adapter, make_adapter
@@ -83,13 +84,9 @@ class SmileConfig:
         "help": "each expert truncated to its top SMILE_RANK singular triplets (SMILE's k); None: the whole LoRA"})
 
     def __post_init__(self):
-        for name in ("smile_top_k", "smile_gate_k"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
-        r = self.smile_rank
-        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
-            raise UserError(f"--smile-rank must be a positive integer, got {r}")
+        if self.smile_top_k is None or self.smile_gate_k is None:
+            raise UserError("--smile-top-k and --smile-gate-k need a value")
+        check_positive_ints(self, "smile_top_k", "smile_gate_k", "smile_rank")
         t = self.smile_temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
             raise UserError(f"--smile-temperature must be a finite number > 0, got {t}")

@@ -55,6 +55,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from src import runs, stages
+from src.cli import check_positive_ints
 from src.errors import UserError
 from src.descriptions import held_out_descriptions, training_descriptions
 from src.encoders import MINILM_PACKAGE, encode_texts, minilm_folder  # noqa: F401 (names kept in t2l)
@@ -121,10 +122,7 @@ class T2LConfig:
             if getattr(self, name) not in choices:
                 raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
                                 f"got {getattr(self, name)!r}")
-        for name in ("t2l_hidden", "t2l_embed", "t2l_rank"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+        check_positive_ints(self, "t2l_hidden", "t2l_embed", "t2l_rank")
         for name in ("label_smoothing", "factor_l2"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):

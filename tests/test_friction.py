@@ -442,3 +442,15 @@ def test_plot_run_writes_the_plots_of_a_summary(tmp_path, plt):
     summary_path(tmp_path).write_text(json.dumps(synthetic_summary()))
     names = {p.name for p in analysis.plot_run(tmp_path, cosines=False)}
     assert {"multitask_score.png", "per_task_metrics.png"} <= names
+
+
+def test_positive_integer_options_are_one_line_naming_the_flag():
+    """src.cli.check_positive_ints, which the option classes share: None passes, 0, -1, 2.5, True, "2" do not."""
+    from types import SimpleNamespace
+
+    from src.cli import check_positive_ints
+    from src.errors import UserError
+    check_positive_ints(SimpleNamespace(smile_top_k=3, smile_rank=None), "smile_top_k", "smile_rank")
+    for bad in (0, -1, 2.5, True, "2"):
+        with pytest.raises(UserError, match=rf"^--smile-rank must be a positive integer, got {bad}$"):
+            check_positive_ints(SimpleNamespace(smile_top_k=3, smile_rank=bad), "smile_top_k", "smile_rank")

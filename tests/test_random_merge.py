@@ -191,7 +191,7 @@ def test_random_merge_through_full_evaluation_is_deterministic_for_a_seed(tmp_pa
 
 
 @pytest.mark.parametrize("extra, msg", [
-    (["--random-draws", "0"], "error: --random-draws must be at least 1, got 0"),
+    (["--random-draws", "0"], "error: --random-draws must be a positive integer, got 0"),
     (["--lorahub-bounds", "1", "-1"], "error: --lorahub-bounds: the lower bound must be below the upper, got 1.0 -1.0"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, extra, msg, monkeypatch, capsys):

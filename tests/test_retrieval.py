@@ -237,7 +237,7 @@ def test_retrieval_through_full_evaluation(run):
     (["--retrieval-shots", "41"], "error: --retrieval-shots 41: the training split of task sentiment holds only 40 "
                                   "examples that are not evaluated"),
     (["--retrieval-encoder", "nope"], "error: full_evaluation.py: argument --retrieval-encoder: invalid choice: "),
-    (["--retrieval-top-k", "0"], "error: --retrieval-top-k must be at least 1, got 0"),
+    (["--retrieval-top-k", "0"], "error: --retrieval-top-k must be a positive integer, got 0"),
     (["--retrieval-top-k", "4"], "error: --retrieval-top-k 4 is more than the 3 experts (sentiment, nli, qa)"),
     (["--retrieval-temperature", "0"], "error: --retrieval-temperature must be a finite number above 0, got 0.0"),
 ])
