@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from src.cli import check_positive_ints
 from src.errors import UserError
-from src.experts import Selection, TokenRouter, common_modules, inject_experts, topk_softmax
+from src.experts import Selection, TokenRouter, check_top_k, common_modules, inject_experts, topk_softmax
 from src.lora import Adapter
 
 PROTOTYPES = ("exact", "power")
@@ -160,9 +160,7 @@ class ArrowRouter(TokenRouter):
         tasks = list(adapters)
         if not tasks:
             raise UserError("Arrow needs at least one adapter")
-        if cfg.top_k(len(tasks)) > len(tasks):
-            raise UserError(f"--arrow-top-k {cfg.arrow_top_k} is more than the {len(tasks)} experts "
-                            f"({', '.join(tasks)})")
+        check_top_k("--arrow-top-k", cfg.arrow_top_k, tasks)
         self.top_k = cfg.top_k(len(tasks))
         check_arrow_adapters(adapters, general)
         if general:

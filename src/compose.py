@@ -36,7 +36,7 @@ from typing import Callable, ContextManager, Sequence
 from src import encoders, lorahub, merging, retrieval, runs
 from src.arrow import ArrowConfig, ArrowRouter, check_arrow_adapters
 from src.errors import UserError
-from src.experts import common_modules
+from src.experts import check_top_k, common_modules
 from src.lora import Adapter, check_adapter_fits, folded, load_adapter, make_adapter, save_adapter
 from src.lorahub import LoraHubConfig, RandomMergeConfig, ShotLoss
 from src.mixer import REGIMES as MIXER_REGIMES, method_name as mixer_method_name
@@ -854,9 +854,7 @@ class Arrow(Method):
     def check(self, env):
         super().check(env)
         cfg = env.opt(ArrowConfig)
-        if cfg.top_k(len(env.tasks)) > len(env.tasks):
-            raise UserError(f"--arrow-top-k {cfg.arrow_top_k} is more than the {len(env.tasks)} experts "
-                            f"({', '.join(env.tasks)})")
+        check_top_k("--arrow-top-k", cfg.arrow_top_k, env.tasks)
         if cfg.arrow_top_k is None and cfg.top_k(len(env.tasks)) < 3:
             print(f"note: arrow keeps top-{cfg.top_k(len(env.tasks))} per token: the default 3 is capped at the "
                   f"{len(env.tasks)} experts", file=sys.stderr)
@@ -905,9 +903,7 @@ class Smile(Method):
     def check(self, env):
         super().check(env)
         cfg = env.opt(SmileConfig)
-        if cfg.smile_top_k > len(env.tasks):
-            raise UserError(f"--smile-top-k {cfg.smile_top_k} is more than the {len(env.tasks)} experts "
-                            f"({', '.join(env.tasks)})")
+        check_top_k("--smile-top-k", cfg.smile_top_k, env.tasks)
         env.load_adapters(env.tasks)
         common_modules({t: env.adapters[t] for t in env.tasks}, env.tasks, "SMILE's adapters")
         top = self.max_rank(env)
@@ -949,9 +945,7 @@ class Retrieval(Method):
     def check(self, env):
         super().check(env)
         cfg = env.opt(RetrievalConfig)
-        if cfg.retrieval_top_k > len(env.tasks):
-            raise UserError(f"--retrieval-top-k {cfg.retrieval_top_k} is more than the {len(env.tasks)} experts "
-                            f"({', '.join(env.tasks)})")
+        check_top_k("--retrieval-top-k", cfg.retrieval_top_k, env.tasks)
         if cfg.retrieval_encoder == "minilm":
             encoders.minilm_folder("--retrieval-encoder")
         env.load_adapters(env.tasks)
@@ -1054,9 +1048,7 @@ class LoRAMixerMethod(Method):
             raise UserError(f"method {self.name}: {folder} has no expert for task {', '.join(absent)} "
                             f"(its experts: {', '.join(meta['tasks'])})")
         k = env.opt(MixerEvalConfig).eval_mixer_top_k
-        if k is not None and k > len(meta["tasks"]):
-            raise UserError(f"--eval-mixer-top-k {k} is more than the {len(meta['tasks'])} experts "
-                            f"({', '.join(meta['tasks'])})")
+        check_top_k("--eval-mixer-top-k", k, meta["tasks"])
         missing = [t for t in self.adapter_tasks(env) if not runs.has_adapter(env.run_dir, t)]
         if missing:
             raise UserError(f"method {self.name} needs the adapters of its experts: no adapter for task "

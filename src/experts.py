@@ -39,6 +39,12 @@ from src.lora import Adapter, check_adapter_fits, lora_layers, set_module
 
 # --------------------------------------------------------------------------- gates (pure)
 
+def check_top_k(flag: str, k: int | None, experts: Sequence[str]) -> None:
+    """A router's top-k (None: its default) must not exceed its experts: one line naming the flag."""
+    if k is not None and k > len(experts):
+        raise UserError(f"{flag} {k} is more than the {len(experts)} experts ({', '.join(experts)})")
+
+
 def topk_softmax(scores: torch.Tensor, k: int, temperature: float = 1.0) -> torch.Tensor:
     """Gates [..., E]: softmax(scores / T) over each row's k largest scores, 0 elsewhere.
 

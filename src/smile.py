@@ -54,7 +54,7 @@ import torch.nn as nn
 
 from src.cli import check_positive_ints
 from src.errors import UserError
-from src.experts import Selection, TokenRouter, common_modules, inject_experts, topk_softmax
+from src.experts import Selection, TokenRouter, check_top_k, common_modules, inject_experts, topk_softmax
 from src.lora import Adapter, make_adapter
 
 GATE_SCALES = ("none", "singular")
@@ -168,9 +168,7 @@ class SmileRouter(TokenRouter):
         tasks = list(adapters)
         if not tasks:
             raise UserError("SMILE needs at least one adapter")
-        if cfg.smile_top_k > len(tasks):
-            raise UserError(f"--smile-top-k {cfg.smile_top_k} is more than the {len(tasks)} experts "
-                            f"({', '.join(tasks)})")
+        check_top_k("--smile-top-k", cfg.smile_top_k, tasks)
         modules = common_modules(adapters, tasks, what="SMILE's adapters")
         self.cfg, self.tasks, self.top_k = cfg, tasks, cfg.smile_top_k
         experts, singular = dict(adapters), {}
