@@ -29,6 +29,33 @@ def test_cells_made_before_the_registry_are_reused(tmp_path):
     assert (tmp_path / "run" / "eval" / "summary.json").is_file()
 
 
+SYSTEMS = ROOT / "tests" / "fixtures" / "run_v1_systems"     # cells and build caches of the newer systems
+SYSTEM_OPTIONS = ["--lorahub-budget", "3", "--lorahub-shots", "2", "--random-draws", "2", "--retrieval-shots", "4"]
+
+
+def test_cells_of_the_routers_searches_and_controls_are_reused(tmp_path):
+    """Arrow, SMILE, LoraHub, its random control and retrieval: their cells (and LoraHub's,
+    random_merge's and retrieval's build caches), made by the code before the registry's split into
+    one module per system, are reused whole; no search, draw or embedding is made again."""
+    shutil.copytree(FIXTURE, tmp_path / "run")
+    shutil.copytree(SYSTEMS, tmp_path / "run", dirs_exist_ok=True)
+    methods = ["arrow", "smile", "lorahub", "random_merge", "retrieval"]
+    cmd = [sys.executable, str(ROOT / "full_evaluation.py"), "--model", "tiny-qwen2", "--output-dir", "run",
+           "--tasks", "sentiment,nli,qa", "--methods", ",".join(methods), "--data", "sample",
+           "--eval-size", "2", "--batch-size", "4", "--max-new-tokens", "4", "--max-prompt-len", "128",
+           "--density", "0.5", "--no-exclude-selection", *SYSTEM_OPTIONS]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"{(len(methods) + 2) * 3} cells reused, 0 to compute" in out.stderr, out.stderr[-3000:]
+    for m in ("lorahub", "random_merge", "retrieval"):   # their cells gone, their build caches still match
+        shutil.rmtree(tmp_path / "run" / "eval" / "cells" / m)
+    built = subprocess.run([*cmd, "--build-only"], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert built.returncode == 0, built.stderr[-3000:]          # no model folder: nothing could be built anew
+    for m in ("lorahub", "random_merge", "retrieval"):
+        assert f"{m}: reused" in built.stderr, built.stderr[-3000:]
+
+
 def test_arrow_through_full_evaluation(tmp_path):
     """`--methods arrow` evaluates, records each expert's share per example and per layer,
     reuses its cells on rerun, and a bad option fails with one line before anything is written."""

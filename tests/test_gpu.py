@@ -212,7 +212,7 @@ def test_the_pipeline_runs_end_to_end_on_cuda_in_bf16(tmp_path):
                          "--output-dir", str(run), "--encoder", "base", "--max-steps", "2", "--eval-every", "2",
                          "--save-every", "2", "--no-progress", *dev], {}),
                        (["run_all_evaluation.sh", "--eval-size", "4", "--batch-size", "4", "--max-new-tokens", "4",
-                         "--max-prompt-len", "128", *dev], {})):
+                         "--max-prompt-len", "128", "--retrieval-encoder", "base", *dev], {})):
         runner = [sys.executable] if cmd[0].endswith(".py") else ["bash"]
         out = subprocess.run([*runner, str(ROOT / cmd[0]), *cmd[1:]], cwd=tmp_path, env={**env, **extra},
                              capture_output=True, text=True, timeout=900)
