@@ -43,7 +43,7 @@ from types import SimpleNamespace
 
 from tqdm.auto import tqdm
 
-from src import compose, models, runs
+from src import compose, models, runs, systems  # noqa: F401 (systems: registers every method)
 from src import evaluation as ev
 from src import tasks as task_registry
 from src.cli import config_dict, parse_configs

@@ -25,16 +25,21 @@ same matmul as the experts' A projection.
 from __future__ import annotations
 
 import math
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 
+from src import merging, runs
 from src.cli import check_positive_ints
+from src.compose import Env, Method
 from src.errors import UserError
 from src.experts import Selection, TokenRouter, check_top_k, common_modules, inject_experts, topk_softmax
-from src.lora import Adapter
+from src.lora import Adapter, check_adapter_fits, load_adapter
 
 PROTOTYPES = ("exact", "power")
 
@@ -201,3 +206,54 @@ class ArrowRouter(TokenRouter):
         self._record(layer, gates)
         return gates
 
+
+# --------------------------------------------------------------------------- registry entries
+
+class Arrow(Method):
+    name, kind = "arrow", "dynamic"
+    family, summary = "zero-shot router", "zero-shot router, per token"
+    configs = (ArrowConfig,)
+    help = "Arrow: zero-shot per-token routing by the adapters' top singular vectors (Ostapenko et al. 2024)"
+
+    def general(self, env: Env) -> list[Adapter]:
+        out = []
+        for p in env.opt(ArrowConfig).arrow_general or ():
+            ad = load_adapter(p)
+            ad.name = ad.name or Path(p).name
+            out.append(ad)
+        return out
+
+    def check(self, env):
+        super().check(env)
+        cfg = env.opt(ArrowConfig)
+        check_top_k("--arrow-top-k", cfg.arrow_top_k, env.tasks)
+        if cfg.arrow_top_k is None and cfg.top_k(len(env.tasks)) < 3:
+            print(f"note: arrow keeps top-{cfg.top_k(len(env.tasks))} per token: the default 3 is capped at the "
+                  f"{len(env.tasks)} experts", file=sys.stderr)
+        env.load_adapters(env.tasks)
+        general = self.general(env)
+        check_arrow_adapters({t: env.adapters[t] for t in env.tasks}, general)
+        if general:
+            merging.check_compatible([env.adapters[env.tasks[0]], *general])
+
+    def fingerprint(self, env, task):
+        cfg = env.opt(ArrowConfig)
+        fp = {"adapters": [env.digests[t] for t in env.tasks], "top_k": cfg.top_k(len(env.tasks)),
+              "temperature": cfg.arrow_temperature, "prototypes": cfg.arrow_prototypes}
+        if cfg.arrow_prototypes == "power":
+            fp.update(power_iters=cfg.arrow_power_iters, seed=cfg.arrow_seed)
+        if cfg.arrow_general:
+            fp["general"] = [runs.adapter_digest(Path(p)) for p in cfg.arrow_general]
+        return {"arrow": fp}
+
+    def check_model(self, model, env):
+        for ad in self.general(env):
+            check_adapter_fits(model, ad)
+
+    @contextmanager
+    def prepare(self, model, env, task):
+        router = ArrowRouter(model, {t: env.adapters[t] for t in env.tasks}, env.opt(ArrowConfig), self.general(env))
+        try:
+            yield router
+        finally:
+            router.remove()

@@ -35,17 +35,23 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
+from src import merging, runs
 from src.cli import check_positive_ints
+from src.compose import Built, Env, Method, reuse_saved, static
 from src.errors import UserError
-from src.lora import Adapter, LoRALinear, set_module
+from src.lora import Adapter, LoRALinear, check_adapter_fits, load_adapter, save_adapter, set_module
+from src.tasks import data_hash
 
 SPACES = ("factor", "delta")
 OPTIMIZERS = ("NGOpt", "OnePlusOne", "CMA", "TwoPointsDE", "RandomSearch")
@@ -344,3 +350,180 @@ def scale_search(model: nn.Module, adapter: Adapter, loss: ShotLoss, grid: Seque
         side.remove()
     best = min(range(len(grid)), key=lambda i: losses[i])
     return {"grid": list(grid), "losses": losses, "chosen": grid[best]}
+
+
+# --------------------------------------------------------------------------- registry entries
+
+def shot_hash(env: Env, tasks: Sequence[str]) -> str:
+    """The data hash of the shots of `tasks` (what a search on them depends on)."""
+    return data_hash(env.shots(tasks, env.opt(LoraHubConfig).lorahub_shots))
+
+
+class LoraHub(Method):
+    """LoraHub (Huang et al., COLM 2024): one weight per adapter, searched by nevergrad on a few
+    training examples; the merge is folded like any other (above)."""
+
+    name = "lorahub"
+    family, summary = "search", "few-shot search"
+    scope = "all"
+    configs = (LoraHubConfig,)
+    help = "LoraHub: adapter weights searched (nevergrad) on training shots of every task, one merge for all"
+
+    def targets(self, env: Env) -> list[str | None]:
+        return [None] if self.scope == "all" else list(env.tasks)
+
+    def pool(self, env: Env, target: str | None) -> list[str]:
+        if target is not None and env.opt(LoraHubConfig).lorahub_leave_out:
+            return [t for t in env.tasks if t != target]
+        return list(env.tasks)
+
+    def check(self, env):
+        super().check(env)
+        env.load_adapters(env.tasks)
+        cfg = env.opt(LoraHubConfig)
+        for target in self.targets(env):
+            pool = self.pool(env, target)
+            if not pool:
+                raise UserError(f"{self.name}: --lorahub-leave-out leaves no adapter for task {target}")
+            Composer([env.adapters[t] for t in pool], cfg.lorahub_space)   # ranks fit the space
+        env.shots(env.tasks, cfg.lorahub_shots)                                     # enough shots
+
+    def recipe(self, env: Env, target: str | None) -> dict:
+        pool = self.pool(env, target)
+        return {"method": self.name, "scope": self.scope, "target": target, "pool": pool,
+                "adapters": {t: env.digests[t] for t in pool}, "search": env.opt(LoraHubConfig).recipe(),
+                "seed": env.seed, "model": env.model_name, "dtype": env.dtype,
+                "shot_data": shot_hash(env, list(env.tasks) if target is None else [target])}
+
+    def fingerprint(self, env, task):
+        return {"lorahub": self.recipe(env, None if self.scope == "all" else task)}
+
+    def folder(self, env: Env, target: str | None) -> Path:
+        root = runs.merged_dir(env.run_dir, self.name)
+        return root if target is None else root / target
+
+    def build(self, env):
+        cfg = env.opt(LoraHubConfig)
+        made, saves = {}, []
+        for target in self.targets(env):
+            recipe, folder = self.recipe(env, target), self.folder(env, target)
+            reused = reuse_saved(folder, recipe, env.force)
+            if reused is not None:
+                made[target] = reused
+                continue
+            made[target], record = self.search(env, target, cfg)
+            saves.append((target, folder, made[target], {"recipe": recipe, "search": record}))
+
+        def save():
+            for target, folder, adapter, record in saves:
+                save_adapter(adapter, folder, extra_json={"merge_info.json": record})
+                made[target] = load_adapter(folder)
+            return made
+        return Built(made, not saves, save if saves else None, self.folder(env, None))
+
+    def search(self, env: Env, target: str | None, cfg: LoraHubConfig) -> tuple[Adapter, dict]:
+        model, tokenizer = env.model()
+        pool = [env.adapters[t] for t in self.pool(env, target)]
+        for ad in pool:
+            check_adapter_fits(model, ad)
+        scored = list(env.tasks) if target is None else [target]
+        shots = env.shots(scored, cfg.lorahub_shots)
+        loss = ShotLoss(model, tokenizer, [ex for t in scored for ex in shots[t]], cfg.lorahub_max_len,
+                        cfg.lorahub_batch_size)
+        composer = Composer(pool, cfg.lorahub_space)
+        bar = tqdm(total=cfg.lorahub_budget, desc=f"{self.name} {target or 'all tasks'}", unit="cand",
+                   leave=False, disable=not sys.stderr.isatty())
+
+        def progress(done: int, best: float) -> None:
+            bar.update(1)
+            bar.set_postfix(best=f"{best:.4f}")
+
+        side = SidePath(model, composer.ranks())
+        try:
+            found = search(lambda w: (composer.write(side, w), loss())[1], len(pool), cfg.lorahub_budget,
+                                   cfg.lorahub_bounds, cfg.lorahub_l1, env.seed, cfg.lorahub_optimizer, progress)
+        finally:
+            side.remove()
+            bar.close()
+        method = "weight_sum" if cfg.lorahub_space == "factor" else "concat"
+        adapter = merging.merge_adapters(pool, method, found.weights)
+        adapter.name = self.name
+        names = self.pool(env, target)
+        print(f"  {self.name} {target or 'all tasks'}: weights "
+              + ", ".join(f"{t} {w:+.3f}" for t, w in zip(names, found.weights))
+              + f"; objective {found.start_loss:.4f} -> {found.loss:.4f} in {found.seconds:.0f} s", file=sys.stderr)
+        record = {"weights": dict(zip(names, found.weights)), "objective": found.loss,
+                  "start_objective": found.start_loss, "trace": found.trace, "budget": cfg.lorahub_budget,
+                  "seed": env.seed, "shot_ids": {t: [ex.id for ex in shots[t]] for t in scored},
+                  "n_shot_tokens": loss.n_tokens, "seconds": round(found.seconds, 3),
+                  "seconds_forward": round(loss.seconds, 3), "composed_as": method}
+        return adapter, record
+
+    def prepare(self, model, env, task):
+        made = env.built[self.name]
+        return static(model, made[None] if self.scope == "all" else made[task])
+
+
+class LoraHubTask(LoraHub):
+    name = "lorahub_task"
+    summary = "few-shot search, per task"
+    scope = "task"
+    help = "LoraHub per task (its own setting): adapter weights searched on each task's training shots"
+
+
+class RandomMerge(Method):
+    """LoraHub's control: the same merge of every task's adapter with weights drawn uniformly from
+    --lorahub-bounds instead of searched, --random-draws seeded draws, each cached in
+    RUN/merged/random_merge/draw_<i>; a cell evaluates every draw and reports their mean."""
+
+    name = "random_merge"
+    family, summary = "baseline", "random weights, mean over draws (lorahub's control)"
+    configs = (RandomMergeConfig, LoraHubConfig)
+    help = ("control for lorahub: merges with weights drawn uniformly from --lorahub-bounds (--random-draws, "
+            "seeded by --seed); the mean over draws")
+
+    def check(self, env):
+        super().check(env)
+        env.load_adapters(env.tasks)
+        Composer([env.adapters[t] for t in env.tasks], env.opt(LoraHubConfig).lorahub_space)  # ranks fit
+
+    def weights(self, env: Env) -> list[dict[str, float]]:
+        hub = env.opt(LoraHubConfig)
+        drawn = draw_weights(env.opt(RandomMergeConfig).random_draws, len(env.tasks), hub.lorahub_bounds,
+                                     env.seed)
+        return [dict(zip(env.tasks, w)) for w in drawn]
+
+    def fingerprint(self, env, task):
+        hub = env.opt(LoraHubConfig)
+        return {"random_merge": {"adapters": [env.digests[t] for t in env.tasks],
+                                 "draws": env.opt(RandomMergeConfig).random_draws, "seed": env.seed,
+                                 "bounds": list(hub.lorahub_bounds), "space": hub.lorahub_space,
+                                 "weights": [list(w.values()) for w in self.weights(env)]}}
+
+    def draws(self, env):
+        return [{"weights": w} for w in self.weights(env)]
+
+    def build(self, env):
+        space = env.opt(LoraHubConfig).lorahub_space
+        method = "weight_sum" if space == "factor" else "concat"          # as LoraHub composes
+        root = runs.merged_dir(env.run_dir, self.name)
+        made, saves = [], []
+        for i, w in enumerate(self.weights(env)):
+            folder = root / f"draw_{i}"
+            recipe = {"method": self.name, "draw": i, "seed": env.seed, "space": space, "weights": w,
+                      "adapters": {t: env.digests[t] for t in env.tasks}}
+            adapter = reuse_saved(folder, recipe, env.force)
+            if adapter is None:
+                adapter = merging.merge_adapters([env.adapters[t] for t in env.tasks], method, list(w.values()))
+                saves.append((i, folder, adapter, {"recipe": recipe, "composed_as": method}))
+            made.append(adapter)
+
+        def save():
+            for i, folder, adapter, record in saves:
+                save_adapter(adapter, folder, extra_json={"merge_info.json": record})
+                made[i] = load_adapter(folder)        # exactly what a rerun will read
+            return made
+        return Built(made, not saves, save if saves else None, root)
+
+    def prepare(self, model, env, task, draw: int = 0):
+        return static(model, env.built[self.name][draw])

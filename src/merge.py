@@ -23,15 +23,18 @@ hold or lie inside an input (even with --force).
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from src import lorahub, merging, runs
 from src.cli import build_parser, make_configs
-from src.compose import MergeConfig
+from src.compose import Built, Env, Method, reuse_saved, static
 from src.errors import UserError, run_main
-from src.lora import check_adapter_fits, export_merged_model, load_adapter, save_adapter
-from src.merging import MERGES, VARIANTS, merge_adapters, method_options
+from src.lora import Adapter, check_adapter_fits, export_merged_model, load_adapter, make_adapter, save_adapter
+from src.lorahub import LoraHubConfig, ShotLoss
+from src.merging import MERGES, VARIANTS, MergeConfig, merge_adapters, method_options
 from src.models import load_base_model
 
 METHODS = (*MERGES, *VARIANTS)
@@ -151,6 +154,119 @@ def main(argv: Sequence[str] | None = None) -> Path:
         export_merged_model(base_model, merged, cfg.export_model, tokenizer)
         print(f"exported merged model -> {cfg.export_model}")
     return out
+
+
+# --------------------------------------------------------------------------- registry entries
+
+def merge_options(method: str, options: dict) -> dict:
+    """The subset of `options` (None = unset) that a merge method takes, its variant's preset
+    included: --density means nothing to concat, so it is not passed to it (nor recorded
+    in its fingerprint)."""
+    name, resolved = merging.resolve_method(method, {})
+    takes = set(merging.options_of(merging.MERGES[name]))
+    if "generator" in takes:
+        takes.add("seed")
+    chosen = {k: v for k, v in options.items() if v is not None and k in takes}
+    return {**resolved, **chosen}
+
+
+class Merge(Method):
+    """One router-free merge of src/merging.py over the evaluated tasks' adapters, folded (the
+    registry holds one per method and variant of src/merging.py)."""
+
+    configs = (MergeConfig,)
+
+    def __init__(self, name: str):
+        self.name = name
+        self.groups = ("merges",) if name in merging.MERGES else ()
+        base, preset = merging.resolve_method(name, {})
+        if "scale" in merging.options_of(merging.MERGES[base]):
+            self.configs = (MergeConfig, LoraHubConfig)    # --merge-scale auto scores on LoraHub's shots
+        first = " ".join((merging.MERGES[base].__doc__ or "").strip().split("\n\n")[0].split())
+        self.help = first.split(". ")[0].rstrip(".")       # the docstring's first sentence
+        if name in merging.VARIANTS:
+            self.help = f"{base} with {', '.join(f'{k}={v!r}' for k, v in preset.items())}"
+
+    def options(self, env: Env) -> dict:
+        c = env.opt(MergeConfig)
+        scale = c.merge_scale if c.merge_scale in (None, "auto") else float(c.merge_scale)
+        options = merge_options(self.name, {"density": c.density, "rank": c.rank, "seed": env.seed,
+                                            "majority_sign": c.majority_sign, "space": c.space,
+                                            "core_merge": c.core_merge, "keep": c.keep, "scale": scale})
+        base = merging.resolve_method(self.name, {})[0]
+        if "density" in merging.options_of(merging.MERGES[base]) and "density" not in options:
+            options["density"] = merging.DENSITY      # the default, recorded (a changed default is a new cell)
+        return options
+
+    def scale_search(self, env: Env) -> dict | None:
+        """What --merge-scale auto depends on (None when the scale is not searched)."""
+        if self.options(env).get("scale") != "auto":
+            return None
+        hub = env.opt(LoraHubConfig)
+        return {"grid": list(env.opt(MergeConfig).merge_scale_grid), "shots": hub.lorahub_shots,
+                "max_len": hub.lorahub_max_len, "seed": env.seed, "model": env.model_name, "dtype": env.dtype,
+                "shot_data": lorahub.shot_hash(env, env.tasks)}
+
+    def check(self, env):
+        super().check(env)
+        w = env.opt(MergeConfig).weights
+        if w is not None and len(w) != len(env.tasks):
+            raise UserError(f"--weights has {len(w)} values for {len(env.tasks)} tasks")
+        if self.options(env).get("scale") == "auto":
+            env.shots(env.tasks, env.opt(LoraHubConfig).lorahub_shots)      # enough shots, before any build
+
+    def fingerprint(self, env, task):
+        fp = {"options": self.options(env), "weights": env.opt(MergeConfig).weights,
+              "adapters": [env.digests[t] for t in env.tasks]}
+        if (searched := self.scale_search(env)) is not None:
+            fp["scale_search"] = searched
+        return {"merge": fp}
+
+    def build(self, env):
+        """RUN/merged/<method>/ reused when made from the same adapters, options and weights."""
+        weights = env.opt(MergeConfig).weights
+        folder = runs.merged_dir(env.run_dir, self.name)
+        recipe = {"method": self.name, "tasks": list(env.tasks), "options": self.options(env),
+                  "weights": list(weights) if weights is not None else None,
+                  "adapters": {t: env.digests[t] for t in env.tasks}}
+        searched = self.scale_search(env)
+        if searched is not None:
+            recipe["scale_search"] = searched
+        reused = reuse_saved(folder, recipe, env.force)
+        if reused is not None:
+            return Built(reused, True, where=folder)
+        options = self.options(env)
+        if searched is not None:
+            options["scale"] = 1.0
+        merged = merging.merge_adapters([env.adapters[t] for t in env.tasks], self.name,
+                                        list(weights) if weights is not None else None, **options)
+        record = {"recipe": recipe}
+        if searched is not None:   # the coefficient from the grid, on training shots only
+            model, tokenizer = env.model()
+            check_adapter_fits(model, merged)
+            shots = env.shots(env.tasks, searched["shots"])
+            hub = env.opt(LoraHubConfig)
+            loss = ShotLoss(model, tokenizer, [ex for t in env.tasks for ex in shots[t]], hub.lorahub_max_len,
+                            hub.lorahub_batch_size)
+            found = lorahub.scale_search(model, merged, loss, searched["grid"])
+            merged = scaled(merged, found["chosen"])
+            record["scale_search"] = {**found, "shot_ids": {t: [ex.id for ex in shots[t]] for t in env.tasks}}
+            print(f"  {self.name}: --merge-scale auto chose {found['chosen']} (shot loss "
+                  f"{min(found['losses']):.4f}; grid {found['grid']})", file=sys.stderr)
+
+        def save():
+            save_adapter(merged, folder, extra_json={"merge_info.json": record})
+            return load_adapter(folder)   # exactly what a rerun will read
+        return Built(merged, False, save, folder)
+
+    def prepare(self, model, env, task):
+        return static(model, env.built[self.name])
+
+
+def scaled(adapter: Adapter, c: float) -> Adapter:
+    """`adapter` with every delta multiplied by c (folded into A; ranks and scales kept)."""
+    return make_adapter({n: (a * c, b) for n, (a, b) in adapter.factors.items()}, dict(adapter.scales),
+                        adapter.base_model, name=adapter.name)
 
 
 if __name__ == "__main__":

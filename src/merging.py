@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -624,3 +625,63 @@ def merge_adapters(adapters: list[Adapter], method: str, weights: list[float] | 
         scales[module] = s
     base = next((ad.base_model for ad in adapters if ad.base_model), None)
     return make_adapter(factors, scales, base, name=method)
+
+
+# --------------------------------------------------------------------------- options
+
+SCALE_GRID = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+
+
+@dataclass
+class MergeConfig:
+    """Options of the merge methods; each method gets only those it takes."""
+
+    density: float | None = field(default=None, metadata={
+        "help": "ties, dare, knots, core_space ties: share of entries kept; None: 0.2 (TIES' top 20%, PEFT's guide)"})
+    rank: str | None = field(default=None, metadata={"help": "svd (and ties/dare in delta space): rank, or 'full'"})
+    majority_sign: str | None = field(default=None, metadata={
+        "help": "ties / dare_ties sign election: total or frequency; None: total", "choices": ("total", "frequency")})
+    space: str | None = field(default=None, metadata={
+        "help": "ties / dare: merge A and B separately (ab, as PEFT) or the dense deltas (delta); None: ab",
+        "choices": ("ab", "delta")})
+    weights: tuple[float, ...] | None = field(default=None, metadata={"help": "one weight per task (default 1 each)"})
+    core_merge: str | None = field(default=None, metadata={
+        "help": "core_space: the merge run inside the core space; None: ta (task arithmetic, equals concat)",
+        "choices": CORE_MERGES})
+    keep: float | None = field(default=None, metadata={
+        "help": "tsv: share of min(out, in) singular components each task keeps; None: 1/N (every component of a LoRA)"})
+    merge_scale: str | None = field(default=None, metadata={
+        "help": "knots, core_space, tsv, iso_c: scaling coefficient of the merged delta, a number or auto (the grid "
+                "point with the lowest loss on the LoraHub shots of the training split); None: the method's "
+                "data-free default (1)"})
+    merge_scale_grid: tuple[float, ...] = field(default=SCALE_GRID, metadata={
+        "help": "the coefficients --merge-scale auto tries"})
+
+    def __post_init__(self):
+        if self.merge_scale is not None and self.merge_scale != "auto":
+            try:
+                value = float(self.merge_scale)
+            except ValueError:
+                raise UserError(f"--merge-scale must be a number or 'auto', got {self.merge_scale!r}") from None
+            if not math.isfinite(value):
+                raise UserError(f"--merge-scale must be a finite number or 'auto', got {self.merge_scale}")
+            self.merge_scale = str(value)
+        self.merge_scale_grid = tuple(float(x) for x in self.merge_scale_grid)
+        if not self.merge_scale_grid or not all(math.isfinite(x) for x in self.merge_scale_grid):
+            raise UserError(f"--merge-scale-grid must be finite numbers, got {list(self.merge_scale_grid)}")
+        if self.keep is not None and not (math.isfinite(self.keep) and 0 < self.keep <= 1):
+            raise UserError(f"--keep must be in (0, 1], got {self.keep}")
+        if self.rank is not None and self.rank != "full":
+            try:
+                self.rank = int(self.rank)
+            except ValueError:
+                raise UserError(f"--rank must be a positive integer or 'full', got {self.rank!r}") from None
+            if self.rank < 1:
+                raise UserError(f"--rank must be a positive integer or 'full', got {self.rank}")
+        if self.density is not None and not (math.isfinite(self.density) and 0 < self.density <= 1):
+            raise UserError(f"--density must be in (0, 1], got {self.density}")
+        if self.weights is not None:
+            self.weights = tuple(self.weights)
+            bad = [w for w in self.weights if not math.isfinite(w)]
+            if bad:
+                raise UserError(f"--weights must be finite numbers, got {bad[0]}")

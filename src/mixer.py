@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -44,9 +45,11 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from src import runs
 from src.cli import check_positive_ints
+from src.compose import Env, Method
 from src.errors import UserError
-from src.experts import TokenRouter, entropy, expert_order, inject_experts, load_balance, topk_softmax
+from src.experts import TokenRouter, check_top_k, entropy, expert_order, inject_experts, load_balance, topk_softmax
 from src.lora import Adapter, load_adapter, save_adapter
 from src.runs import atomic_path, file_digest, read_saved_config, write_json_atomic
 from src.training import Objective, backbone_forward, collate, prompt_items, target_only_loss, to_device
@@ -490,3 +493,84 @@ def routing_report(mixer: LoRAMixer, model: nn.Module, items: Sequence[dict], pa
             "top1_own": {mixer.tasks[i]: round(float(top1[i] / count[i]), 6) for i in seen},
             "mean_own_share": sum(own.values()) / max(len(own), 1),
             "entropy": ent / max(n_batches, 1), "balance": bal / max(n_batches, 1)}
+
+
+# --------------------------------------------------------------------------- registry entries
+
+@dataclass
+class MixerEvalConfig:
+    """lora_mixer at evaluation: how many experts each token keeps."""
+
+    title = "LoRA-Mixer evaluation options"
+
+    eval_mixer_top_k: int | None = field(default=None, metadata={
+        "help": "lora_mixer: experts kept per token at inference; None: the trained mixer's --mixer-top-k"})
+
+    def __post_init__(self):
+        k = self.eval_mixer_top_k
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise UserError(f"--eval-mixer-top-k must be a positive integer, got {k}")
+
+
+class LoRAMixerMethod(Method):
+    """LoRA-Mixer trained in one regime: `lora_mixer` (the default, plug) or `lora_mixer_<regime>`."""
+
+    kind, family = "dynamic", "trained router"
+    configs = (MixerEvalConfig,)
+    SUMMARIES = {"plug": "trained router, per token", "finetune": "trained router, per token, tuned experts",
+                 "joint": "trained router, per token, experts trained with it"}
+
+    def __init__(self, regime: str):
+        self.name = method_name(regime)
+        self.summary = self.SUMMARIES.get(regime, f"trained router, per token ({regime})")
+        self.help = (f"LoRA-Mixer ({regime} regime): RUN/compose/{self.name}'s routers mix the experts per token in "
+                     "the projections (top-k)")
+
+    def folder(self, env: Env) -> Path:
+        return runs.compose_dir(env.run_dir, self.name)
+
+    def selection_records(self, run_dir):
+        return [(runs.compose_dir(run_dir, self.name) / "training_config.json", True)]
+
+    def meta(self, env: Env) -> dict:
+        return read_config(self.folder(env))
+
+    def check(self, env):
+        folder = self.folder(env)
+        try:
+            meta = self.meta(env)
+        except UserError as e:
+            raise UserError(f"method {self.name}: {e} (or leave {self.name} out of --methods)") from None
+        absent = [t for t in env.tasks if t not in meta["tasks"]]
+        if absent:
+            raise UserError(f"method {self.name}: {folder} has no expert for task {', '.join(absent)} "
+                            f"(its experts: {', '.join(meta['tasks'])})")
+        k = env.opt(MixerEvalConfig).eval_mixer_top_k
+        check_top_k("--eval-mixer-top-k", k, meta["tasks"])
+        missing = [t for t in self.adapter_tasks(env) if not runs.has_adapter(env.run_dir, t)]
+        if missing:
+            raise UserError(f"method {self.name} needs the adapters of its experts: no adapter for task "
+                            f"{', '.join(missing)} in {runs.adapters_dir(env.run_dir)}")
+        runs.check_built_from(self.name, folder, env.run_dir, self.adapter_tasks(env))
+
+    def adapter_tasks(self, env):
+        meta = self.meta(env)
+        return [] if meta.get("experts_saved") else list(meta["tasks"])
+
+    def fingerprint(self, env, task):
+        folder = self.folder(env)
+        files = [folder / f for f in ("mixer_config.json", "routers.safetensors")]
+        files += sorted((folder / "experts").glob("*/adapter_model.safetensors"))
+        return {"lora_mixer": {"files": runs.file_digest(*files),
+                               "adapters": [env.digests[t] for t in self.adapter_tasks(env)],
+                               "top_k": env.opt(MixerEvalConfig).eval_mixer_top_k or self.meta(env)["top_k"]}}
+
+    @contextmanager
+    def prepare(self, model, env, task):
+        needed = self.adapter_tasks(env)
+        mixer = LoRAMixer.load(model, self.folder(env), {t: env.adapters[t] for t in needed} if needed else None,
+                               env.opt(MixerEvalConfig).eval_mixer_top_k)
+        try:
+            yield mixer
+        finally:
+            mixer.remove()

@@ -55,6 +55,8 @@ from transformers.cache_utils import Cache
 from src.errors import UserError
 from src.experts import ExpertLinear, Selection, _few, expert_modules, expert_order, inject_experts, remove_experts
 from src.lora import Adapter, load_adapter, save_adapter
+from src import runs
+from src.compose import Method
 from src.runs import atomic_path, file_digest, write_json_atomic
 
 ROUTERS = ("study", "block")
@@ -519,3 +521,86 @@ class MixtureOfLoRAs(nn.Module):
             moa.remove()
             raise
         return moa
+
+
+# --------------------------------------------------------------------------- registry entries
+
+def moa_experts(folder: Path) -> tuple[list[str], bool]:
+    """(expert task names, whether the experts are saved inside the MoA folder) from moa_config.json."""
+    path = Path(folder) / CONFIG_NAME
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: unreadable ({e})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("tasks"), list) or not cfg["tasks"] \
+            or not all(isinstance(t, str) and t for t in cfg["tasks"]):
+        raise UserError(f"{path}: no 'tasks' list of task names (not a saved MixtureOfLoRAs)")
+    saved = cfg.get("experts_saved", False)
+    if not isinstance(saved, bool):
+        raise UserError(f"{path}: 'experts_saved' must be true or false, got {saved!r}")
+    return list(cfg["tasks"]), saved
+
+
+class MoA(Method):
+    name, kind = "moa", "dynamic"
+    family, summary = "trained router", "trained router, per sequence"
+    help = "Mixture-of-LoRAs: RUN/moa's trained routers pick one expert per sequence"
+
+    def selection_records(self, run_dir):
+        return [(runs.moa_dir(run_dir) / "training_config.json", True)]
+
+    def check(self, env):
+        folder = runs.moa_dir(env.run_dir)
+        if not (folder / CONFIG_NAME).is_file():
+            raise UserError(f"method moa needs a trained MoA: no {folder}/{CONFIG_NAME} "
+                            f"(train it with train_moa.py, or leave moa out of --methods)")
+        if not (folder / ROUTERS_NAME).is_file():
+            raise UserError(f"method moa: {folder} has no {ROUTERS_NAME} (an unfinished train_moa.py?)")
+        experts, saved = moa_experts(folder)
+        absent = [t for t in env.tasks if t not in experts]
+        if absent:
+            raise UserError(f"method moa: {folder} has no expert for task {', '.join(absent)} "
+                            f"(its experts: {', '.join(experts)})")
+        missing = [t for t in experts if not saved and not runs.has_adapter(env.run_dir, t)]
+        if missing:
+            raise UserError(f"method moa needs the adapters of its experts: no adapter for task "
+                            f"{', '.join(missing)} in {runs.adapters_dir(env.run_dir)}")
+        runs.check_built_from(self.name, folder, env.run_dir, [] if saved else experts)
+
+    def adapter_tasks(self, env):
+        experts, saved = moa_experts(runs.moa_dir(env.run_dir))
+        return [] if saved else experts
+
+    def fingerprint(self, env, task):
+        return {"moa": {"files": runs.moa_digest(runs.moa_dir(env.run_dir)),
+                        "adapters": [env.digests[t] for t in self.adapter_tasks(env)]}}
+
+    @contextmanager
+    def prepare(self, model, env, task):
+        needed = self.adapter_tasks(env)
+        moa = MixtureOfLoRAs.load(model, runs.moa_dir(env.run_dir),
+                                  {t: env.adapters[t] for t in needed} if needed else None)
+        try:
+            yield moa
+        finally:
+            moa.remove()
+
+
+class MoAStudy(MoA):
+    """The study's MoA decoding: batch size 1, each router re-deciding at every decoding step
+    from the newest token (its `generate` with a KV cache), the layer's own router's argmax."""
+
+    name = "moa_study"
+    summary = "trained router, per sequence, re-decided per step"
+    help = "RUN/moa decoded as the study did: batch 1, routers re-decide at every step"
+    max_batch = 1
+
+    @contextmanager
+    def prepare(self, model, env, task):
+        with super().prepare(model, env, task) as moa:
+            saved = moa.cfg
+            moa.cfg = dataclasses.replace(saved, inference="layer", redecide_every_step=True)
+            try:
+                yield moa
+            finally:
+                moa.cfg = saved

@@ -20,12 +20,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from src import runs, stages
 from src.cli import check_positive_ints
+from src.compose import Env, Method, static
 from src.errors import UserError
 from src.training import planned_steps
 
@@ -122,3 +124,53 @@ def recipe_notes(run: Path, tasks: Sequence[str], resolved: dict, model: str, gl
             notes.append(f"the multitask adapter chooses its checkpoint on other validation examples of {t} than "
                          f"its adapter did: evaluation leaves out both")
     return notes
+
+
+# --------------------------------------------------------------------------- registry entries
+
+class MultitaskLoRA(Method):
+    """The multitask baseline: one adapter trained on the union of the tasks' training examples
+    (train_individual_loras.py --multitask, src/multitask.py), folded like the oracle, for every task."""
+
+    name = "multitask_lora"
+    family, summary = "baseline", "one adapter trained on every task's examples"
+    help = ("one adapter trained on the union of the tasks' training examples, as many steps as the task adapters "
+            "together (RUN/adapters/_multitask), folded")
+
+    def adapter_tasks(self, env):
+        return [runs.MULTITASK]
+
+    def selection_records(self, run_dir):
+        return [(runs.multitask_dir(run_dir) / "training_config.json", False)]
+
+    def trained_on(self, env: Env) -> list[str] | None:
+        """The tasks its training_config.json names (None: no readable record)."""
+        try:
+            tasks = json.loads((runs.multitask_dir(env.run_dir) / "training_config.json").read_text())["tasks"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return [t for t in tasks if isinstance(t, str)] if isinstance(tasks, list) else None
+
+    def check(self, env):
+        folder = runs.multitask_dir(env.run_dir)
+        if not runs.has_adapter(env.run_dir, runs.MULTITASK):
+            raise UserError(f"method multitask_lora needs the multitask adapter: no {folder} (train it with "
+                            f"train_individual_loras.py --multitask --tasks {','.join(env.tasks)} and the task "
+                            f"adapters' flags, or leave multitask_lora out of --methods)")
+        trained = self.trained_on(env)
+        if trained is None:
+            return
+        unseen = [t for t in env.tasks if t not in trained]
+        if unseen:
+            raise UserError(f"method multitask_lora: {folder} was trained on {', '.join(trained)}, not on "
+                            f"{', '.join(unseen)} (retrain it with train_individual_loras.py --multitask --tasks "
+                            f"{','.join(env.tasks)} --force)")
+        if len(trained) > len(env.tasks):
+            print(f"note: {folder} was trained on {len(trained)} tasks ({', '.join(trained)}); evaluating "
+                  f"{len(env.tasks)} of them", file=sys.stderr)
+
+    def fingerprint(self, env, task):
+        return {"multitask_lora": {"adapter": env.digests[runs.MULTITASK]}}
+
+    def prepare(self, model, env, task):
+        return static(model, env.adapters[runs.MULTITASK])

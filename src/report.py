@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from src import compose, systems  # noqa: F401 (systems: every method registered)
 from src.errors import UserError, run_main
 from src.evaluation import _fmt, results_rows
 from src.runs import eval_dir
@@ -27,19 +28,10 @@ STUDY = {
     "Qwen2-0.5B": {5: {"moa": 0.999, "weight_sum": 0.613, "concat": 0.702, "svd": 0.681, "base": 0.223}},
 }
 
-# What each method needs beyond the adapters: the reading's groups.
-FAMILY = {"oracle": "each task's own adapter", "base": "no adapter",
-          "moa": "trained router, per sequence", "moa_study": "trained router, per sequence, re-decided per step",
-          "lora_mixer": "trained router, per token", "lora_mixer_finetune": "trained router, per token, tuned experts",
-          "lora_mixer_joint": "trained router, per token, experts trained with it", "arrow": "zero-shot router, per token",
-          "retrieval": "zero-shot router, per sequence (prompt similarity)",
-          "lorahub": "few-shot search", "lorahub_task": "few-shot search, per task",
-          "random_merge": "random weights, mean over draws (lorahub's control)",
-          "t2l": "generated from a description", "t2l_zeroshot": "generated, task held out"}
-
 
 def family(method: str) -> str:
-    return FAMILY.get(method, "merge")
+    """The method's description in the table, from the registry (its summary, else its family)."""
+    return compose.family(method) if method in compose.REGISTRY else "not in this version's registry"
 
 
 def load(run: Path, protocol: str) -> dict:

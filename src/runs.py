@@ -440,3 +440,22 @@ def save_cell(run: Path, method: str, task: str, fingerprint: dict, body: dict, 
     write_predictions(run, method, task, body["records"])
     write_json_atomic(cell_path(run, method, task), cell)
     return cell
+
+
+def check_built_from(method: str, folder: Path, run_dir: Path, experts: Sequence[str]) -> None:
+    """Refuse routers trained over other adapters than RUN/adapters holds now (an expert retrained
+    since): their training_config.json records each adapter's sha256 under built_from. Folders
+    trained before that was recorded are taken as they are."""
+    try:
+        info = json.loads((folder / "training_config.json").read_text())
+    except (OSError, ValueError):
+        return
+    recorded = (info.get("built_from") or {}).get("adapters") if isinstance(info, dict) else None
+    if not isinstance(recorded, dict):
+        return
+    changed = [t for t in experts if t in recorded and has_adapter(run_dir, t)
+               and recorded[t] != adapter_digest(adapter_dir(run_dir, t))]
+    if changed:
+        raise UserError(f"method {method}: {folder} was trained over other adapters than {adapters_dir(run_dir)} "
+                        f"holds now (retrained since: {', '.join(changed)}); retrain it with train_moa.py --force "
+                        f"(or leave {method} out of --methods)")

@@ -47,12 +47,15 @@ which wires it into a model through the shared expert layer (src/experts.py).
 from __future__ import annotations
 
 import math
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
 from src.cli import check_positive_ints
+from src.compose import Env, Method
 from src.errors import UserError
 from src.experts import Selection, TokenRouter, check_top_k, common_modules, inject_experts, topk_softmax
 from src.lora import Adapter, make_adapter
@@ -206,3 +209,49 @@ class SmileRouter(TokenRouter):
         gates = smile_gates(logits, self.top_k, self.cfg.smile_temperature)        # [b, t, E]
         self._record(layer, gates)
         return gates
+
+
+# --------------------------------------------------------------------------- registry entries
+
+class Smile(Method):
+    """SMILE (src/smile.py): each token to the experts whose top singular directions hold most of it."""
+
+    name, kind = "smile", "dynamic"
+    family, summary = "zero-shot router", "zero-shot router, per token (the experts' subspaces)"
+    configs = (SmileConfig,)
+    help = ("SMILE: zero-shot per-token routing by the norm of the input's projection on each adapter's top "
+            "singular vectors (Tang et al. 2024)")
+
+    def max_rank(self, env: Env) -> int:
+        return max(r for t in env.tasks for r in env.adapters[t].ranks.values())
+
+    def check(self, env):
+        super().check(env)
+        cfg = env.opt(SmileConfig)
+        check_top_k("--smile-top-k", cfg.smile_top_k, env.tasks)
+        env.load_adapters(env.tasks)
+        common_modules({t: env.adapters[t] for t in env.tasks}, env.tasks, "SMILE's adapters")
+        top = self.max_rank(env)
+        if cfg.smile_gate_k > top:
+            print(f"note: --smile-gate-k {cfg.smile_gate_k} is above the adapters' rank {top}: the gate uses "
+                  f"every singular direction", file=sys.stderr)
+        if cfg.smile_rank is not None and cfg.smile_rank >= top:
+            print(f"note: --smile-rank {cfg.smile_rank} is not below the adapters' rank {top}: the experts are "
+                  f"kept whole", file=sys.stderr)
+
+    def fingerprint(self, env, task):
+        cfg, top = env.opt(SmileConfig), self.max_rank(env)
+        rank = cfg.smile_rank if cfg.smile_rank is not None and cfg.smile_rank < top else None
+        fp = {"adapters": [env.digests[t] for t in env.tasks], "top_k": cfg.smile_top_k,
+              "gate_k": min(cfg.smile_gate_k, top), "gate_scale": cfg.smile_gate_scale, "rank": rank}
+        if cfg.smile_top_k > 1:   # at k = 1 rescaling a token's logits changes no gate
+            fp.update(temperature=cfg.smile_temperature, normalize=cfg.smile_normalize)
+        return {"smile": fp}
+
+    @contextmanager
+    def prepare(self, model, env, task):
+        router = SmileRouter(model, {t: env.adapters[t] for t in env.tasks}, env.opt(SmileConfig))
+        try:
+            yield router
+        finally:
+            router.remove()

@@ -93,7 +93,7 @@ def test_arrow_through_full_evaluation(tmp_path):
 
 def test_unknown_methods_name_the_known_ones():
     import pytest
-    from src import compose
+    from src import compose, systems  # noqa: F401 (systems: every method registered)
     from src.errors import UserError
     assert compose.resolve_methods("arrow,merges")[:3] == ["oracle", "arrow", "concat"]
     with pytest.raises(UserError, match="unknown method .nope.; known: base, oracle, moa, moa_study, arrow, lora_mixer, lora_mixer_finetune, lora_mixer_joint, lorahub, lorahub_task, t2l, t2l_zeroshot, concat"):
@@ -104,7 +104,7 @@ def test_evaluation_leaves_out_the_examples_that_chose_checkpoints(tmp_path):
     """The fixture's adapters and MoA chose their checkpoints on 2 validation examples per task
     (recorded before selection ids were: rebuilt from their data config); evaluation skips them."""
     import json
-    from src import compose
+    from src import compose, systems  # noqa: F401 (systems: every method registered)
     from tiny import save_tiny
     shutil.copytree(FIXTURE, tmp_path / "run")
     save_tiny(tmp_path / "tiny-qwen2")
@@ -122,3 +122,36 @@ def test_evaluation_leaves_out_the_examples_that_chose_checkpoints(tmp_path):
             seen = {json.loads(x)["id"] for x in pred.read_text().splitlines()}
             assert len(seen) == 4
             assert bool(seen & set(ids)) == bool(extra), (t, extra)     # disjoint unless asked otherwise
+
+
+def test_the_docs_example_method_is_one_module_and_one_line(tmp_path, monkeypatch):
+    """docs/compose.md's worked example, run as written: its module's code plus the one line that
+    registers it, then `--methods oracle_half` evaluates it beside the fixture's cells."""
+    import json
+    import re
+
+    import full_evaluation
+    from fixture_run import eval_command, fixture_run
+    from src import compose, systems  # noqa: F401 (systems: every method registered)
+    from src.errors import run_main
+    from src.report import family
+
+    doc = (ROOT / "docs" / "compose.md").read_text()
+    module = re.search(r"```python\n# src/half_oracle.py\n(.*?)```", doc, re.S).group(1)
+    line = re.search(r"```python\n    (half_oracle\.HalfOracle\(\)),\n```", doc).group(1)
+    namespace: dict = {}
+    exec(compile(module, "src/half_oracle.py", "exec"), namespace)
+    half_oracle = type(sys)("half_oracle")
+    half_oracle.__dict__.update(namespace)
+    compose.register(eval(line, {"half_oracle": half_oracle}))
+    try:
+        run, _ = fixture_run(tmp_path)
+        monkeypatch.chdir(tmp_path)
+        assert run_main(full_evaluation.main, eval_command("--methods", "oracle_half")[2:]) == 0
+        assert family("oracle_half") == "each task's own adapter at half its scale"
+        summary = json.loads((run / "eval" / "summary.json").read_text())
+        assert "oracle_half" in summary["methods"]
+        assert {p.name for p in (run / "eval" / "cells" / "oracle_half").glob("*.json")} == {
+            "sentiment.json", "nli.json", "qa.json"}
+    finally:
+        compose.REGISTRY.pop("oracle_half", None)

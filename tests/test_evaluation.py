@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import full_evaluation
-from src import compose, runs
+from src import compose, runs, systems  # noqa: F401 (systems: every method registered)
 from src import evaluation as ev
 from src import tasks as T
 from src.analysis import cosine_matrices, factor_inner

@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from src import compose, runs, tasks, training
+from src import moa, runs, systems, tasks, training  # noqa: F401 (systems: every method registered)
 from src.errors import UserError
 from src.lora import load_adapter, save_adapter
 from tiny import random_adapter, tiny_model
@@ -191,7 +191,7 @@ def test_moa_config(tmp_path_factory, data):
         path.write_text(json.dumps(data.draw(json_damage(cfg))))
     else:
         path.write_bytes(data.draw(byte_damage(json.dumps(cfg).encode())))
-    got = _clean(lambda: compose.moa_experts(folder))
+    got = _clean(lambda: moa.moa_experts(folder))
     if got is not None:
         experts, saved = got
         assert isinstance(experts, list) and all(isinstance(t, str) for t in experts) and isinstance(saved, bool)

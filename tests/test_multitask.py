@@ -16,7 +16,7 @@ from tiny import save_tiny
 from trainutil import train_args
 
 import train_individual_loras as train_loras
-from src import analysis, compose, multitask, runs
+from src import analysis, compose, merging, multitask, runs, systems  # noqa: F401 (systems: every method registered)
 from src.errors import UserError, run_main
 from src.lora import load_adapter
 from src.smile import SmileConfig
@@ -211,7 +211,7 @@ def test_the_fingerprint_follows_the_adapter_and_nothing_else(trained):
     assert fp["multitask_lora"] == {"adapter": runs.adapter_digest(runs.multitask_dir(run))}
     assert json.loads(json.dumps(fp)) == fp
     env.options[SmileConfig] = SmileConfig(smile_top_k=2)                # another method's option
-    env.options[compose.MergeConfig] = compose.MergeConfig(density=0.3)
+    env.options[merging.MergeConfig] = merging.MergeConfig(density=0.3)
     assert compose.fingerprint("multitask_lora", "nli", env, {}) == fp
     env.digests[runs.MULTITASK] = "retrained"
     assert compose.fingerprint("multitask_lora", "nli", env, {}) != fp

@@ -73,6 +73,7 @@ def test_training_writes_a_peft_adapter_per_task(pipeline):
 
 
 def test_every_method_is_scored_on_every_task(pipeline):
+    from src import systems  # noqa: F401 (every method registered)
     from src.compose import known_methods
     from src.merging import MERGES, VARIANTS
     summary = json.loads((pipeline / "eval" / "summary.json").read_text())

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from src import compose, merging
+from src import compose, merging, systems  # noqa: F401 (systems: every method registered)
 from src import evaluation as ev
 from src.lorahub import LoraHubConfig, RandomMergeConfig, draw_weights
 from src.retrieval import RetrievalConfig

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from src import compose, merging
+from src import compose, merging, systems  # noqa: F401 (systems: every method registered)
 from src import evaluation as ev
 from src.encoders import MINILM_PACKAGE, encode_texts
 from src.experts import Selection, topk_softmax

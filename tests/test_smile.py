@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from src import compose
+from src import compose, systems  # noqa: F401 (systems: every method registered)
 from src.arrow import ArrowConfig, ArrowRouter
 from src.errors import UserError
 from src.lora import lora_layers, set_module

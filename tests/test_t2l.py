@@ -324,7 +324,7 @@ def test_script_trains_skips_and_generate_writes_a_peft_adapter(tiny_run, tmp_pa
 
 
 def test_t2l_methods_generate_each_task_and_reuse_the_zero_shot_hypernetworks(tiny_run):
-    from src import compose
+    from src import compose, systems  # noqa: F401 (systems: every method registered)
     model_dir, run = tiny_run
     if not (run / "compose" / "t2l").is_dir():
         assert run_main(script.main, _args(model_dir, run)) == 0
@@ -339,7 +339,7 @@ def test_t2l_methods_generate_each_task_and_reuse_the_zero_shot_hypernetworks(ti
     folder = run / "compose" / "t2l-holdout-sentiment"
     assert json.loads((folder / "training_config.json").read_text())["tasks"] == ["nli"]
     mtime = (folder / "hypernet.safetensors").stat().st_mtime_ns
-    fp = compose.T2L().fingerprint(env, "nli")["t2l"]
+    fp = compose.REGISTRY["t2l"].fingerprint(env, "nli")["t2l"]
     assert fp["encoder"] == "base" and fp["description"] == held_out_descriptions("nli")[0]
     compose.build_all(["t2l_zeroshot"], env)                                    # cached: not retrained
     assert (folder / "hypernet.safetensors").stat().st_mtime_ns == mtime

@@ -276,7 +276,7 @@ def test_generate_for_another_model_is_refused_unless_same_base(tmp_path, capsys
 
 def test_evaluating_t2l_on_another_model_than_it_writes_for_says_so(tmp_path, capsys):
     """The t2l entry, like task adapters of another base model: a note naming both (the shapes may fit)."""
-    from src import compose
+    from src import compose, systems  # noqa: F401 (systems: every method registered)
     folder, _, ads, _ = _saved(tmp_path)
     _rewrite(folder, base_model="Qwen/Qwen2-0.5B")
     tasks = list(ads)
@@ -479,7 +479,7 @@ def test_sft_with_alpha_zero_is_refused_in_one_line(tiny_run, tmp_path, capsys):
 def test_sft_records_the_examples_that_chose_its_checkpoint_and_evaluation_leaves_them_out(tiny_run, tmp_path):
     """issue 26: with --objective sft the validation examples choose the checkpoint; the record names
     them, and `compose.selection_ids` (what evaluation leaves out) includes them."""
-    from src import compose
+    from src import compose, systems  # noqa: F401 (systems: every method registered)
     model_dir = tiny_run[0]
     run = _run(tiny_run, tmp_path, "sft")
     sft = ["--objective", "sft", "--t2l-norm", "type", "--data", "sample", "--train-size", "4", "--eval-size", "3",
@@ -494,7 +494,7 @@ def test_sft_records_the_examples_that_chose_its_checkpoint_and_evaluation_leave
 
 
 def test_a_reconstruction_record_adds_no_examples_to_leave_out(tiny_run, tmp_path):
-    from src import compose
+    from src import compose, systems  # noqa: F401 (systems: every method registered)
     model_dir = tiny_run[0]
     run = _run(tiny_run, tmp_path, "recon")
     assert run_main(script.main, _args(model_dir, run, "--max-steps", "1")) == 0
