@@ -49,7 +49,6 @@ from src.errors import UserError
 from src.metrics import multitask_score
 from src.runs import (cell_path, eval_dir, git_commit, predictions_path, summary_path, write_json_atomic,
                       write_text_atomic)
-from src.training import pad_sequences
 
 SCORE_BY = ("generate", "likelihood")
 
@@ -73,7 +72,7 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask), both [batch, max_len], padded on `side`, on `device`."""
-    ids, mask = pad_sequences(seqs, pad_id, side)
+    ids, mask = task_registry.pad_sequences(seqs, pad_id, side)
     return ids.to(device), mask.to(device)
 
 

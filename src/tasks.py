@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import torch
+
 from src import metrics
 from src.errors import UserError
 
@@ -662,3 +664,18 @@ def tokenize_example(tokenizer, prompt: str, target: str, max_len: int = 512,
     target_ids = tokenizer(target, add_special_tokens=False)["input_ids"][: max_target_len - 1] + [eos]
     prompt_ids = encode_prompt(tokenizer, prompt, max_len - len(target_ids))
     return {"input_ids": prompt_ids + target_ids, "labels": [-100] * len(prompt_ids) + target_ids}
+
+
+def pad_sequences(seqs: Sequence[Sequence[int]], value: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """(padded [batch, longest], attention mask [batch, longest]) as LongTensors, padded with
+    `value` on `side` ("right": real tokens keep positions 0..n-1; "left": every sequence ends
+    at -1). Training's batches (`training.collate`) and evaluation's
+    (`evaluation.pad_batch`) both pad through here."""
+    width = max(len(x) for x in seqs)
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, x in enumerate(seqs):
+        sl = slice(width - len(x), width) if side == "left" else slice(0, len(x))
+        out[i, sl] = torch.tensor(x, dtype=torch.long)
+        mask[i, sl] = 1
+    return out, mask

@@ -47,7 +47,7 @@ from safetensors.torch import load_file, save_file
 
 from src.errors import UserError
 from src.runs import atomic_path, write_text_atomic
-from src.tasks import TASKS, Example, tokenize_example
+from src.tasks import TASKS, Example, pad_sequences, tokenize_example
 
 IGNORE = -100
 STATE_FILE = "state.json"          # a checkpoint's commit file; its tensors are in a .safetensors beside it
@@ -134,21 +134,6 @@ def split_batch(indices: list[int], micro: int, n_micro: int, rank: int, world: 
         chunk = indices[j * micro * world:(j + 1) * micro * world]
         out.append(chunk[rank * micro:(rank + 1) * micro])
     return out
-
-
-def pad_sequences(seqs: Sequence[Sequence[int]], value: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
-    """(padded [batch, longest], attention mask [batch, longest]) as LongTensors, padded with
-    `value` on `side` ("right": real tokens keep positions 0..n-1; "left": every sequence ends
-    at -1). Training's batches (`collate`) and evaluation's
-    (`evaluation.pad_batch`) both pad through here."""
-    width = max(len(x) for x in seqs)
-    out = torch.full((len(seqs), width), value, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, x in enumerate(seqs):
-        sl = slice(width - len(x), width) if side == "left" else slice(0, len(x))
-        out[i, sl] = torch.tensor(x, dtype=torch.long)
-        mask[i, sl] = 1
-    return out, mask
 
 
 def collate(items: Sequence[dict], pad_id: int, side: str = "right") -> dict:
