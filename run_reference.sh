@@ -36,9 +36,10 @@ T2L_STEPS=${T2L_STEPS:-600}             # Text-to-LoRA: reconstruction steps of 
 LORAHUB_BUDGET=${LORAHUB_BUDGET:-20}    # LoraHub's gradient-free search: candidate weightings tried
 
 # The table's methods beside base and oracle (always evaluated): the trained routers, the zero-shot
-# router, the search, the best new merges (bench/RESULTS.md, short-5tasks), the generated adapter,
-# the study's three merges and its variants.
-METHODS=${METHODS:-moa,moa_study,lora_mixer,arrow,lorahub,knots,core_space_tsv,t2l,concat,weight_sum,svd,ties,dare_ties,concat_unscaled}
+# routers (per token, per prompt), the search and its random control, the multitask LoRA, the best
+# new merges (bench/RESULTS.md, short-5tasks), the generated adapter, the study's three merges and
+# its variants.
+METHODS=${METHODS:-moa,moa_study,lora_mixer,arrow,smile,retrieval,lorahub,random_merge,multitask_lora,knots,core_space_tsv,t2l,concat,weight_sum,svd,ties,dare_ties,concat_unscaled}
 TASKS5=summarization,translation,qa,sentiment,nli
 
 publish() {   # publish RUN DEST: every file but weights, checkpoints and locks
@@ -74,7 +75,8 @@ MIXER=("${ROUTE[@]}" --system lora_mixer --batch-size 4 --mixer-regime plug --mi
 T2L=(--model "$MODEL" --output-dir "$RUN" --data-dir "$DATA" --tasks 7tasks --max-steps "$T2L_STEPS" --batch-size 9
      --lr 1e-3 --eval-every 100 --save-every 100 --seed 0 --no-progress)
 EVAL=(--model "$MODEL" --data-dir "$DATA" --eval-size "$EVAL_SIZE" --batch-size 16 --max-new-tokens 96
-      --max-prompt-len 320 --density 0.5 --seed 0 --arrow-top-k 3 --lorahub-budget "$LORAHUB_BUDGET" --lorahub-shots 5)
+      --max-prompt-len 320 --density 0.5 --seed 0 --arrow-top-k 3 --lorahub-budget "$LORAHUB_BUDGET" --lorahub-shots 5
+      --random-draws 5 --retrieval-shots 64)   # 64 shots: retrieval's measured lever (docs/compose.md)
 
 # in_parallel LOG CMD1 -- CMD2 -- ...: the commands WORKERS at a time, each logging to LOG.k
 in_parallel() {
@@ -129,10 +131,14 @@ else
 fi
 for t in ${TASKS5//,/ }; do copy_into "$RUN5" "adapters/$t"; done   # the 5-task set reuses the 7-task adapters
 
-stamp "2/6 trained systems: MoA and LoRA-Mixer (7 and 5 tasks), Text-to-LoRA (7 tasks), as METHODS needs"
+stamp "2/6 trained systems: MoA, LoRA-Mixer and the multitask LoRA (7 and 5 tasks), Text-to-LoRA (7 tasks), as METHODS needs"
 has() { [[ ",$METHODS," == *",$1,"* ]]; }
 zeroshot=${HELDOUT:+1}   # HELDOUT= (empty) skips the Text-to-LoRA hold-out run
 cmds=()
+if has multitask_lora; then   # one adapter on the union of each set's tasks, their adapters' step count
+  cmds+=("$PYTHON" train_individual_loras.py "${TRAIN[@]}" --tasks 7tasks --multitask --
+         "$PYTHON" train_individual_loras.py "${TRAIN[@]}" --output-dir "$RUN5" --tasks "$TASKS5" --multitask --)
+fi
 if has moa || has moa_study; then
   cmds+=("$PYTHON" train_moa.py "${MOA[@]}" --output-dir "$RUN" --tasks 7tasks --
          "$PYTHON" train_moa.py "${MOA[@]}" --output-dir "$RUN5" --tasks "$TASKS5" --)
