@@ -35,6 +35,12 @@ def test_registry_names_and_presets():
     assert PRESETS["7tasks"] == PRESETS["all"] == ALL
 
 
+def test_7tasks_names_the_studys_seven():
+    """A task added to the registry joins "all", never "7tasks" (whose cells it would invalidate)."""
+    assert PRESETS["7tasks"] == ("summarization", "translation", "qa", "sentiment", "nli", "paraphrasing",
+                                 "commonsense")
+
+
 @pytest.mark.parametrize("task, inp, expected", [
     ("summarization", {"article": "A. B."}, "A. B.\n### Summarization:\n"),
     ("translation", {"en": "Hello.", "docid": "x"}, "Hello.\n### Translation from English to German:\n"),
