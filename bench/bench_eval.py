@@ -89,6 +89,19 @@ def tokens_per_s(model, tok, ids, batch_size, moa=None) -> tuple[float, list]:
     return n / seconds, [r["routed_task"] for r in gen.routing] if gen.routing else None
 
 
+def routed_tokens_per_s(model, tok, ids, make=None, batch_size: int = BATCH, new_tokens: int = 32) -> float:
+    """Tokens/s of one greedy generation of exactly `new_tokens` per prompt (EOS suppressed until
+    then: equal work), through the router `make()` injects (removed after); `make=None`: none."""
+    router = make() if make is not None else None
+    try:
+        seconds, gen = timed(lambda: ev.generate(model, tok, ids, batch_size=batch_size, max_new_tokens=new_tokens,
+                                                 router=router, min_new_tokens=new_tokens))
+    finally:
+        if router is not None:
+            router.remove()
+    return sum(len(x) for x in gen.token_ids) / seconds
+
+
 def machine() -> str:
     cpu = platform.processor() or ""
     try:

@@ -36,9 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_eval import (DATA, bench_parser, load_embedded, machine, mixed_prompts,  # noqa: E402
-                              random_adapters, randomize_routers, timed, write_section)
+                              random_adapters, randomize_routers, routed_tokens_per_s, timed, write_section)
 from src import encoders  # noqa: E402
-from src import evaluation as ev  # noqa: E402
 from src import tasks as T  # noqa: E402
 from src.moa import MixtureOfLoRAs, MoAConfig  # noqa: E402
 from src.retrieval import RetrievalConfig, RetrievalRouter, task_embeddings  # noqa: E402
@@ -51,19 +50,8 @@ METHODS = ("base", "moa", "ret1", "ret2")
 LABEL = {"base": "base", "moa": "MoA", "ret1": "retrieval k1", "ret2": "retrieval k2"}
 
 
-def generate(model, tok, ids, router=None) -> float:
-    seconds, gen = timed(lambda: ev.generate(model, tok, ids, batch_size=BATCH, max_new_tokens=NEW_TOKENS,
-                                             router=router, min_new_tokens=NEW_TOKENS))
-    return sum(len(x) for x in gen.token_ids) / seconds
-
-
-def routed(model, tok, ids, make) -> float:
-    """Tokens/s of one generation with the router `make()` injects (removed after)."""
-    router = make()
-    try:
-        return generate(model, tok, ids, router)
-    finally:
-        router.remove()
+def generate(model, tok, ids, make=None) -> float:
+    return routed_tokens_per_s(model, tok, ids, make, BATCH, NEW_TOKENS)
 
 
 def main(argv=None):
@@ -120,10 +108,10 @@ def main(argv=None):
         enc_share = {"ret1": [], "ret2": []}
         for r in range(args.rounds + 1):
             res["base"].append(generate(model, tok, ids))
-            res["moa"].append(routed(model, tok, ids, make_moa))
+            res["moa"].append(generate(model, tok, ids, make_moa))
             for m, k in (("ret1", 1), ("ret2", 2)):
                 enc["seconds"] = 0.0
-                speed = routed(model, tok, ids, make_ret(k))
+                speed = generate(model, tok, ids, make_ret(k))
                 res[m].append(speed)
                 run_s = BATCH * NEW_TOKENS / speed
                 enc_share[m].append((enc["seconds"], enc["seconds"] / run_s))

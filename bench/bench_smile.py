@@ -29,8 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_eval import (bench_parser, load_embedded, machine, mixed_prompts, random_adapters,  # noqa: E402
-                              timed, write_section)
-from src import evaluation as ev  # noqa: E402
+                              routed_tokens_per_s, write_section)
 from src import tasks as T  # noqa: E402
 from src.arrow import ArrowConfig, ArrowRouter  # noqa: E402
 from src.smile import SmileConfig, SmileRouter  # noqa: E402
@@ -39,19 +38,8 @@ TASKS = list(T.PRESETS["7tasks"])
 BATCH, PROMPT_LEN, NEW_TOKENS = 16, 64, 32
 
 
-def generate(model, tok, ids, router=None) -> float:
-    seconds, gen = timed(lambda: ev.generate(model, tok, ids, batch_size=BATCH, max_new_tokens=NEW_TOKENS,
-                                             router=router, min_new_tokens=NEW_TOKENS))
-    return sum(len(x) for x in gen.token_ids) / seconds
-
-
-def routed(model, tok, ids, make) -> float:
-    """Tokens/s of one generation with the router `make()` injects (removed after)."""
-    router = make()
-    try:
-        return generate(model, tok, ids, router)
-    finally:
-        router.remove()
+def generate(model, tok, ids, make=None) -> float:
+    return routed_tokens_per_s(model, tok, ids, make, BATCH, NEW_TOKENS)
 
 
 def main(argv=None):
@@ -72,8 +60,8 @@ def main(argv=None):
         res = {"base": [], "arrow": [], "smile": []}
         for r in range(args.rounds + 1):
             res["base"].append(generate(model, tok, ids))
-            res["arrow"].append(routed(model, tok, ids, lambda: ArrowRouter(model, sub, arrow_cfg)))
-            res["smile"].append(routed(model, tok, ids, lambda: SmileRouter(model, sub, smile_cfg)))
+            res["arrow"].append(generate(model, tok, ids, lambda: ArrowRouter(model, sub, arrow_cfg)))
+            res["smile"].append(generate(model, tok, ids, lambda: SmileRouter(model, sub, smile_cfg)))
             print(f"{n} experts, round {r}{' (warm-up)' if r == 0 else ''}: "
                   + ", ".join(f"{k} {v[-1]:.1f} tok/s" for k, v in res.items()), flush=True)
         res = {k: v[1:] for k, v in res.items()}

@@ -26,15 +26,20 @@ per-token router shares (Arrow, LoRA-Mixer): the routing session and its records
 """
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from src.errors import UserError
-from src.lora import Adapter, check_adapter_fits, lora_layers, set_module
+from src.lora import Adapter, check_adapter_fits, lora_layers, save_adapter, set_module
+from src.runs import atomic_path, file_digest, write_json_atomic
 
 
 # --------------------------------------------------------------------------- gates (pure)
@@ -395,3 +400,49 @@ class TokenRouter(nn.Module):
         self.layers = nn.ModuleList()
         self.layer_names = []
         return self.model
+
+
+# --------------------------------------------------------------------------- routers on disk (MoA, LoRA-Mixer)
+
+ROUTERS_NAME = "routers.safetensors"
+EXPERTS_DIR = "experts"
+
+
+def expert_adapter(names: Sequence[str], layers: Sequence[ExpertLinear], e: int, config: dict, name: str) -> Adapter:
+    """Expert `e` of the expert layers `layers` (at modules `names`) as an Adapter: CPU copies of its
+    factors and its scales, with the PEFT `config` of the adapter it came from."""
+    factors, scales = {}, {}
+    for module, layer in zip(names, layers):
+        a, b = layer.expert_factors(e)
+        factors[module] = (a.detach().cpu().clone(), b.detach().cpu().clone())
+        scales[module] = layer.scale_list[e]
+    return Adapter(factors, scales, dict(config), name)
+
+
+def save_routers(folder: str | os.PathLike, tensors: dict[str, torch.Tensor], config_name: str, meta: dict,
+                 experts: dict[str, Adapter] | None = None) -> Path:
+    """A trained router's folder, each file atomic: routers.safetensors, then experts/<task>/ (PEFT
+    adapters, when given), then `config_name` last, `meta` with the routers file's sha256 set (at
+    its key's place in `meta`, else last), so that a load notices a half-finished save. Other files
+    in `folder` are left alone."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / ROUTERS_NAME) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+    for task, adapter in (experts or {}).items():
+        save_adapter(adapter, folder / EXPERTS_DIR / task)
+    write_json_atomic(folder / config_name, {**meta, "routers_sha256": file_digest(folder / ROUTERS_NAME)})
+    return folder
+
+
+def load_router_tensors(folder: str | os.PathLike, config_name: str, meta: dict,
+                        require_digest: bool = False) -> dict[str, torch.Tensor]:
+    """routers.safetensors of a saved router folder, checked against the sha256 its config records
+    (a config without one passes unless `require_digest`: MoA folders saved before it was recorded)."""
+    path = Path(folder) / ROUTERS_NAME
+    if (require_digest or meta.get("routers_sha256")) and meta.get("routers_sha256") != file_digest(path):
+        raise UserError(f"{path} does not match {config_name} (an interrupted save?)")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable safetensors file ({e})") from None

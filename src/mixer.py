@@ -42,16 +42,15 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from src import runs
 from src.cli import check_positive_ints
 from src.compose import Env, Method
 from src.errors import UserError
-from src.experts import TokenRouter, check_top_k, entropy, expert_order, inject_experts, load_balance, topk_softmax
-from src.lora import Adapter, load_adapter, save_adapter
-from src.runs import atomic_path, file_digest, read_saved_config, write_json_atomic
+from src.experts import (EXPERTS_DIR, ROUTERS_NAME, TokenRouter, check_top_k, entropy, expert_adapter, expert_order,
+                         inject_experts, load_balance, load_router_tensors, save_routers, topk_softmax)
+from src.lora import Adapter, load_adapter
+from src.runs import read_saved_config
 from src.training import Objective, backbone_forward, collate, prompt_items, target_only_loss, to_device
 
 REGIMES = ("plug", "finetune", "joint")
@@ -59,8 +58,6 @@ ENTROPY_SIGNS = ("sharpen", "paper")
 ROUTER_INITS = ("zero", "linear")
 DEFAULT_REGIME = "plug"
 CONFIG_NAME = "mixer_config.json"
-ROUTERS_NAME = "routers.safetensors"
-EXPERTS_DIR = "experts"
 FILES = (CONFIG_NAME, ROUTERS_NAME)
 FORMAT_VERSION = 1
 
@@ -320,33 +317,19 @@ class LoRAMixer(TokenRouter):
 
     def expert_adapter(self, task: str) -> Adapter:
         """Task's expert (on the mixer's modules) as an Adapter (CPU copies)."""
-        e = self.tasks.index(task)
-        factors, scales = {}, {}
-        for name, layer in zip(self.layer_names, self.layers):
-            a, b = layer.expert_factors(e)
-            factors[name] = (a.detach().cpu().clone(), b.detach().cpu().clone())
-            scales[name] = layer.scale_list[e]
-        return Adapter(factors, scales, dict(self._configs[task]), task)
+        return expert_adapter(self.layer_names, self.layers, self.tasks.index(task), self._configs[task], task)
 
     # ----------------------------------------------------------------- I/O
 
     def save(self, folder: str | os.PathLike, extra: dict | None = None, save_experts: bool = False,
              sources: dict[str, str] | None = None) -> Path:
         """mixer_config.json + routers.safetensors (+ experts/<task>/ PEFT adapters), atomically; the
-        config, written last, records the routers file's sha256."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {n: w.detach().cpu().contiguous() for n, w in zip(self.layer_names, self.routers)}
-        with atomic_path(folder / ROUTERS_NAME) as tmp:
-            save_file(tensors, tmp, metadata={"format": "pt"})
-        if save_experts:
-            for t in self.tasks:
-                save_adapter(self.expert_adapter(t), folder / EXPERTS_DIR / t)
-        write_json_atomic(folder / CONFIG_NAME, {
-            "format": "lora_mixer", "version": FORMAT_VERSION, "tasks": self.tasks, "modules": self.layer_names,
-            "top_k": self.top_k, "experts_saved": bool(save_experts), "sources": sources or {},
-            "routers_sha256": file_digest(folder / ROUTERS_NAME), **(extra or {})})
-        return folder
+        config, written last, records the routers file's sha256 (`experts.save_routers`)."""
+        meta = {"format": "lora_mixer", "version": FORMAT_VERSION, "tasks": self.tasks, "modules": self.layer_names,
+                "top_k": self.top_k, "experts_saved": bool(save_experts), "sources": sources or {},
+                "routers_sha256": None, **(extra or {})}
+        experts = {t: self.expert_adapter(t) for t in self.tasks} if save_experts else None
+        return save_routers(folder, dict(zip(self.layer_names, self.routers)), CONFIG_NAME, meta, experts)
 
     @classmethod
     def load(cls, model: nn.Module, folder: str | os.PathLike, adapters: dict[str, Adapter] | None = None,
@@ -355,18 +338,13 @@ class LoRAMixer(TokenRouter):
         folder = Path(folder)
         meta = read_config(folder)
         w_path = folder / ROUTERS_NAME
-        if meta.get("routers_sha256") != file_digest(w_path):
-            raise UserError(f"{w_path} does not match {CONFIG_NAME} (an interrupted save?)")
+        tensors = load_router_tensors(folder, CONFIG_NAME, meta, require_digest=True)
         tasks = meta["tasks"]
         if meta.get("experts_saved"):
             adapters = {t: load_adapter(folder / EXPERTS_DIR / t) for t in tasks}
         elif adapters is None or any(t not in adapters for t in tasks):
             missing = [t for t in tasks if adapters is None or t not in adapters]
             raise UserError(f"{folder}: no adapter given for expert {', '.join(missing)}")
-        try:
-            tensors = load_file(str(w_path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(f"{w_path}: unreadable safetensors file ({e})") from None
         mixer = cls(model, {t: adapters[t] for t in tasks}, meta["modules"], top_k or meta["top_k"], tasks)
         try:
             if mixer.layer_names != meta["modules"] or set(tensors) != set(meta["modules"]):

@@ -48,22 +48,18 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from transformers.cache_utils import Cache
 
-from src.errors import UserError
-from src.experts import ExpertLinear, Selection, _few, expert_modules, expert_order, inject_experts, remove_experts
-from src.lora import Adapter, load_adapter, save_adapter
 from src import runs
 from src.compose import Method
-from src.runs import atomic_path, file_digest, write_json_atomic
+from src.errors import UserError
+from src.experts import (EXPERTS_DIR, ROUTERS_NAME, ExpertLinear, Selection, _few, expert_adapter, expert_modules,
+                         expert_order, inject_experts, load_router_tensors, remove_experts, save_routers)
+from src.lora import Adapter, load_adapter
 
 ROUTERS = ("study", "block")
 INFERENCE = ("layer", "last", "vote")
 CONFIG_NAME = "moa_config.json"
-ROUTERS_NAME = "routers.safetensors"
-EXPERTS_DIR = "experts"
 FORMAT_VERSION = 1
 
 
@@ -435,31 +431,15 @@ class MixtureOfLoRAs(nn.Module):
 
     def expert_adapter(self, task: str) -> Adapter:
         """Task's expert as an Adapter (CPU copies; differs from the input only after joint training)."""
-        e = self._task_index(task)
-        factors, scales = {}, {}
-        for name, layer in zip(self.layer_names, self.layers):
-            a, b = layer.expert_factors(e)
-            factors[name] = (a.detach().cpu().clone(), b.detach().cpu().clone())
-            scales[name] = layer.scale_list[e]
-        return Adapter(factors, scales, dict(self._adapter_configs[task]), task)
+        return expert_adapter(self.layer_names, self.layers, self._task_index(task), self._adapter_configs[task], task)
 
     def save(self, folder: str | os.PathLike, save_experts: bool = False) -> Path:
-        """moa_config.json + routers.safetensors (+ experts/<task>/ PEFT adapters), each written atomically.
-
-        Other files in `folder` (a training log) are left alone; the config, written last,
-        records the routers file's sha256 so `load` notices a half-finished save.
-        """
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        """moa_config.json + routers.safetensors (+ experts/<task>/ PEFT adapters), each written atomically
+        (`experts.save_routers`: the config last, with the routers file's sha256)."""
         tensors = {}
         for i, r in enumerate(self.routers):
-            tensors[f"routers.{i}.weight"] = r.weight.detach().cpu().contiguous()
-            tensors[f"routers.{i}.bias"] = r.bias.detach().cpu().contiguous()
-        with atomic_path(folder / ROUTERS_NAME) as tmp:
-            save_file(tensors, tmp, metadata={"format": "pt"})
-        if save_experts:
-            for t in self.tasks:
-                save_adapter(self.expert_adapter(t), folder / EXPERTS_DIR / t)
+            tensors[f"routers.{i}.weight"] = r.weight
+            tensors[f"routers.{i}.bias"] = r.bias
         meta = {
             "format": "mixture_of_loras", "version": FORMAT_VERSION,
             "config": dataclasses.asdict(self.cfg), "tasks": self.tasks,
@@ -468,10 +448,9 @@ class MixtureOfLoRAs(nn.Module):
                              "base_model": self._adapter_configs[t].get("base_model_name_or_path")}
                          for t in self.tasks},
             "experts_saved": bool(save_experts),
-            "routers_sha256": file_digest(folder / ROUTERS_NAME),
         }
-        write_json_atomic(folder / CONFIG_NAME, meta)
-        return folder
+        experts = {t: self.expert_adapter(t) for t in self.tasks} if save_experts else None
+        return save_routers(folder, tensors, CONFIG_NAME, meta, experts)
 
     @classmethod
     def load(cls, model: nn.Module, folder: str | os.PathLike,
@@ -488,8 +467,6 @@ class MixtureOfLoRAs(nn.Module):
             tasks = list(meta["tasks"])
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise UserError(f"{cfg_path}: not a MoA config ({e})") from None
-        if meta.get("routers_sha256") and meta["routers_sha256"] != file_digest(w_path):
-            raise UserError(f"{w_path} does not match {cfg_path.name} (an interrupted save?)")
         recorded = {t: (meta.get("adapters", {}).get(t) or {}).get("source") for t in tasks}
         if adapters is None:
             adapters = {}
@@ -503,10 +480,7 @@ class MixtureOfLoRAs(nn.Module):
             if missing:
                 raise UserError(f"{cfg_path}: no adapter given for expert {', '.join(missing)}")
             adapters = {t: adapters[t] for t in tasks}      # extra adapters are not experts here
-        try:
-            tensors = load_file(str(w_path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(f"{w_path}: unreadable safetensors file ({e})") from None
+        tensors = load_router_tensors(folder, CONFIG_NAME, meta)
         moa = cls(model, adapters, cfg, sources=recorded)
         try:
             if moa.router_names != meta.get("routers"):
