@@ -6,6 +6,8 @@ generates each task's adapter from its first held-out description.
 """
 from __future__ import annotations
 
+from src.errors import UserError
+
 N_TRAIN = 9
 
 DESCRIPTIONS: dict[str, tuple[str, ...]] = {
@@ -110,11 +112,19 @@ DESCRIPTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
+def descriptions_of(task: str) -> tuple[str, ...]:
+    """Every description of `task`; a task without any is refused in one line naming this file."""
+    if task not in DESCRIPTIONS:
+        raise UserError(f"Text-to-LoRA needs descriptions of task {task}: none in src/descriptions.py (12 of them, "
+                        f"docs/tasks.md, 'Adding a task'); tasks with descriptions: {', '.join(DESCRIPTIONS)}")
+    return DESCRIPTIONS[task]
+
+
 def training_descriptions(task: str) -> tuple[str, ...]:
     """The descriptions Text-to-LoRA trains on (the first N_TRAIN)."""
-    return DESCRIPTIONS[task][:N_TRAIN]
+    return descriptions_of(task)[:N_TRAIN]
 
 
 def held_out_descriptions(task: str) -> tuple[str, ...]:
     """The descriptions kept out of training: validation, and evaluation's (the first of them)."""
-    return DESCRIPTIONS[task][N_TRAIN:]
+    return descriptions_of(task)[N_TRAIN:]
