@@ -102,6 +102,15 @@ def routed_tokens_per_s(model, tok, ids, make=None, batch_size: int = BATCH, new
     return sum(len(x) for x in gen.token_ids) / seconds
 
 
+def routing_setup(threads: int, tasks, n_prompts: int = BATCH, prompt_len: int = PROMPT_LEN):
+    """The router benchmarks' common start: (its start time, the model's load seconds, model,
+    tokenizer, mixed prompts of `tasks`, random-init adapters of the real adapters' shapes, one per task)."""
+    start = time.perf_counter()
+    load_s, model, tok = load_embedded(threads)
+    print(f"model loaded in {load_s:.1f} s", flush=True)
+    return start, load_s, model, tok, mixed_prompts(tok, tasks, n_prompts, prompt_len), random_adapters(model, tasks)
+
+
 def machine() -> str:
     cpu = platform.processor() or ""
     try:

@@ -3,11 +3,8 @@
 Usage:
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python bench/bench_retrieval.py [--rounds 3] [--shots 4] [--no-write]
 
-SmolLM2-135M-Instruct (the embedded GGUF, float32, CPU), 16 prompts from ../shared/data
-(validation, the 7-task set mixed, each truncated to its last 64 tokens), 32 new tokens per
-prompt with EOS suppressed until then (equal work). Adapters: random-init LoRAs of the real
-adapters' shapes (rank 8, alpha 16, B ~ N(0, 0.02), q/k/v/gate/up/down of all 30 layers), 5 and
-7 of them. For each expert count, side by side in alternating rounds after a warm-up:
+The model, prompts, new tokens and adapters of bench/bench_smile.py (its docstring), 5 and 7
+experts. For each expert count, side by side in alternating rounds after a warm-up:
 
   - the base model;
   - our MoA (src/moa.py, per-sequence routing, default MoAConfig(); random router weights: the
@@ -35,8 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_eval import (DATA, bench_parser, load_embedded, machine, mixed_prompts,  # noqa: E402
-                              random_adapters, randomize_routers, routed_tokens_per_s, timed, write_section)
+from bench.bench_eval import (DATA, bench_parser, machine, randomize_routers, routed_tokens_per_s,  # noqa: E402
+                              routing_setup, timed, write_section)
 from src import encoders  # noqa: E402
 from src import tasks as T  # noqa: E402
 from src.moa import MixtureOfLoRAs, MoAConfig  # noqa: E402
@@ -50,20 +47,12 @@ METHODS = ("base", "moa", "ret1", "ret2")
 LABEL = {"base": "base", "moa": "MoA", "ret1": "retrieval k1", "ret2": "retrieval k2"}
 
 
-def generate(model, tok, ids, make=None) -> float:
-    return routed_tokens_per_s(model, tok, ids, make, BATCH, NEW_TOKENS)
-
-
 def main(argv=None):
     p = bench_parser(__doc__, 3, "alternating rounds after a warm-up")
     p.add_argument("--shots", type=int, default=4, help="training prompts per task for the task embeddings "
                    "(default 4)")
     args = p.parse_args(argv)
-    t_bench = time.perf_counter()
-    load_s, model, tok = load_embedded(args.threads)
-    print(f"model loaded in {load_s:.1f} s", flush=True)
-    ids = mixed_prompts(tok, TASKS, BATCH, PROMPT_LEN)
-    adapters = random_adapters(model, TASKS)
+    t_bench, load_s, model, tok, ids, adapters = routing_setup(args.threads, TASKS, BATCH, PROMPT_LEN)
     temperature = RetrievalConfig().retrieval_temperature
 
     # the build step (untimed): task embeddings of a few training prompts per task, all 7 tasks
@@ -107,11 +96,11 @@ def main(argv=None):
         res = {m: [] for m in METHODS}
         enc_share = {"ret1": [], "ret2": []}
         for r in range(args.rounds + 1):
-            res["base"].append(generate(model, tok, ids))
-            res["moa"].append(generate(model, tok, ids, make_moa))
+            res["base"].append(routed_tokens_per_s(model, tok, ids))
+            res["moa"].append(routed_tokens_per_s(model, tok, ids, make_moa))
             for m, k in (("ret1", 1), ("ret2", 2)):
                 enc["seconds"] = 0.0
-                speed = generate(model, tok, ids, make_ret(k))
+                speed = routed_tokens_per_s(model, tok, ids, make_ret(k))
                 res[m].append(speed)
                 run_s = BATCH * NEW_TOKENS / speed
                 enc_share[m].append((enc["seconds"], enc["seconds"] / run_s))

@@ -28,8 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_eval import (bench_parser, load_embedded, machine, mixed_prompts, random_adapters,  # noqa: E402
-                              routed_tokens_per_s, write_section)
+from bench.bench_eval import bench_parser, machine, routed_tokens_per_s, routing_setup, write_section  # noqa: E402
 from src import tasks as T  # noqa: E402
 from src.arrow import ArrowConfig, ArrowRouter  # noqa: E402
 from src.smile import SmileConfig, SmileRouter  # noqa: E402
@@ -38,19 +37,11 @@ TASKS = list(T.PRESETS["7tasks"])
 BATCH, PROMPT_LEN, NEW_TOKENS = 16, 64, 32
 
 
-def generate(model, tok, ids, make=None) -> float:
-    return routed_tokens_per_s(model, tok, ids, make, BATCH, NEW_TOKENS)
-
-
 def main(argv=None):
     p = bench_parser(__doc__, 3, "alternating rounds after a warm-up")
     p.add_argument("--top-k", type=int, default=3, help="experts per token, both routers (default 3, Arrow's)")
     args = p.parse_args(argv)
-    t_bench = time.perf_counter()
-    load_s, model, tok = load_embedded(args.threads)
-    print(f"model loaded in {load_s:.1f} s", flush=True)
-    ids = mixed_prompts(tok, TASKS, BATCH, PROMPT_LEN)
-    adapters = random_adapters(model, TASKS)
+    t_bench, load_s, model, tok, ids, adapters = routing_setup(args.threads, TASKS, BATCH, PROMPT_LEN)
     smile_cfg = SmileConfig(smile_top_k=args.top_k)
     arrow_cfg = ArrowConfig(arrow_top_k=args.top_k)
 
@@ -59,9 +50,9 @@ def main(argv=None):
         sub = {t: adapters[t] for t in TASKS[:n]}
         res = {"base": [], "arrow": [], "smile": []}
         for r in range(args.rounds + 1):
-            res["base"].append(generate(model, tok, ids))
-            res["arrow"].append(generate(model, tok, ids, lambda: ArrowRouter(model, sub, arrow_cfg)))
-            res["smile"].append(generate(model, tok, ids, lambda: SmileRouter(model, sub, smile_cfg)))
+            res["base"].append(routed_tokens_per_s(model, tok, ids))
+            res["arrow"].append(routed_tokens_per_s(model, tok, ids, lambda: ArrowRouter(model, sub, arrow_cfg)))
+            res["smile"].append(routed_tokens_per_s(model, tok, ids, lambda: SmileRouter(model, sub, smile_cfg)))
             print(f"{n} experts, round {r}{' (warm-up)' if r == 0 else ''}: "
                   + ", ".join(f"{k} {v[-1]:.1f} tok/s" for k, v in res.items()), flush=True)
         res = {k: v[1:] for k, v in res.items()}

@@ -113,9 +113,7 @@ class MixerConfig:
                 "split evenly over the tasks"})
 
     def __post_init__(self):
-        k = self.mixer_top_k
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise UserError(f"--mixer-top-k must be a positive integer, got {k}")
+        check_positive_ints(self, "mixer_top_k")
         lr = self.mixer_expert_lr
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
             raise UserError(f"--mixer-expert-lr must be a finite number above 0, got {lr}")
@@ -485,9 +483,7 @@ class MixerEvalConfig:
         "help": "lora_mixer: experts kept per token at inference; None: the trained mixer's --mixer-top-k"})
 
     def __post_init__(self):
-        k = self.eval_mixer_top_k
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise UserError(f"--eval-mixer-top-k must be a positive integer, got {k}")
+        check_positive_ints(self, "eval_mixer_top_k")
 
 
 class LoRAMixerMethod(Method):
