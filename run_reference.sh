@@ -148,19 +148,22 @@ if has lora_mixer; then
          "$PYTHON" train_moa.py "${MIXER[@]}" --output-dir "$RUN5" --tasks "$TASKS5" --)
 fi
 if has t2l || [[ -n $zeroshot ]]; then cmds+=("$PYTHON" train_text_to_lora.py "${T2L[@]}" --); fi
+if [[ -n $zeroshot ]]; then   # t2l_zeroshot's hypernetworks, each without one task of HELDOUT (evaluation trains none)
+  for t in summarization translation qa sentiment nli paraphrasing commonsense; do copy_into "$RUN0" "adapters/$t"; done
+  cmds+=("$PYTHON" train_text_to_lora.py "${T2L[@]}" --output-dir "$RUN0" --hold-out "$HELDOUT" --)
+fi
 ((${#cmds[@]})) && in_parallel "$RUN/logs/systems" "${cmds[@]}"
 # Text-to-LoRA generates each task's adapter on its own: the 5-task set and the zero-shot run use
 # the 7-task hypernetwork (and RUN's selection records, so that they evaluate the same examples)
 if has t2l; then copy_into "$RUN5" compose/t2l; fi
 if [[ -n $zeroshot ]]; then
-  for t in summarization translation qa sentiment nli paraphrasing commonsense; do copy_into "$RUN0" "adapters/$t"; done
   copy_into "$RUN0" compose/t2l
   for p in moa/training_config.json compose/lora_mixer/training_config.json; do
     if [[ -e "$RUN/$p" ]]; then copy_into "$RUN0" "$p"; fi
   done
 fi
 
-stamp "3/6 build steps: LoraHub searches, merges, generated adapters, hold-out hypernetworks"
+stamp "3/6 build steps: LoraHub searches, merges, generated adapters"
 ZS=(--output-dir "$RUN0" --tasks "$HELDOUT" --methods t2l,t2l_zeroshot)
 cmds=()
 if [[ -n $zeroshot ]]; then cmds+=("$PYTHON" full_evaluation.py "${EVAL[@]}" "${ZS[@]}" --build-only $(committed zeroshot) --); fi

@@ -43,8 +43,8 @@ from src.lora import LoraConfig, add_lora, adapter_from_model, lora_layers, save
 from src.models import load_base_model, model_identity, resolve_model_path
 from src.multitask import MultitaskConfig
 from src.tasks import data_hash, resolve_tasks
-from src.training import (TrainingDiverged, barrier, encode_examples, finish_distributed, fit, init_distributed,
-                          load_data, process_device)
+from src.training import (encode_examples, finish_distributed, fit_best, init_distributed, load_data,
+                          process_device)
 
 
 def init_seed(seed: int, task: str, shared: bool) -> int:
@@ -62,176 +62,146 @@ def main(argv=None) -> None:
     run = Path(train_cfg.output_dir)
     d = init_distributed(train_cfg.device)
     say = stages.main_printer(d)
-    # the tasks to train are checked writable and locked (RUN/checkpoints/<task>.lock) before any loading
-    failed: list[str] = []
-    # what a finished adapter was built from: one is reused only when this matches (else refused; --force)
-    resolved = config_dict(data_cfg, train_cfg, lora_cfg)
-    global_batch = train_cfg.batch_size * train_cfg.grad_accum * d.world
-
-    def built_from(stage):
-        return stages.fingerprint(resolved, ignore={"tasks", "model"}, task=stage.task,
-                                  model=model_identity(train_cfg.model), global_batch=global_batch)
-    if mt_cfg.multitask:
-        failed = _train_multitask(run, tasks, data_cfg, train_cfg, lora_cfg, mt_cfg, d, say)
-    else:
-        with stages.claim([stages.adapter_stage(run, t) for t in tasks], train_cfg, say, d,
-                          built_from=built_from) as todo:
-            if todo:
-                failed = _train(todo, run, data_cfg, train_cfg, lora_cfg, d, say, built_from)
-    stages.remove_empty_checkpoints(run, d)
+    # the stages to train are checked writable and locked (RUN/checkpoints/<task>.lock) before any loading
+    recipe = (MultitaskRecipe(run, tasks, data_cfg, train_cfg, lora_cfg, mt_cfg, d, say) if mt_cfg.multitask
+              else AdapterRecipe(run, tasks, data_cfg, train_cfg, lora_cfg, d, say))
+    failed = stages.run_recipe(recipe, run, train_cfg, say, d)
     finish_distributed(d)
     if failed:
         print(f"error: training diverged for {', '.join(failed)}; see the messages above", file=sys.stderr)
         raise SystemExit(1)
 
 
-def _train(todo, run, data_cfg, train_cfg, lora_cfg, d, say, built_from) -> list[str]:
-    """Train the stages of `todo` in turn; the tasks whose training diverged."""
-    # ------------------------------------------------------------------- setup
-    # Everything is loaded and checked before anything is written.
-    names = [stage.task for stage in todo]
-    train_data = load_data(data_cfg, names, "train")
-    val_data = load_data(data_cfg, names, "validation")
-    model, tokenizer = load_base_model(train_cfg.model, process_device(d, train_cfg.device), train_cfg.dtype,
-                                       max_len=data_cfg.max_len)
-    amp = model.device.type == "cuda" and model.dtype != torch.float32
-    encoded = {t: (encode_examples(tokenizer, train_data[t], data_cfg.max_len, data_cfg.max_target_len),
-                   encode_examples(tokenizer, val_data[t], data_cfg.max_len, data_cfg.max_target_len))
-               for t in names}
-    global_batch = train_cfg.batch_size * train_cfg.grad_accum * d.world
-    resolved = config_dict(data_cfg, train_cfg, lora_cfg)
-    say(f"model {train_cfg.model} on {model.device} ({model.dtype}); tasks {', '.join(names)}; "
-        f"global batch {global_batch} ({d.world} process{'es' if d.world > 1 else ''})")
+class AdapterRecipe:
+    """RUN/adapters/<task> for each task (`stages.Recipe`): a LoRA on the frozen base model."""
 
-    # --------------------------------------------------------------------- run
-    failed = []
-    for stage in todo:
+    def __init__(self, run, tasks, data_cfg, train_cfg, lora_cfg, d, say):
+        self.run, self.tasks, self.data_cfg, self.train_cfg, self.lora_cfg, self.d, self.say = \
+            run, tasks, data_cfg, train_cfg, lora_cfg, d, say
+        self.resolved = config_dict(data_cfg, train_cfg, lora_cfg)
+        self.global_batch = train_cfg.batch_size * train_cfg.grad_accum * d.world
+        self.identity = model_identity(train_cfg.model)
+
+    def stages(self):
+        return [stages.adapter_stage(self.run, t) for t in self.tasks]
+
+    def built_from(self, stage):
+        """What a finished adapter was built from: one is reused only when this matches (else refused; --force)."""
+        return stages.fingerprint(self.resolved, ignore={"tasks", "model"}, task=stage.task, model=self.identity,
+                                  global_batch=self.global_batch)
+
+    def setup(self, todo):
+        # ------------------------------------------------------------------- setup
+        # Everything is loaded and checked before anything is written.
+        names = [stage.task for stage in todo]
+        data_cfg, train_cfg = self.data_cfg, self.train_cfg
+        self.train_data = load_data(data_cfg, names, "train")
+        self.val_data = load_data(data_cfg, names, "validation")
+        self.model, tokenizer = load_base_model(train_cfg.model, process_device(self.d, train_cfg.device),
+                                                train_cfg.dtype, max_len=data_cfg.max_len)
+        self.pad_id = tokenizer.pad_token_id
+        self.encoded = {t: (encode_examples(tokenizer, self.train_data[t], data_cfg.max_len, data_cfg.max_target_len),
+                            encode_examples(tokenizer, self.val_data[t], data_cfg.max_len, data_cfg.max_target_len))
+                        for t in names}
+        self.say(f"model {train_cfg.model} on {self.model.device} ({self.model.dtype}); tasks {', '.join(names)}; "
+                 f"global batch {self.global_batch} ({self.d.world} process{'es' if self.d.world > 1 else ''})")
+
+    def train(self, stage):
+        # --------------------------------------------------------------------- run
         task = stage.task
-        stages.restart(stage, train_cfg, d)
-        hashes = {"train": data_hash({task: train_data[task]}), "validation": data_hash({task: val_data[task]})}
+        hashes = {"train": data_hash({task: self.train_data[task]}),
+                  "validation": data_hash({task: self.val_data[task]})}
         # Each task is its own stage: --tasks may list other tasks on a --resume.
-        fingerprint = stages.fingerprint(resolved, ignore={"tasks"}, task=task, data_hash=hashes["train"],
-                                      global_batch=global_batch)
-
+        fingerprint = stages.fingerprint(self.resolved, ignore={"tasks"}, task=task, data_hash=hashes["train"],
+                                         global_batch=self.global_batch)
         # The same init in every process and every rerun; a different one per task unless
         # --shared-init, so that tasks' A matrices do not start (and stay) alike.
-        torch.manual_seed(init_seed(data_cfg.seed, task, train_cfg.shared_init))
-        add_lora(model, lora_cfg)
-        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        try:
-            result = fit(model, params, encoded[task][0], encoded[task][1], cfg=train_cfg, seed=data_cfg.seed,
-                         name=task, pad_id=tokenizer.pad_token_id, state_dir=stage.state_dir,
-                         log_path=stage.log_path, d=d, amp=amp, fingerprint=fingerprint)
-        except TrainingDiverged as e:
-            print(f"error: {e}", file=sys.stderr)
-            failed.append(task)
-            unload_lora(model)
-            continue
-
-        # ---------------------------------------------------------------- save
-        with torch.no_grad():
-            named = dict(model.named_parameters())
-            for k, v in result.params.items():
-                named[k].copy_(v)
-        if d.main:
-            # the base model as a resolved path (or hub id / alias): `runs/../m` and `m` agree
-            adapter = adapter_from_model(model, base_model=model_identity(train_cfg.model), name=task)
-            info = {"task": task, "seed": data_cfg.seed, "git_commit": runs.git_commit(), "data_hash": hashes,
-                    "model": train_cfg.model, "world_size": d.world, "global_batch": global_batch,
-                    "n_train": len(train_data[task]), "n_validation": len(val_data[task]),
-                    "selection_ids": [ex.id for ex in val_data[task]]}   # evaluation leaves these out
-            _publish(stage, adapter, info, result, model, resolved, built_from(stage), say)
-        barrier(d)
-        unload_lora(model)
-
-    return failed
+        torch.manual_seed(init_seed(self.data_cfg.seed, task, self.train_cfg.shared_init))
+        info = {"task": task, "n_train": len(self.train_data[task]), "n_validation": len(self.val_data[task]),
+                "selection_ids": [ex.id for ex in self.val_data[task]]}   # evaluation leaves these out
+        return fit_adapter(self, stage, task, *self.encoded[task], self.train_cfg, fingerprint, hashes, info)
 
 
-def _publish(stage, adapter, info: dict, result, model, resolved: dict, built_from, say) -> None:
-    """Publish a trained adapter with its training_config.json: `info` (what the trainer knows) and
-    the result's record, then one line naming it."""
-    info = {**info, "steps": result.steps, "best_step": result.best_step, "best_val_loss": result.best_val_loss,
-            "stopped_early": result.stopped_early, "final_train_loss": result.final_train_loss,
-            "tokens": result.tokens, "elapsed_s": round(result.elapsed_s, 2),
-            "lora_modules": len(lora_layers(model)), "config": resolved,
-            stages.BUILT_FROM: built_from, "versions": runs.versions()}
-    with stages.publish(stage) as folder:
-        save_adapter(adapter, folder, extra_json={"training_config.json": info})
-    val = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a"
-    say(f"{info['task']}: {result.steps} steps, best validation loss {val}"
-        f"{' (stopped early)' if result.stopped_early else ''} -> {stage.out_dir}")
+class MultitaskRecipe(AdapterRecipe):
+    """RUN/adapters/_multitask (`stages.Recipe`): one adapter on the union of the tasks' training
+    examples, trained as each task adapter is, for as many steps as they took together
+    (src/multitask.py)."""
 
+    def __init__(self, run, tasks, data_cfg, train_cfg, lora_cfg, mt_cfg, d, say):
+        super().__init__(run, tasks, data_cfg, train_cfg, lora_cfg, d, say)
+        self.mt_cfg = mt_cfg
+        self.resolved = config_dict(data_cfg, train_cfg, lora_cfg, mt_cfg)
+        self.train_data = load_data(data_cfg, tasks, "train")          # the default step total counts them
+        self.per_task = multitask.task_steps(run, tasks, {t: len(self.train_data[t]) for t in tasks},
+                                             self.global_batch, train_cfg.epochs, train_cfg.max_steps)
+        self.steps = mt_cfg.multitask_steps or sum(v["steps"] for v in self.per_task.values())
 
-def _train_multitask(run, tasks, data_cfg, train_cfg, lora_cfg, mt_cfg, d, say) -> list[str]:
-    """RUN/adapters/_multitask: one adapter on the union of the tasks' training examples, trained as
-    each task adapter is, for as many steps as they took together (src/multitask.py). Returns
-    ["_multitask"] when its training diverged."""
-    # ------------------------------------------------------------------- setup
-    global_batch = train_cfg.batch_size * train_cfg.grad_accum * d.world
-    resolved = config_dict(data_cfg, train_cfg, lora_cfg, mt_cfg)
-    identity = model_identity(train_cfg.model)
-    train_data = load_data(data_cfg, tasks, "train")          # the default step total counts them
-    per_task = multitask.task_steps(run, tasks, {t: len(train_data[t]) for t in tasks}, global_batch,
-                                    train_cfg.epochs, train_cfg.max_steps)
-    steps = mt_cfg.multitask_steps or sum(v["steps"] for v in per_task.values())
+    def stages(self):
+        return [multitask.stage(self.run)]
 
-    def built_from(stage):
-        return stages.fingerprint(resolved, ignore={"tasks", "model"}, tasks=list(tasks), model=identity,
-                                  global_batch=global_batch, steps=steps)
-    with stages.claim([multitask.stage(run)], train_cfg, say, d, built_from=built_from) as todo:
-        if not todo:
-            return []
-        stage = todo[0]
-        val_data = load_data(data_cfg, tasks, "validation")    # each task's own subset, as its adapter's
-        selection = {t: [ex.id for ex in val_data[t]] for t in tasks}
-        for note in multitask.recipe_notes(run, tasks, resolved, identity, global_batch, selection):
-            say(f"note: {note}")
-        model, tokenizer = load_base_model(train_cfg.model, process_device(d, train_cfg.device), train_cfg.dtype,
-                                           max_len=data_cfg.max_len)
-        amp = model.device.type == "cuda" and model.dtype != torch.float32
-        train_items = [it for t in tasks for it in encode_examples(tokenizer, train_data[t], data_cfg.max_len,
+    def built_from(self, stage):
+        return stages.fingerprint(self.resolved, ignore={"tasks", "model"}, tasks=list(self.tasks),
+                                  model=self.identity, global_batch=self.global_batch, steps=self.steps)
+
+    def setup(self, todo):
+        # ------------------------------------------------------------------- setup
+        tasks, data_cfg, train_cfg = self.tasks, self.data_cfg, self.train_cfg
+        self.val_data = load_data(data_cfg, tasks, "validation")    # each task's own subset, as its adapter's
+        self.selection = {t: [ex.id for ex in self.val_data[t]] for t in tasks}
+        for note in multitask.recipe_notes(self.run, tasks, self.resolved, self.identity, self.global_batch,
+                                           self.selection):
+            self.say(f"note: {note}")
+        self.model, tokenizer = load_base_model(train_cfg.model, process_device(self.d, train_cfg.device),
+                                                train_cfg.dtype, max_len=data_cfg.max_len)
+        self.pad_id = tokenizer.pad_token_id
+        self.items = [[it for t in tasks for it in encode_examples(tokenizer, split[t], data_cfg.max_len,
                                                                    data_cfg.max_target_len)]
-        val_items = [it for t in tasks for it in encode_examples(tokenizer, val_data[t], data_cfg.max_len,
-                                                                 data_cfg.max_target_len)]
-        cfg = multitask.schedule(train_cfg, steps, len(train_items), global_batch)
-        source = (f"--multitask-steps {steps}" if mt_cfg.multitask_steps else
-                  "the task adapters' " + " + ".join(f"{t} {v['steps']}" for t, v in per_task.items()))
-        say(f"model {train_cfg.model} on {model.device} ({model.dtype}); the multitask adapter over "
-            f"{', '.join(tasks)}: {len(train_items)} examples, {steps} steps ({source}), global batch {global_batch}")
+                      for split in (self.train_data, self.val_data)]
+        source = (f"--multitask-steps {self.steps}" if self.mt_cfg.multitask_steps else
+                  "the task adapters' " + " + ".join(f"{t} {v['steps']}" for t, v in self.per_task.items()))
+        self.say(f"model {train_cfg.model} on {self.model.device} ({self.model.dtype}); the multitask adapter over "
+                 f"{', '.join(tasks)}: {len(self.items[0])} examples, {self.steps} steps ({source}), "
+                 f"global batch {self.global_batch}")
 
+    def train(self, stage):
         # --------------------------------------------------------------------- run
-        stages.restart(stage, train_cfg, d)
-        hashes = {"train": data_hash(train_data), "validation": data_hash(val_data)}
-        fingerprint = stages.fingerprint(resolved, ignore={"tasks"}, tasks=list(tasks), data_hash=hashes["train"],
-                                         global_batch=global_batch, steps=steps)
-        torch.manual_seed(init_seed(data_cfg.seed, runs.MULTITASK, train_cfg.shared_init))
-        add_lora(model, lora_cfg)
-        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        try:
-            result = fit(model, params, train_items, val_items, cfg=cfg, seed=data_cfg.seed, name=runs.MULTITASK,
-                         pad_id=tokenizer.pad_token_id, state_dir=stage.state_dir, log_path=stage.log_path, d=d,
-                         amp=amp, fingerprint=fingerprint)
-        except TrainingDiverged as e:
-            print(f"error: {e}", file=sys.stderr)
-            return [runs.MULTITASK]
+        tasks = self.tasks
+        cfg = multitask.schedule(self.train_cfg, self.steps, len(self.items[0]), self.global_batch)
+        hashes = {"train": data_hash(self.train_data), "validation": data_hash(self.val_data)}
+        fingerprint = stages.fingerprint(self.resolved, ignore={"tasks"}, tasks=list(tasks), data_hash=hashes["train"],
+                                         global_batch=self.global_batch, steps=self.steps)
+        torch.manual_seed(init_seed(self.data_cfg.seed, runs.MULTITASK, self.train_cfg.shared_init))
+        info = {"task": runs.MULTITASK, "tasks": list(tasks), "n_train": len(self.items[0]),
+                "n_train_per_task": {t: len(self.train_data[t]) for t in tasks}, "n_validation": len(self.items[1]),
+                "selection_ids": self.selection,   # evaluation leaves these out
+                "planned_steps": self.steps, "multitask_steps": self.mt_cfg.multitask_steps,
+                "task_steps": self.per_task, "schedule": {"epochs": cfg.epochs, "max_steps": cfg.max_steps}}
+        return fit_adapter(self, stage, runs.MULTITASK, *self.items, cfg, fingerprint, hashes, info)
 
-        # ---------------------------------------------------------------- save
-        with torch.no_grad():
-            named = dict(model.named_parameters())
-            for k, v in result.params.items():
-                named[k].copy_(v)
-        if d.main:
-            adapter = adapter_from_model(model, base_model=identity, name=runs.MULTITASK)
-            info = {"task": runs.MULTITASK, "tasks": list(tasks), "seed": data_cfg.seed, "git_commit": runs.git_commit(),
-                    "data_hash": hashes, "model": train_cfg.model, "world_size": d.world, "global_batch": global_batch,
-                    "n_train": len(train_items), "n_train_per_task": {t: len(train_data[t]) for t in tasks},
-                    "n_validation": len(val_items), "selection_ids": selection,   # evaluation leaves these out
-                    "planned_steps": steps, "multitask_steps": mt_cfg.multitask_steps, "task_steps": per_task,
-                    "schedule": {"epochs": cfg.epochs, "max_steps": cfg.max_steps}}
-            _publish(stage, adapter, info, result, model, resolved, built_from(stage), say)
-        barrier(d)
+
+def fit_adapter(recipe: AdapterRecipe, stage, name: str, train_items, val_items, cfg, fingerprint, hashes,
+                info: dict) -> stages.Trained:
+    """Add a LoRA to the recipe's model, fit it (`cfg`), take it off again, and return it as the
+    stage's output: a PEFT adapter whose record is `info` plus the provenance every adapter records."""
+    model, d = recipe.model, recipe.d
+    add_lora(model, recipe.lora_cfg)
+    try:
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        result = fit_best(model, params, train_items, val_items, cfg=cfg, seed=recipe.data_cfg.seed, name=name,
+                     pad_id=recipe.pad_id, state_dir=stage.state_dir, log_path=stage.log_path, d=d,
+                     amp=model.device.type == "cuda" and model.dtype != torch.float32, fingerprint=fingerprint)
+        # the base model as a resolved path (or hub id / alias): `runs/../m` and `m` agree
+        adapter = adapter_from_model(model, base_model=recipe.identity, name=name)
+        modules = len(lora_layers(model))
+    finally:
         unload_lora(model)
-    return []
+    record = {**info, "seed": recipe.data_cfg.seed, "data_hash": hashes, "model": recipe.train_cfg.model,
+              "world_size": d.world, "global_batch": recipe.global_batch, "lora_modules": modules,
+              "config": recipe.resolved}
+    val = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a"
+    return stages.Trained(result, record, lambda folder: save_adapter(adapter, folder),
+                          f"{name}: {result.steps} steps, best validation loss {val}"
+                          f"{' (stopped early)' if result.stopped_early else ''} -> {stage.out_dir}")
 
 
 if __name__ == "__main__":

@@ -50,11 +50,11 @@ from src import mixer as mx
 from src.config import MOA_PRESETS, DataConfig, RouterConfig, SystemConfig, TrainConfig
 from src.errors import UserError, run_main
 from src.experts import common_modules
-from src.lora import Adapter, load_adapter
+from src.lora import load_adapter
 from src.models import load_base_model, model_identity, resolve_model_path, same_model
 from src.moa import MixtureOfLoRAs, MoAConfig
 from src.tasks import data_hash, resolve_tasks
-from src.training import (barrier, encode_examples, finish_distributed, fit_or_exit, init_distributed, load_data,
+from src.training import (encode_examples, finish_distributed, fit_best, init_distributed, load_data,
                           moa_objective, process_device, prompt_items, routing_accuracy)
 
 
@@ -63,7 +63,6 @@ def main(argv=None) -> None:
     (system_cfg, data_cfg, train_cfg, router_cfg, mixer_cfg), _ = parse_configs(
         argv, "train_moa.py", __doc__, SystemConfig, DataConfig, TrainConfig, RouterConfig, mx.MixerConfig,
         presets=MOA_PRESETS)
-    lora_mixer = system_cfg.system == "lora_mixer"
     tasks = resolve_tasks(data_cfg.tasks)
     resolve_model_path(train_cfg.model)
     run = Path(train_cfg.output_dir)
@@ -73,111 +72,169 @@ def main(argv=None) -> None:
                         f"run train_individual_loras.py --output-dir {run} --tasks {','.join(missing)} first")
     if len(tasks) < 2:
         raise UserError(f"a mixture needs at least two tasks, got {', '.join(tasks)}")
-    if lora_mixer:
-        adapters, modules = _mixer_inputs(run, tasks, mixer_cfg, train_cfg)
     d = init_distributed(train_cfg.device)
     say = stages.main_printer(d)
-    stage = stages.mixer_stage(run, mx.method_name(mixer_cfg.mixer_regime)) if lora_mixer else stages.moa_stage(run)
-    global_batch = train_cfg.batch_size * train_cfg.grad_accum * d.world
-    resolved = config_dict(data_cfg, train_cfg, mixer_cfg if lora_mixer else router_cfg)
-    # what RUN/moa is built from: a complete one is reused only when this matches
-    built_from = stages.fingerprint(resolved, ignore={"tasks", "model"}, tasks=tasks,
-                                    model=model_identity(train_cfg.model), global_batch=global_batch,
-                                    adapters={t: runs.adapter_digest(runs.adapter_dir(run, t)) for t in tasks})
-    # RUN/moa and RUN/checkpoints must be writable, and RUN/checkpoints/moa.lock free, before any loading
-    with stages.claim([stage], train_cfg, say, d, built_from=lambda _: built_from) as todo:
-        if todo and lora_mixer:
-            _train_mixer(stage, run, tasks, adapters, modules, data_cfg, train_cfg, mixer_cfg, d, say, resolved,
-                         global_batch, built_from)
-        elif todo:
-            _train(stage, run, tasks, data_cfg, train_cfg, router_cfg, d, say, resolved, global_batch, built_from)
-    stages.remove_empty_checkpoints(run, d)
+    recipe = RECIPES[system_cfg.system](run, tasks, data_cfg, train_cfg, {"moa": router_cfg,
+                                                                         "lora_mixer": mixer_cfg}[system_cfg.system],
+                                        d, say)
+    # the stage's folders must be writable and its lock (RUN/checkpoints/<name>.lock) free before any loading
+    if stages.run_recipe(recipe, run, train_cfg, say, d):
+        raise SystemExit(1)
     finish_distributed(d)
 
 
-def _train(stage, run, tasks, data_cfg, train_cfg, router_cfg, d, say, resolved, global_batch, built_from) -> None:
-    """Train the routers and publish RUN/moa (rank 0)."""
-    if router_cfg.lm_loss and not router_cfg.joint:
-        say("note: --lm-loss without --joint: under teacher forcing L_LM does not reach the routers "
-            "(it is computed and logged only)")
+class MoARecipe:
+    """RUN/moa (`stages.Recipe`): the routers over the frozen (or, with --joint, tuned) task LoRAs."""
 
-    # ------------------------------------------------------------------- setup
-    adapters = {t: load_adapter(runs.adapter_dir(run, t)) for t in tasks}
-    train_data = load_data(data_cfg, tasks, "train")
-    val_data = load_data(data_cfg, tasks, "validation")
-    model, tokenizer = load_base_model(train_cfg.model, process_device(d, train_cfg.device), train_cfg.dtype,
-                                       max_len=data_cfg.max_len)
-    amp = model.device.type == "cuda" and model.dtype != torch.float32
-    others = sorted({a.base_model for a in adapters.values()
-                     if a.base_model and not same_model(a.base_model, train_cfg.model)})
-    if others:
-        say(f"note: the adapters were trained on {', '.join(others)}; --model is {train_cfg.model}")
+    def __init__(self, run, tasks, data_cfg, train_cfg, cfg, d, say):
+        self.run, self.tasks, self.data_cfg, self.train_cfg, self.cfg, self.d, self.say = \
+            run, tasks, data_cfg, train_cfg, cfg, d, say
+        self.global_batch = train_cfg.batch_size * train_cfg.grad_accum * d.world
+        self.resolved = config_dict(data_cfg, train_cfg, cfg)
+        # what the output is built from: a complete one is reused only when this matches
+        self.built = stages.fingerprint(self.resolved, ignore={"tasks", "model"}, tasks=tasks,
+                                        model=model_identity(train_cfg.model), global_batch=self.global_batch,
+                                        adapters={t: runs.adapter_digest(runs.adapter_dir(run, t)) for t in tasks})
 
-    def items(split_data):  # every task's examples, labelled with the task's expert index
-        out = []
-        for i, t in enumerate(tasks):
-            enc = encode_examples(tokenizer, split_data[t], data_cfg.max_len, data_cfg.max_target_len, label=i)
-            out.extend(enc if router_cfg.lm_loss else prompt_items(enc))
-        return out
-    train_items, val_items = items(train_data), items(val_data)
-    val_full = [it for i, t in enumerate(tasks)
-                for it in encode_examples(tokenizer, val_data[t], data_cfg.max_len, data_cfg.max_target_len, label=i)]
+    def stages(self):
+        return [stages.moa_stage(self.run)]
 
-    torch.manual_seed(data_cfg.seed)
-    moa = MixtureOfLoRAs(model, adapters, MoAConfig(router=router_cfg.router, inference=router_cfg.inference),
-                         sources={t: str(runs.adapter_dir(run, t).resolve()) for t in tasks})
-    if router_cfg.joint:
-        moa.set_experts_trainable(True)
-    params = {n: p for n, p in moa.named_parameters() if p.requires_grad}
-    hashes = {"train": data_hash(train_data), "validation": data_hash(val_data)}
-    # a --resume must match this; the experts' digests too: routers half-trained on other experts are not resumed
-    fingerprint = stages.fingerprint(resolved, data_hash=hashes["train"], global_batch=global_batch,
-                                     adapters=built_from["adapters"])
-    say(f"MoA over {', '.join(tasks)}: {len(moa.routers)} {router_cfg.router} routers, "
-        f"{sum(p.numel() for p in params.values()):,} trainable parameters; {len(train_items)} training sequences; "
-        f"loss {'L_LM + ' if router_cfg.lm_loss else ''}{router_cfg.eta:g} * L_cls")
+    def built_from(self, stage):
+        return self.built
 
-    # --------------------------------------------------------------------- run
-    stages.restart(stage, train_cfg, d)
-    objective = moa_objective(moa, router_cfg.eta, router_cfg.lm_loss, router_cfg.teacher_forcing)
-    result = fit_or_exit(model, params, train_items, val_items, cfg=train_cfg, seed=data_cfg.seed, name="moa",
-                         pad_id=tokenizer.pad_token_id, state_dir=stage.state_dir, log_path=stage.log_path,
-                         objective=objective, d=d, amp=amp, fingerprint=fingerprint)
-    accuracy = routing_accuracy(moa, model, val_full, tokenizer.pad_token_id, train_cfg.batch_size * 2)
+    def load(self, train_data=None):
+        """The data and the base model; every task's examples labelled with the task's expert index."""
+        data_cfg, train_cfg = self.data_cfg, self.train_cfg
+        self.train_data = train_data or load_data(data_cfg, self.tasks, "train")
+        self.val_data = load_data(data_cfg, self.tasks, "validation")
+        self.model, tokenizer = load_base_model(train_cfg.model, process_device(self.d, train_cfg.device),
+                                                train_cfg.dtype, max_len=data_cfg.max_len)
+        self.pad_id = tokenizer.pad_token_id
+        self.labelled = [[it for i, t in enumerate(self.tasks) for it in encode_examples(
+            tokenizer, split[t], data_cfg.max_len, data_cfg.max_target_len, label=i)]
+            for split in (self.train_data, self.val_data)]
 
-    # -------------------------------------------------------------------- save
-    if d.main:
-        with stages.publish(stage) as folder:
-            moa.save(folder, save_experts=router_cfg.joint)
+    def record(self, **extra) -> dict:
+        hashes = {"train": data_hash(self.train_data), "validation": data_hash(self.val_data)}
+        return {"tasks": self.tasks, "seed": self.data_cfg.seed, "data_hash": hashes,
+                "selection_ids": {t: [ex.id for ex in self.val_data[t]] for t in self.tasks},  # left out in evaluation
+                **extra, "model": self.train_cfg.model, "world_size": self.d.world, "global_batch": self.global_batch,
+                "config": self.resolved}
+
+    def fit(self, stage, name: str, params: dict, train_items, val_items, objective, **kw):
+        """Fit `params` (the checkpoint's fingerprint: the settings, the data, the experts' digests: routers
+        half-trained on other experts are not resumed), then load its chosen tensors into them."""
+        fingerprint = stages.fingerprint(self.resolved, data_hash=data_hash(self.train_data),
+                                         global_batch=self.global_batch, adapters=self.built["adapters"])
+        result = fit_best(self.model, params, train_items, val_items, cfg=self.train_cfg, seed=self.data_cfg.seed,
+                     name=name, pad_id=self.pad_id, state_dir=stage.state_dir, log_path=stage.log_path,
+                     objective=objective, d=self.d, fingerprint=fingerprint,
+                     amp=self.model.device.type == "cuda" and self.model.dtype != torch.float32, **kw)
+        return result
+
+    def setup(self, todo):
+        # ------------------------------------------------------------------- setup
+        cfg = self.cfg
+        if cfg.lm_loss and not cfg.joint:
+            self.say("note: --lm-loss without --joint: under teacher forcing L_LM does not reach the routers "
+                     "(it is computed and logged only)")
+        adapters = {t: load_adapter(runs.adapter_dir(self.run, t)) for t in self.tasks}
+        self.load()
+        others = sorted({a.base_model for a in adapters.values()
+                         if a.base_model and not same_model(a.base_model, self.train_cfg.model)})
+        if others:
+            self.say(f"note: the adapters were trained on {', '.join(others)}; --model is {self.train_cfg.model}")
+        torch.manual_seed(self.data_cfg.seed)
+        self.moa = MixtureOfLoRAs(self.model, adapters, MoAConfig(router=cfg.router, inference=cfg.inference),
+                                  sources={t: str(runs.adapter_dir(self.run, t).resolve()) for t in self.tasks})
+        if cfg.joint:
+            self.moa.set_experts_trainable(True)
+
+    def train(self, stage):
+        # --------------------------------------------------------------------- run
+        cfg, moa, tasks = self.cfg, self.moa, self.tasks
+        train_items, val_items = (items if cfg.lm_loss else prompt_items(items) for items in self.labelled)
+        params = {n: p for n, p in moa.named_parameters() if p.requires_grad}
+        self.say(f"MoA over {', '.join(tasks)}: {len(moa.routers)} {cfg.router} routers, "
+                 f"{sum(p.numel() for p in params.values()):,} trainable parameters; {len(train_items)} training "
+                 f"sequences; loss {'L_LM + ' if cfg.lm_loss else ''}{cfg.eta:g} * L_cls")
+        objective = moa_objective(moa, cfg.eta, cfg.lm_loss, cfg.teacher_forcing)
+        result = self.fit(stage, "moa", params, train_items, val_items, objective)
+        accuracy = routing_accuracy(moa, self.model, self.labelled[1], self.pad_id, self.train_cfg.batch_size * 2)
+
+        # -------------------------------------------------------------------- save
+        def write(folder):
+            moa.save(folder, save_experts=cfg.joint)
             runs.write_json_atomic(folder / "routing_accuracy.json", accuracy)
-            runs.write_json_atomic(folder / "training_config.json", {
-                "tasks": tasks, "seed": data_cfg.seed, "git_commit": runs.git_commit(), "data_hash": hashes,
-                "selection_ids": {t: [ex.id for ex in val_data[t]] for t in tasks},  # evaluation leaves these out
-                "model": train_cfg.model, "world_size": d.world, "global_batch": global_batch,
-                "steps": result.steps, "best_step": result.best_step, "best_val_loss": result.best_val_loss,
-                "stopped_early": result.stopped_early, "elapsed_s": round(result.elapsed_s, 2), "config": resolved,
-                stages.BUILT_FROM: built_from, "versions": runs.versions()})
         width = max(len(t) for t in tasks)
-        say(f"routing accuracy on validation ({router_cfg.inference} rule):")
-        for t in tasks:
-            say(f"  {t:<{width}}  {accuracy['per_task'][t]:.3f}  (n={accuracy['n'][t]})")
-        say(f"  {'mean':<{width}}  {accuracy['mean']:.3f}   -> {stage.out_dir}")
-    barrier(d)
+        lines = [f"routing accuracy on validation ({cfg.inference} rule):",
+                 *(f"  {t:<{width}}  {accuracy['per_task'][t]:.3f}  (n={accuracy['n'][t]})" for t in tasks),
+                 f"  {'mean':<{width}}  {accuracy['mean']:.3f}   -> {stage.out_dir}"]
+        return stages.Trained(result, self.record(), write, "\n".join(lines))
 
 
-# ------------------------------------------------------------------------ LoRA-Mixer
+class MixerRecipe(MoARecipe):
+    """RUN/compose/lora_mixer[_regime] (`stages.Recipe`): LoRA-Mixer's routers (and tuned experts)."""
 
-def _mixer_inputs(run: Path, tasks: list[str], cfg: mx.MixerConfig, train_cfg) -> tuple[dict[str, Adapter], list]:
-    """The experts and the modules that get routers, every check done before anything is written."""
-    adapters = {t: load_adapter(runs.adapter_dir(run, t)) for t in tasks}
-    modules = mx.choose_modules(common_modules(adapters, tasks, "LoRA-Mixer's experts"), cfg.mixer_modules,
-                                cfg.mixer_drop_uncovered)
-    if cfg.mixer_top_k > len(tasks):
-        raise UserError(f"--mixer-top-k {cfg.mixer_top_k} is more than the {len(tasks)} experts ({', '.join(tasks)})")
-    tune = _tuned(tasks, cfg)
-    if tune and len(tune) < len(tasks) and train_cfg.weight_decay:
-        raise UserError("--weight-decay would move the experts outside --mixer-tune: use 0 with a partial --mixer-tune")
-    return adapters, modules
+    def __init__(self, run, tasks, data_cfg, train_cfg, cfg, d, say):
+        # the experts and the modules that get routers, every check done before anything is written
+        self.adapters = {t: load_adapter(runs.adapter_dir(run, t)) for t in tasks}
+        self.modules = mx.choose_modules(common_modules(self.adapters, tasks, "LoRA-Mixer's experts"),
+                                         cfg.mixer_modules, cfg.mixer_drop_uncovered)
+        if cfg.mixer_top_k > len(tasks):
+            raise UserError(f"--mixer-top-k {cfg.mixer_top_k} is more than the {len(tasks)} experts "
+                            f"({', '.join(tasks)})")
+        self.tune = _tuned(tasks, cfg)
+        if self.tune and len(self.tune) < len(tasks) and train_cfg.weight_decay:
+            raise UserError("--weight-decay would move the experts outside --mixer-tune: use 0 with a partial "
+                            "--mixer-tune")
+        super().__init__(run, tasks, data_cfg, train_cfg, cfg, d, say)
+
+    def stages(self):
+        return [stages.mixer_stage(self.run, mx.method_name(self.cfg.mixer_regime))]
+
+    def setup(self, todo):
+        cap = self.cfg.routing_cap(len(self.tasks))
+        self.load({t: exs[:cap] for t, exs in load_data(self.data_cfg, self.tasks, "train").items()})
+
+    def train(self, stage):
+        cfg, tasks, seed, model = self.cfg, self.tasks, self.data_cfg.seed, self.model
+        torch.manual_seed(seed)
+        joint = cfg.mixer_regime == "joint"
+        experts = ({t: mx.fresh_expert(self.adapters[t], seed + i) for i, t in enumerate(tasks)} if joint
+                   else self.adapters)
+        mixer = mx.LoRAMixer(model, experts, self.modules, cfg.mixer_top_k, tasks, seed=seed,
+                             router_init=cfg.mixer_router_init)
+        params = {f"routers.{i}": w for i, w in enumerate(mixer.routers)}
+        tuned = mixer.expert_params(self.tune) if self.tune else []
+        params.update({f"experts.{i}": p for i, p in enumerate(tuned)})
+        start = [p.detach().clone() for p in tuned]
+        train_items, val_items = self.labelled
+        self.say(f"LoRA-Mixer over {', '.join(tasks)} ({cfg.mixer_regime}): routers in {len(self.modules)} "
+                 f"projections, top-{cfg.mixer_top_k} at inference, {sum(p.numel() for p in params.values()):,} "
+                 f"trainable parameters{'; tuning ' + ', '.join(self.tune) if self.tune else ''}; "
+                 f"{len(train_items)} routing sequences")
+        finetune = cfg.mixer_regime == "finetune"
+        objective = mx.objective(mixer, cfg, start if finetune else (), tuned if finetune else ())
+        result = self.fit(stage, "lora_mixer", params, train_items, val_items, objective,
+                          group_lr={"experts.": cfg.mixer_expert_lr})
+        for p in params.values():
+            p.requires_grad_(False)
+        mixer.soft = False
+        mixer.refresh()
+        report = mx.routing_report(mixer, model, val_items, self.pad_id, self.train_cfg.batch_size * 2)
+
+        def write(folder):
+            mixer.save(folder, extra={"regime": cfg.mixer_regime, "tuned": self.tune}, save_experts=bool(self.tune),
+                       sources={t: str(runs.adapter_dir(self.run, t).resolve()) for t in tasks})
+            runs.write_json_atomic(folder / "routing.json", report)
+        width = max(len(t) for t in tasks)
+        lines = [f"LoRA-Mixer routing on validation prompts (top-{cfg.mixer_top_k}): own expert's share, top-1 own",
+                 *(f"  {t:<{width}}  {report['own_share'][t]:.3f}  {report['top1_own'][t]:.3f}" for t in tasks),
+                 f"  {'mean':<{width}}  {report['mean_own_share']:.3f}   entropy {report['entropy']:.3f}  "
+                 f"balance {report['balance']:.3f}   -> {stage.out_dir}"]
+        record = self.record(routing_examples={t: len(self.train_data[t]) for t in tasks})
+        return stages.Trained(result, record, write, "\n".join(lines))
 
 
 def _tuned(tasks: list[str], cfg: mx.MixerConfig) -> list[str]:
@@ -194,71 +251,7 @@ def _tuned(tasks: list[str], cfg: mx.MixerConfig) -> list[str]:
     return names
 
 
-def _train_mixer(stage, run, tasks, adapters, modules, data_cfg, train_cfg, cfg, d, say, resolved, global_batch,
-                 built_from) -> None:
-    """Train LoRA-Mixer's routers (and tuned experts) and publish RUN/compose/lora_mixer[_regime] (rank 0)."""
-    cap = cfg.routing_cap(len(tasks))
-    train_data = {t: exs[:cap] for t, exs in load_data(data_cfg, tasks, "train").items()}
-    val_data = load_data(data_cfg, tasks, "validation")
-    model, tokenizer = load_base_model(train_cfg.model, process_device(d, train_cfg.device), train_cfg.dtype,
-                                       max_len=data_cfg.max_len)
-    amp = model.device.type == "cuda" and model.dtype != torch.float32
-
-    def items(split_data):  # every task's full examples, labelled with the task's expert index
-        return [it for i, t in enumerate(tasks)
-                for it in encode_examples(tokenizer, split_data[t], data_cfg.max_len, data_cfg.max_target_len, label=i)]
-    train_items, val_items = items(train_data), items(val_data)
-
-    torch.manual_seed(data_cfg.seed)
-    joint = cfg.mixer_regime == "joint"
-    experts = {t: mx.fresh_expert(adapters[t], data_cfg.seed + i) for i, t in enumerate(tasks)} if joint else adapters
-    mixer = mx.LoRAMixer(model, experts, modules, cfg.mixer_top_k, tasks, seed=data_cfg.seed,
-                          router_init=cfg.mixer_router_init)
-    params = {f"routers.{i}": w for i, w in enumerate(mixer.routers)}
-    tune = _tuned(tasks, cfg)
-    tuned = mixer.expert_params(tune) if tune else []
-    params.update({f"experts.{i}": p for i, p in enumerate(tuned)})
-    start = [p.detach().clone() for p in tuned]
-    hashes = {"train": data_hash(train_data), "validation": data_hash(val_data)}
-    fingerprint = stages.fingerprint(resolved, data_hash=hashes["train"], global_batch=global_batch,
-                                     adapters=built_from["adapters"])
-    say(f"LoRA-Mixer over {', '.join(tasks)} ({cfg.mixer_regime}): routers in {len(modules)} projections, "
-        f"top-{cfg.mixer_top_k} at inference, {sum(p.numel() for p in params.values()):,} trainable parameters"
-        f"{'; tuning ' + ', '.join(tune) if tune else ''}; {len(train_items)} routing sequences")
-
-    stages.restart(stage, train_cfg, d)
-    objective = mx.objective(mixer, cfg, start if cfg.mixer_regime == "finetune" else (),
-                             tuned if cfg.mixer_regime == "finetune" else ())
-    result = fit_or_exit(model, params, train_items, val_items, cfg=train_cfg, seed=data_cfg.seed, name="lora_mixer",
-                         pad_id=tokenizer.pad_token_id, state_dir=stage.state_dir, log_path=stage.log_path,
-                         objective=objective, d=d, amp=amp, fingerprint=fingerprint,
-                         group_lr={"experts.": cfg.mixer_expert_lr})
-    for p in params.values():
-        p.requires_grad_(False)
-    mixer.soft = False
-    mixer.refresh()
-    report = mx.routing_report(mixer, model, val_items, tokenizer.pad_token_id, train_cfg.batch_size * 2)
-
-    if d.main:
-        with stages.publish(stage) as folder:
-            mixer.save(folder, extra={"regime": cfg.mixer_regime, "tuned": tune}, save_experts=bool(tune),
-                       sources={t: str(runs.adapter_dir(run, t).resolve()) for t in tasks})
-            runs.write_json_atomic(folder / "routing.json", report)
-            runs.write_json_atomic(folder / "training_config.json", {
-                "tasks": tasks, "seed": data_cfg.seed, "git_commit": runs.git_commit(), "data_hash": hashes,
-                "selection_ids": {t: [ex.id for ex in val_data[t]] for t in tasks},
-                "routing_examples": {t: len(train_data[t]) for t in tasks},
-                "model": train_cfg.model, "world_size": d.world, "global_batch": global_batch,
-                "steps": result.steps, "best_step": result.best_step, "best_val_loss": result.best_val_loss,
-                "stopped_early": result.stopped_early, "elapsed_s": round(result.elapsed_s, 2), "config": resolved,
-                stages.BUILT_FROM: built_from, "versions": runs.versions()})
-        width = max(len(t) for t in tasks)
-        say(f"LoRA-Mixer routing on validation prompts (top-{cfg.mixer_top_k}): own expert's share, top-1 own")
-        for t in tasks:
-            say(f"  {t:<{width}}  {report['own_share'][t]:.3f}  {report['top1_own'][t]:.3f}")
-        say(f"  {'mean':<{width}}  {report['mean_own_share']:.3f}   entropy {report['entropy']:.3f}  "
-            f"balance {report['balance']:.3f}   -> {stage.out_dir}")
-    barrier(d)
+RECIPES = {"moa": MoARecipe, "lora_mixer": MixerRecipe}   # --system; SYSTEMS in src/config.py lists the same
 
 
 if __name__ == "__main__":

@@ -13,8 +13,11 @@ Usage:
     # SFT through the generated adapter on the tasks' data (the paper's lr 2.5e-5)
     python train_text_to_lora.py --objective sft --output-dir runs/demo --lr 2.5e-5
 
-    # without one task, to generate its adapter zero-shot from a description
+    # without one task (or each of several), to generate its adapter zero-shot from a description
     python train_text_to_lora.py --hold-out sentiment --output-dir runs/demo
+
+    # RUN/compose/t2l and, for method t2l_zeroshot, one hypernetwork without each task
+    python train_text_to_lora.py --preset demo --output-dir runs/demo --hold-out-each
 
     # then: python -m src.t2l generate --run runs/demo --description "..." --out my_adapter
 
@@ -34,7 +37,10 @@ Length: with --max-steps N, exactly N optimizer steps whatever --epochs says (on
 stopping, --patience, can end it sooner); without it, --epochs passes over the pairs. Train
 long enough to converge: a short run leaves every description near the starting point.
 
-Writes RUN/compose/t2l/ (RUN/compose/t2l-holdout-TASK/ with --hold-out TASK): hypernet.safetensors,
+Writes RUN/compose/t2l/ (RUN/compose/t2l-holdout-TASK/ with --hold-out TASK; --hold-out A,B: one
+for each; --hold-out-each: RUN/compose/t2l and one for each task of --tasks, trained by
+reconstruction whatever --objective says, which is what method t2l_zeroshot evaluates; evaluation
+never trains one): hypernet.safetensors,
 t2l_config.json, training_config.json (with built_from), reconstruction.json (the relative
 error of each module's delta generated from each training task's held-out descriptions),
 log.jsonl. It appears only when complete; a rerun is skipped when built from the same inputs
@@ -55,9 +61,11 @@ from src.tasks import resolve_tasks
 
 
 def main(argv=None) -> None:
-    (data_cfg, train_cfg, cfg), _ = parse_configs(argv, "train_text_to_lora.py", __doc__, DataConfig, TrainConfig,
-                                                  t2l.T2LConfig, presets=T2L_PRESETS)
-    t2l.train_hypernet(Path(train_cfg.output_dir), resolve_tasks(data_cfg.tasks), data_cfg, train_cfg, cfg)
+    (data_cfg, train_cfg, cfg, zero_shot), _ = parse_configs(
+        argv, "train_text_to_lora.py", __doc__, DataConfig, TrainConfig, t2l.T2LConfig, t2l.ZeroShotConfig,
+        presets=T2L_PRESETS)
+    t2l.train_hypernet(Path(train_cfg.output_dir), resolve_tasks(data_cfg.tasks), data_cfg, train_cfg, cfg,
+                       each=zero_shot.hold_out_each)
 
 
 if __name__ == "__main__":

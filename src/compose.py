@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager, Sequence
 
-from src import runs
+from src import runs, stages
 from src.errors import UserError
 from src.lora import Adapter, folded, load_adapter
 from src.tasks import load_capped, load_examples, shuffled
@@ -127,42 +127,26 @@ class Built:
 # --------------------------------------------------------------------------- model selection
 
 def selection_ids(run_dir: Path, tasks: Sequence[str]) -> dict[str, list[str]]:
-    """{task: ids of the validation examples that chose a checkpoint}: every adapter's early
-    stopping, and every trained system's (the records each registered method names in
-    `selection_records`: MoA's and LoRA-Mixer's router training, Text-to-LoRA's SFT, the multitask
-    adapter), from their training_config.json (`selection_ids`, or, for adapters and routers
-    trained before it was recorded, the same seeded subset rebuilt from their data config).
-    Evaluation on the validation split leaves them out."""
-    out: dict[str, set[str]] = {t: set() for t in tasks}
-    records = {runs.adapter_dir(run_dir, t) / "training_config.json": True for t in tasks}
-    for m in REGISTRY.values():
-        for path, rebuild in m.selection_records(run_dir):
-            records[path] = records.get(path, False) or rebuild
-    for path, rebuild in records.items():
-        if not path.is_file():
-            continue
-        try:
-            info = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: unreadable ({e})") from None
-        ids = info.get("selection_ids")
-        if ids is None and not rebuild:
-            continue
-        if ids is None:                      # older runs: the same seeded subset, rebuilt
-            dc = (info.get("config") or {}).get("DataConfig") or {}
-            trained = [info["task"]] if "task" in info else list(info.get("tasks") or [])
-            trained = [t for t in trained if t in out]
-            if not trained or dc.get("data") in (None, "hub"):
-                continue
-            data = load_capped(trained, "validation", dc["data"], dc.get("data_dir"), dc.get("eval_size"),
-                               int(dc.get("seed", 0)), flag="(training) --eval-size")
-            ids = {t: [ex.id for ex in exs] for t, exs in data.items()}
-        if isinstance(ids, list):
-            ids = {info["task"]: ids}
-        for t, some in ids.items():
-            if t in out:
-                out[t].update(some)
-    return {t: sorted(v) for t, v in out.items()}
+    """{task: ids of the validation examples that chose a checkpoint}: every stage's record
+    (`stages.selection_ids`: the adapters', the routers', the hypernetworks', the multitask
+    adapter's `selection_ids`). Evaluation on the validation split leaves them out."""
+    return stages.selection_ids(run_dir, tasks, _rebuilt_selection)
+
+
+def _rebuilt_selection(info: dict) -> dict | None:
+    """The ids of a record from before `selection_ids` was recorded: adapters and routers chose
+    their checkpoints on the seeded validation subset of their data config, rebuilt here.
+    (Hypernetwork and multitask records of that time either name theirs or used no example.)"""
+    config = info.get("config") or {}
+    if "T2LConfig" in config or "MultitaskConfig" in config:
+        return None
+    dc = config.get("DataConfig") or {}
+    trained = [info["task"]] if "task" in info else list(info.get("tasks") or [])
+    if not trained or dc.get("data") in (None, "hub"):
+        return None
+    data = load_capped(trained, "validation", dc["data"], dc.get("data_dir"), dc.get("eval_size"),
+                       int(dc.get("seed", 0)), flag="(training) --eval-size")
+    return {t: [ex.id for ex in exs] for t, exs in data.items()}
 
 
 # --------------------------------------------------------------------------- the interface
@@ -204,12 +188,6 @@ class Method:
 
     def prepare(self, model, env: Env, task: str) -> ContextManager:
         return nullcontext()
-
-    def selection_records(self, run_dir: Path) -> list[tuple[Path, bool]]:
-        """The training_config.json files of what this method trained (beyond the task adapters)
-        whose `selection_ids` evaluation leaves out, each with whether a record without them is
-        rebuilt from its data config (routers trained before the ids were recorded)."""
-        return []
 
 
 REGISTRY: dict[str, Method] = {}

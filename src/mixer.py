@@ -503,9 +503,6 @@ class LoRAMixerMethod(Method):
     def folder(self, env: Env) -> Path:
         return runs.compose_dir(env.run_dir, self.name)
 
-    def selection_records(self, run_dir):
-        return [(runs.compose_dir(run_dir, self.name) / "training_config.json", True)]
-
     def meta(self, env: Env) -> dict:
         return read_config(self.folder(env))
 

@@ -520,9 +520,6 @@ class MoA(Method):
     family, summary = "trained router", "trained router, per sequence"
     help = "Mixture-of-LoRAs: RUN/moa's trained routers pick one expert per sequence"
 
-    def selection_records(self, run_dir):
-        return [(runs.moa_dir(run_dir) / "training_config.json", True)]
-
     def check(self, env):
         folder = runs.moa_dir(env.run_dir)
         if not (folder / CONFIG_NAME).is_file():

@@ -140,9 +140,6 @@ class MultitaskLoRA(Method):
     def adapter_tasks(self, env):
         return [runs.MULTITASK]
 
-    def selection_records(self, run_dir):
-        return [(runs.multitask_dir(run_dir) / "training_config.json", False)]
-
     def trained_on(self, env: Env) -> list[str] | None:
         """The tasks its training_config.json names (None: no readable record)."""
         try:

@@ -13,6 +13,12 @@ resumable checkpoint (RUN/checkpoints/<name>). Every stage goes the same way:
                     ...                         # renamed into place with log.jsonl, the checkpoint goes
     remove_empty_checkpoints(run, d)
 
+Every training script states this once, as a `Recipe` (torchtune's shape: the script says what
+its stages are, what each is built from, how to set up and how to train one; `run_recipe` does
+the claiming, restarting, publishing and recording), so that every stage's training_config.json
+has one schema (`record`): among its keys `selection_ids`, the validation examples that chose
+the checkpoint, which evaluation leaves out ({} when no example chose it).
+
 `pending` (inside `claim`) skips complete outputs unless --force, and refuses an interrupted
 checkpoint without --resume / --force.
 
@@ -32,16 +38,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
 
 from src import runs
 from src.errors import UserError
-from src.training import Dist, _all_reduce, barrier, remove_checkpoints
+from src.training import Dist, FitResult, TrainingDiverged, _all_reduce, barrier, remove_checkpoints
 
 # Settings that may change between a run and its --resume (the rest must match the checkpoint).
 RESUMABLE = {"output_dir", "resume", "force", "progress", "device", "log_every"}
@@ -300,3 +307,111 @@ def remove_empty_checkpoints(run: Path, d: Dist = Dist()) -> None:
     folder = Path(run) / "checkpoints"  # the parent of every runs.checkpoint_dir(run, name)
     if d.main and folder.is_dir() and not any(folder.iterdir()):
         folder.rmdir()
+
+
+# --------------------------------------------------------------------------- recipes
+
+# What every stage's record names besides the fit's own figures (`record`): evaluation reads
+# selection_ids ({task: ids} or, for one task's stage, a list; {} when no example chose the
+# checkpoint), the rest is provenance.
+RECORD_KEYS = ("selection_ids", "seed", "data_hash", "model", "config")
+
+
+@dataclass
+class Trained:
+    """One stage trained by a recipe: the fit's result, the recipe's own fields of the record
+    (RECORD_KEYS among them), what writes the output files into a folder (it may complete the
+    record: the record is written after it), and what is said once the output is in place (a
+    callable: said as it returns then)."""
+
+    result: FitResult
+    record: dict
+    write: Callable[[Path], None]
+    message: str | Callable[[], str] = ""
+
+
+class Recipe(Protocol):
+    """A training script's work, driven by `run_recipe`.
+
+    stages: every output the script would train (complete ones are skipped by `built_from`);
+    built_from: what a stage's output is built from (settings, inputs' digests), recorded in it;
+    setup: load what training needs (data, model), once, only when some stage is to train;
+    train: fit one stage (its checkpoint folder is stage.state_dir, its log stage.log_path) and
+    return it as `Trained`; TrainingDiverged skips the stage and marks the run failed.
+    """
+
+    def stages(self) -> list[Stage]: ...
+
+    def built_from(self, stage: Stage) -> dict: ...
+
+    def setup(self, todo: list[Stage]) -> None: ...
+
+    def train(self, stage: Stage) -> Trained: ...
+
+
+def record(trained: Trained, built_from: dict) -> dict:
+    """A stage's training_config.json: the recipe's fields, the fit's figures, the commit, what the
+    output was built from and the package versions."""
+    missing = [k for k in RECORD_KEYS if k not in trained.record]
+    if missing:
+        raise ValueError(f"a recipe's record lacks {', '.join(missing)}")
+    r = trained.result
+    return {**trained.record, "git_commit": runs.git_commit(), "steps": r.steps, "best_step": r.best_step,
+            "best_val_loss": r.best_val_loss, "stopped_early": r.stopped_early,
+            "final_train_loss": r.final_train_loss, "tokens": r.tokens, "elapsed_s": round(r.elapsed_s, 2),
+            BUILT_FROM: built_from, "versions": runs.versions()}
+
+
+def run_recipe(recipe: Recipe, run: Path, cfg, say: Callable[..., None] = print, d: Dist = Dist()) -> list[str]:
+    """Claim the recipe's stages, set up once, then train, publish and record each in turn (rank 0
+    writes); the names of the stages whose training diverged (each said in one error line)."""
+    failed: list[str] = []
+    with claim(recipe.stages(), cfg, say, d, built_from=recipe.built_from) as todo:
+        if todo:
+            recipe.setup(todo)
+        for stage in todo:
+            restart(stage, cfg, d)
+            try:
+                trained = recipe.train(stage)
+            except TrainingDiverged as e:
+                print(f"error: {e}", file=sys.stderr)
+                failed.append(stage.task or stage.out_dir.name)
+                continue
+            if d.main:
+                with publish(stage) as folder:
+                    trained.write(folder)
+                    runs.write_json_atomic(folder / INFO_NAME, record(trained, recipe.built_from(stage)))
+                message = trained.message() if callable(trained.message) else trained.message
+                if message:
+                    say(message)
+            barrier(d)
+    remove_empty_checkpoints(run, d)
+    return failed
+
+
+def selection_ids(run: Path, tasks: Iterable[str], rebuild: Callable[[dict], dict | None]) -> dict[str, list[str]]:
+    """{task: the validation ids that chose a checkpoint}, from every stage record of the run
+    (RUN/adapters/*, RUN/moa, RUN/compose/*). A record without `selection_ids` (an older
+    version's) is passed to `rebuild`, which returns its ids ({task: ids}) or None."""
+    run = Path(run)
+    out: dict[str, set[str]] = {t: set() for t in tasks}
+    paths = [*sorted(runs.adapters_dir(run).glob(f"*/{INFO_NAME}")), runs.moa_dir(run) / INFO_NAME,
+             *sorted((run / "compose").glob(f"*/{INFO_NAME}"))]
+    for path in paths:
+        if not path.is_file():
+            continue
+        try:
+            info = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: unreadable ({e})") from None
+        if not isinstance(info, dict):
+            raise UserError(f"{path}: not a stage record (a JSON object)")
+        ids = info.get("selection_ids")
+        if ids is None:
+            ids = rebuild(info)
+        if isinstance(ids, list):
+            ids = {info.get("task"): ids}
+        for t, some in (ids or {}).items():
+            if t in out:
+                out[t].update(some)
+    return {t: sorted(v) for t, v in out.items()}

@@ -101,7 +101,8 @@ class T2LConfig:
         "help": "reconstruction: L1 on the z-scored factors A and B, or on the z-scored deltas scale * B A",
         "choices": RECON_TARGETS})
     hold_out: str | None = field(default=None, metadata={
-        "help": "train without this task (written to RUN/compose/t2l-holdout-TASK), to generate for it zero-shot"})
+        "help": "train without this task (written to RUN/compose/t2l-holdout-TASK), to generate for it zero-shot; "
+                "A,B: one hypernetwork without each"})
     t2l_norm: str = field(default="element", metadata={
         "help": "units of the heads' outputs: element (the paper: z-scores of every A and B element with the "
                 "library's per-element mean and std; the heads start at the library mean) or type (one std per "
@@ -136,6 +137,17 @@ class T2LConfig:
                             f"got {self.t2l_alpha}")
         if self.label_smoothing >= 1:
             raise UserError(f"--label-smoothing must be below 1, got {self.label_smoothing}")
+
+
+@dataclass
+class ZeroShotConfig:
+    """train_text_to_lora.py: the hypernetworks method t2l_zeroshot evaluates (not part of any record)."""
+
+    title = "Zero-shot Text-to-LoRA"
+
+    hold_out_each: bool = field(default=False, metadata={
+        "help": "train RUN/compose/t2l and, for each task of --tasks, a hypernetwork without it "
+                "(RUN/compose/t2l-holdout-TASK, by reconstruction): what method t2l_zeroshot generates with"})
 
 
 def positive_alpha(v) -> bool:
@@ -788,41 +800,161 @@ def new_hypernet(adapters: Sequence[Adapter], layout: Layout, d_enc: int, cfg: T
                     out_std=factor_stats(adapters, layout, "factors"))
 
 
-def train_hypernet(run: Path, tasks: Sequence[str], data_cfg, train_cfg, cfg: T2LConfig,
-                   say: Callable[..., None] = print, base: tuple | None = None) -> Path:
-    """Train (or skip, when built from the same inputs) RUN/compose/t2l[-holdout-TASK] on the
-    adapters of `tasks` but cfg.hold_out; every check runs before anything is written.
-    base: the (model, tokenizer) already loaded, else loaded from train_cfg.model when needed."""
-    from src.cli import config_dict
-    from src.models import model_identity, resolve_model_path
-    run = Path(run)
-    tasks = training_tasks(list(tasks), cfg.hold_out)
-    missing = [t for t in tasks if not stages.adapter_stage(run, t).complete()]
-    if missing:
-        raise UserError(f"{runs.adapters_dir(run)} lacks the adapters of task(s) {', '.join(missing)}: "
-                        f"run train_individual_loras.py --output-dir {run} --tasks {','.join(missing)} first")
-    adapters = {t: load_adapter(runs.adapter_dir(run, t)) for t in tasks}
-    layout = layout_of(adapters, cfg)                      # bad shapes and ranks fail before anything is written
-    uses_model = cfg.encoder == "base" or cfg.objective == "sft"
-    if uses_model:
-        resolve_model_path(train_cfg.model)
-    stage = t2l_stage(run, cfg.hold_out)
-    train_cfg = by_steps(train_cfg)                        # recorded as fitted: --epochs is moot with --max-steps
-    resolved = config_dict(data_cfg, train_cfg, cfg)
-    built_from = stages.fingerprint(
-        resolved, ignore={"tasks", "model"}, tasks=tasks, model=model_identity(train_cfg.model) if uses_model else None,
-        adapters={t: runs.adapter_digest(runs.adapter_dir(run, t)) for t in tasks},
-        descriptions={t: [*training_descriptions(t), *held_out_descriptions(t)] for t in tasks})
-    with stages.claim([stage], train_cfg, say, built_from=lambda _: built_from) as todo:
-        if todo:
-            if uses_model and base is None:
-                from src.models import load_base_model
-                base = load_base_model(train_cfg.model, "cpu" if cfg.objective == "reconstruction" else
-                                       train_cfg.device, train_cfg.dtype,
-                                       max_len=data_cfg.max_len if cfg.objective == "sft" else None)
-            _train(stage, tasks, adapters, layout, data_cfg, train_cfg, cfg, resolved, built_from, base, say)
-    stages.remove_empty_checkpoints(run)
-    return stage.out_dir
+def hold_outs(tasks: Sequence[str], cfg: T2LConfig, each: bool) -> list[str | None]:
+    """The hypernetworks to train, by held-out task (None: RUN/compose/t2l, on every task): --hold-out
+    A,B one per task named, --hold-out-each RUN/compose/t2l and one without each task of `tasks`."""
+    if each and cfg.hold_out:
+        raise UserError("--hold-out and --hold-out-each: choose one")
+    if each:
+        return [None, *tasks]
+    named = [t.strip() for t in (cfg.hold_out or "").split(",") if t.strip()]
+    return named or [None]
+
+
+class HypernetRecipe:
+    """train_text_to_lora.py's stages (`stages.Recipe`): a hypernetwork per held-out task (`hold_outs`),
+    each trained on the adapters of `tasks` but its own; with --hold-out-each the held-out ones by
+    reconstruction whatever --objective, as method t2l_zeroshot expects them. Every check runs in
+    the constructor, before anything is written. base: the (model, tokenizer) already loaded."""
+
+    def __init__(self, run: Path, tasks: Sequence[str], data_cfg, train_cfg, cfg: T2LConfig, each: bool = False,
+                 say: Callable[..., None] = print, base: tuple | None = None):
+        from src.models import resolve_model_path
+        self.run, self.data_cfg, self.say, self.base = Path(run), data_cfg, say, base
+        self.train_cfg = by_steps(train_cfg)
+        self.plans: dict[Path, tuple[list[str], T2LConfig]] = {}
+        for held in hold_outs(list(tasks), cfg, each):
+            plan_cfg = cfg if held is None else replace(cfg, hold_out=held,
+                                                        objective="reconstruction" if each else cfg.objective)
+            self.plans[t2l_stage(self.run, held).out_dir] = (training_tasks(list(tasks), held), plan_cfg)
+        needed = list(dict.fromkeys(t for ts, _ in self.plans.values() for t in ts))
+        missing = [t for t in needed if not stages.adapter_stage(self.run, t).complete()]
+        if missing:
+            raise UserError(f"{runs.adapters_dir(self.run)} lacks the adapters of task(s) {', '.join(missing)}: "
+                            f"run train_individual_loras.py --output-dir {self.run} --tasks {','.join(missing)} first")
+        self.adapters = {t: load_adapter(runs.adapter_dir(self.run, t)) for t in needed}
+        self.digests = {t: runs.adapter_digest(runs.adapter_dir(self.run, t)) for t in needed}
+        for ts, c in self.plans.values():
+            layout_of({t: self.adapters[t] for t in ts}, c)   # bad shapes and ranks fail before anything is written
+        if any(uses_model(c) for _, c in self.plans.values()):
+            resolve_model_path(self.train_cfg.model)
+
+    def stages(self) -> list[stages.Stage]:
+        return [t2l_stage(self.run, c.hold_out) for _, c in self.plans.values()]
+
+    def resolved(self, cfg: T2LConfig) -> dict:
+        from src.cli import config_dict
+        return config_dict(self.data_cfg, self.train_cfg, cfg)
+
+    def built_from(self, stage: stages.Stage) -> dict:
+        from src.models import model_identity
+        tasks, cfg = self.plans[stage.out_dir]
+        return stages.fingerprint(
+            self.resolved(cfg), ignore={"tasks", "model"}, tasks=tasks,
+            model=model_identity(self.train_cfg.model) if uses_model(cfg) else None,
+            adapters={t: self.digests[t] for t in tasks},
+            descriptions={t: [*training_descriptions(t), *held_out_descriptions(t)] for t in tasks})
+
+    def setup(self, todo: list[stages.Stage]) -> None:
+        cfgs = [self.plans[s.out_dir][1] for s in todo]
+        if any(uses_model(c) for c in cfgs) and self.base is None:
+            from src.models import load_base_model
+            sft = any(c.objective == "sft" for c in cfgs)
+            self.base = load_base_model(self.train_cfg.model, self.train_cfg.device if sft else "cpu",
+                                        self.train_cfg.dtype, max_len=self.data_cfg.max_len if sft else None)
+
+    def train(self, stage: stages.Stage) -> stages.Trained:
+        """Encode the descriptions, fit the hypernetwork; the output with its reconstruction report."""
+        from src.tasks import data_hash
+        from src.training import encode_examples, fit_best, load_data, planned_steps
+        tasks, cfg = self.plans[stage.out_dir]
+        data_cfg, train_cfg, base = self.data_cfg, self.train_cfg, self.base
+        resolved, adapters = self.resolved(cfg), {t: self.adapters[t] for t in tasks}
+        layout = layout_of(adapters, cfg)
+        train_text = [training_descriptions(t) for t in tasks]
+        val_text = [held_out_descriptions(t) for t in tasks]
+        train_emb = torch.stack([encode(d, cfg.encoder, base) for d in train_text])     # [T, D, d_enc]
+        val_emb = torch.stack([encode(d, cfg.encoder, base) for d in val_text])
+        ordered = [adapters[t] for t in tasks]
+        hnet = new_hypernet(ordered, layout, train_emb.shape[-1], cfg, data_cfg.seed)
+        params = {f"hnet.{k}": p for k, p in hnet.named_parameters()}
+        digests = {t: self.digests[t] for t in tasks}
+        hashes, selection = None, {}
+        if cfg.objective == "reconstruction":
+            n_train, n_val = train_emb.shape[1], val_emb.shape[1]
+            pair_emb = torch.cat([train_emb.flatten(0, 1), val_emb.flatten(0, 1)])
+            pair_task = [i for i in range(len(tasks)) for _ in range(n_train)] + \
+                        [i for i in range(len(tasks)) for _ in range(n_val)]
+            model = Library(hnet, pair_emb, pair_task, library_targets(ordered, layout))
+            items = pair_items(len(pair_task))
+            train_items, val_items = items[:len(tasks) * n_train], items[len(tasks) * n_train:]
+            objective = reconstruction_objective(
+                layout, factor_stats(ordered, layout, "deltas") if cfg.recon_target == "deltas" else None,
+                cfg.recon_target)
+            pad_id, context = 0, nullcontext([])
+            fingerprint = stages.fingerprint(resolved, adapters=digests)
+            what = f"reconstructing {', '.join(tasks)}: {len(layout.modules)} modules"
+        else:
+            model, tokenizer = base
+            hnet.to(model.device)
+            train_data, val_data = load_data(data_cfg, tasks, "train"), load_data(data_cfg, tasks, "validation")
+            hashes = {"train": data_hash(train_data), "validation": data_hash(val_data)}
+            selection = {t: [ex.id for ex in val_data[t]] for t in tasks}    # evaluation leaves these out
+
+            def items(split):
+                return [it for i, t in enumerate(tasks) for it in
+                        encode_examples(tokenizer, split[t], data_cfg.max_len, data_cfg.max_target_len, label=i)]
+            train_items, val_items = items(train_data), items(val_data)
+            pad_id, context = tokenizer.pad_token_id, generated(model, layout)
+            fingerprint = stages.fingerprint(resolved, adapters=digests, data_hash=hashes["train"])
+            what = f"SFT on {', '.join(tasks)}: {len(train_items)} sequences"
+        _, steps = planned_steps(len(train_items), train_cfg.batch_size * train_cfg.grad_accum, train_cfg.epochs,
+                                 train_cfg.max_steps)
+        self.say(f"Text-to-LoRA{f' without {cfg.hold_out}' if cfg.hold_out else ''} ({cfg.head} head, {cfg.encoder} "
+                 f"encoder, {cfg.t2l_norm} norm) {what}, {sum(p.numel() for p in params.values()):,} parameters, "
+                 f"{steps} steps ({'--max-steps' if train_cfg.max_steps else f'{train_cfg.epochs:g} epochs'})")
+        torch.manual_seed(data_cfg.seed)             # SFT's description draws; a resume restores the generator
+        with context as layers:
+            if cfg.objective == "sft":
+                objective = sft_objective(hnet, layers, train_emb, val_emb[:, 0], cfg.label_smoothing, cfg.factor_l2)
+            result = fit_best(model, params, train_items, val_items, cfg=train_cfg, seed=data_cfg.seed,
+                         name=stage.out_dir.name, pad_id=pad_id, state_dir=stage.state_dir,
+                         log_path=stage.log_path, objective=objective, fingerprint=fingerprint)
+        hnet.cpu()
+        report: dict = {}
+
+        def write(folder: Path) -> None:
+            save(folder, hnet, {"encoder": cfg.encoder, "objective": cfg.objective, "tasks": tasks,
+                                "hold_out": cfg.hold_out, "base_model": trained_for(train_cfg.model, ordered,
+                                                                                    uses_model(cfg)),
+                                "descriptions": {t: list(d) for t, d in zip(tasks, train_text)}})
+            report.update(reconstruction_report(folder, adapters, dict(zip(tasks, val_text)), base))
+            runs.write_json_atomic(folder / REPORT_NAME, report)
+            rec["reconstruction_error"] = report["mean"]
+
+        rec = {"tasks": tasks, "hold_out": cfg.hold_out, "seed": data_cfg.seed, "data_hash": hashes,
+               "model": train_cfg.model, "planned_steps": steps, "selection_ids": selection, "config": resolved}
+        early = f", stopped early (--patience {train_cfg.patience})" if result.stopped_early else ""
+        return stages.Trained(result, rec, write, lambda: (
+            f"Text-to-LoRA: {result.steps} of {steps} steps{early}, best validation loss {result.best_val_loss} at "
+            f"step {result.best_step}; relative delta error on the held-out descriptions {_fmt(report['mean'])} "
+            f"({REPORT_NAME}) -> {stage.out_dir}"))
+
+
+def uses_model(cfg: T2LConfig) -> bool:
+    """Whether training needs the base model: --encoder base or --objective sft."""
+    return cfg.encoder == "base" or cfg.objective == "sft"
+
+
+def train_hypernet(run: Path, tasks: Sequence[str], data_cfg, train_cfg, cfg: T2LConfig, each: bool = False,
+                   say: Callable[..., None] = print, base: tuple | None = None) -> list[Path]:
+    """Train (or skip, when built from the same inputs) the hypernetworks `HypernetRecipe` names;
+    their folders."""
+    recipe = HypernetRecipe(run, tasks, data_cfg, train_cfg, cfg, each, say, base)
+    failed = stages.run_recipe(recipe, Path(run), recipe.train_cfg, say)
+    if failed:
+        raise SystemExit(1)
+    return [s.out_dir for s in recipe.stages()]
 
 
 def trained_for(model: str, adapters: Sequence[Adapter], uses_model: bool) -> str | None:
@@ -836,80 +968,6 @@ def trained_for(model: str, adapters: Sequence[Adapter], uses_model: bool) -> st
     if not named or not named[0] or not all(same_model(named[0], b) for b in named[1:]):
         return None
     return model_identity(named[0])
-
-
-def _train(stage, tasks, adapters, layout, data_cfg, train_cfg, cfg, resolved, built_from, base, say) -> None:
-    """Encode the descriptions, fit the hypernetwork, publish the stage with its reconstruction report."""
-    from src.tasks import data_hash
-    from src.training import encode_examples, fit_or_exit, load_data, planned_steps
-    train_text = [training_descriptions(t) for t in tasks]
-    val_text = [held_out_descriptions(t) for t in tasks]
-    train_emb = torch.stack([encode(d, cfg.encoder, base) for d in train_text])     # [T, D, d_enc]
-    val_emb = torch.stack([encode(d, cfg.encoder, base) for d in val_text])
-    ordered = [adapters[t] for t in tasks]
-    hnet = new_hypernet(ordered, layout, train_emb.shape[-1], cfg, data_cfg.seed)
-    params = {f"hnet.{k}": p for k, p in hnet.named_parameters()}
-    hashes = None
-    stages.restart(stage, train_cfg)
-    if cfg.objective == "reconstruction":
-        n_train, n_val = train_emb.shape[1], val_emb.shape[1]
-        pair_emb = torch.cat([train_emb.flatten(0, 1), val_emb.flatten(0, 1)])
-        pair_task = [i for i in range(len(tasks)) for _ in range(n_train)] + \
-                    [i for i in range(len(tasks)) for _ in range(n_val)]
-        model = Library(hnet, pair_emb, pair_task, library_targets(ordered, layout))
-        items = pair_items(len(pair_task))
-        train_items, val_items = items[:len(tasks) * n_train], items[len(tasks) * n_train:]
-        objective = reconstruction_objective(
-            layout, factor_stats(ordered, layout, "deltas") if cfg.recon_target == "deltas" else None, cfg.recon_target)
-        pad_id, context = 0, nullcontext([])
-        fingerprint = stages.fingerprint(resolved, adapters=built_from["adapters"])
-        what = f"reconstructing {', '.join(tasks)}: {len(layout.modules)} modules"
-    else:
-        model, tokenizer = base
-        hnet.to(model.device)
-        train_data, val_data = load_data(data_cfg, tasks, "train"), load_data(data_cfg, tasks, "validation")
-        hashes = {"train": data_hash(train_data), "validation": data_hash(val_data)}
-
-        def items(split):
-            return [it for i, t in enumerate(tasks)
-                    for it in encode_examples(tokenizer, split[t], data_cfg.max_len, data_cfg.max_target_len, label=i)]
-        train_items, val_items = items(train_data), items(val_data)
-        pad_id, context = tokenizer.pad_token_id, generated(model, layout)
-        fingerprint = stages.fingerprint(resolved, adapters=built_from["adapters"], data_hash=hashes["train"])
-        what = f"SFT on {', '.join(tasks)}: {len(train_items)} sequences"
-    _, steps = planned_steps(len(train_items), train_cfg.batch_size * train_cfg.grad_accum, train_cfg.epochs,
-                             train_cfg.max_steps)
-    say(f"Text-to-LoRA ({cfg.head} head, {cfg.encoder} encoder, {cfg.t2l_norm} norm) {what}, "
-        f"{sum(p.numel() for p in params.values()):,} parameters, {steps} steps "
-        f"({'--max-steps' if train_cfg.max_steps else f'{train_cfg.epochs:g} epochs'})")
-    torch.manual_seed(data_cfg.seed)             # SFT's description draws; a resume restores the generator
-    with context as layers:
-        if cfg.objective == "sft":
-            objective = sft_objective(hnet, layers, train_emb, val_emb[:, 0], cfg.label_smoothing, cfg.factor_l2)
-        result = fit_or_exit(model, params, train_items, val_items, cfg=train_cfg, seed=data_cfg.seed,
-                             name=stage.out_dir.name, pad_id=pad_id, state_dir=stage.state_dir,
-                             log_path=stage.log_path, objective=objective, fingerprint=fingerprint)
-    hnet.cpu()
-    base_model = trained_for(train_cfg.model, ordered, cfg.encoder == "base" or cfg.objective == "sft")
-    with stages.publish(stage) as folder:
-        save(folder, hnet, {"encoder": cfg.encoder, "objective": cfg.objective, "tasks": tasks,
-                          "hold_out": cfg.hold_out, "base_model": base_model,
-                          "descriptions": {t: list(d) for t, d in zip(tasks, train_text)}})
-        report = reconstruction_report(folder, dict(zip(tasks, ordered)), dict(zip(tasks, val_text)), base)
-        runs.write_json_atomic(folder / REPORT_NAME, report)
-        runs.write_json_atomic(folder / stages.INFO_NAME, {
-            "tasks": tasks, "hold_out": cfg.hold_out, "seed": data_cfg.seed, "git_commit": runs.git_commit(),
-            "data_hash": hashes, "model": train_cfg.model, "steps": result.steps, "planned_steps": steps,
-            "best_step": result.best_step, "best_val_loss": result.best_val_loss,
-            "stopped_early": result.stopped_early, "final_train_loss": result.final_train_loss,
-            "elapsed_s": round(result.elapsed_s, 2), "reconstruction_error": report["mean"],
-            **({"selection_ids": {t: [ex.id for ex in val_data[t]] for t in tasks}}   # evaluation leaves these out
-               if cfg.objective == "sft" else {}),
-            "config": resolved, stages.BUILT_FROM: built_from, "versions": runs.versions()})
-    early = f", stopped early (--patience {train_cfg.patience})" if result.stopped_early else ""
-    say(f"Text-to-LoRA: {result.steps} of {steps} steps{early}, best validation loss {result.best_val_loss} "
-        f"at step {result.best_step}; relative delta error on the held-out descriptions {_fmt(report['mean'])} "
-        f"({REPORT_NAME}) -> {stage.out_dir}")
 
 
 # --------------------------------------------------------------------------- the reconstruction report
@@ -1024,10 +1082,6 @@ class T2L(Method):
     def folder(self, env: Env) -> Path:
         return runs.compose_dir(env.run_dir, "t2l")
 
-    def selection_records(self, run_dir):
-        """SFT records name theirs; reconstruction records have none (and nothing is rebuilt)."""
-        return [(p, False) for p in sorted(runs.compose_dir(run_dir, "t2l").parent.glob("t2l*/training_config.json"))]
-
     def description(self, task: str) -> str:
         if task not in DESCRIPTIONS:
             raise UserError(f"method {self.name}: no descriptions for task {task} (src/descriptions.py)")
@@ -1083,7 +1137,7 @@ class T2LZeroShot(T2L):
     name = "t2l_zeroshot"
     summary = "generated, task held out"
     help = ("Text-to-LoRA zero-shot: each task's adapter from a hypernetwork trained (as RUN/compose/t2l was, on its "
-            "tasks) without that task, cached in RUN/compose/t2l-holdout-<task>")
+            "tasks) without that task, RUN/compose/t2l-holdout-<task> (train_text_to_lora.py --hold-out-each)")
 
     def pool(self, env: Env) -> list[str]:
         """The tasks RUN/compose/t2l was trained on, then any evaluated task it lacks: each hold-out
@@ -1104,7 +1158,28 @@ class T2LZeroShot(T2L):
         Method.check(self, env)
         if len(self.pool(env)) < 2:
             raise UserError("method t2l_zeroshot holds each task out of the others: it needs at least two tasks")
-        self.recipe(env)
+        self.check_hypernets(env)
+
+    def check_hypernets(self, env: Env) -> None:
+        """Each evaluated task's hypernetwork is trained, as RUN/compose/t2l was but without the task
+        and by reconstruction (train_text_to_lora.py --hold-out-each); evaluation never trains one."""
+        rec, pool = self.recipe(env), self.pool(env)
+        recipe = HypernetRecipe(
+            env.run_dir, pool, DataConfig(**rec["DataConfig"]),
+            TrainConfig(**{**rec["TrainConfig"], "output_dir": str(env.run_dir), "resume": False, "force": False}),
+            T2LConfig(**{**rec["T2LConfig"], "objective": "reconstruction", "hold_out": ",".join(env.tasks)}))
+        how = (f"train_text_to_lora.py --output-dir {env.run_dir} --tasks {','.join(pool)} --hold-out-each with "
+               f"the flags {self.folder(env) / stages.INFO_NAME} records")
+        for stage in recipe.stages():
+            task = recipe.plans[stage.out_dir][1].hold_out
+            if not stage.complete():
+                raise UserError(f"method t2l_zeroshot needs {stage.out_dir}, a hypernetwork trained without {task} "
+                                f"(evaluation trains none): run {how}")
+            recorded = stages.recorded_built_from(stage)
+            diff = [] if recorded is None else stages.changes(recorded, recipe.built_from(stage))
+            if diff:
+                raise UserError(f"{stage.out_dir} was not trained as RUN/compose/t2l was, without {task} "
+                                f"({'; '.join(diff[:3])}): run {how} --force")
 
     def recipe(self, env: Env) -> dict:
         path = self.folder(env) / "training_config.json"
@@ -1123,15 +1198,6 @@ class T2LZeroShot(T2L):
                             "description": self.description(task)}}
 
     def build(self, env):
-        rec = self.recipe(env)
-        pool = self.pool(env)
-        for task in env.tasks:                   # skipped when RUN/compose/t2l-holdout-<task> has this recipe
-            cfgs = (DataConfig(**rec["DataConfig"]),
-                    TrainConfig(**{**rec["TrainConfig"], "output_dir": str(env.run_dir), "resume": False,
-                                   "force": env.force, "progress": False}),
-                    T2LConfig(**{**rec["T2LConfig"], "objective": "reconstruction", "hold_out": task}))
-            train_hypernet(env.run_dir, pool, *cfgs, say=lambda *a: print(*a, file=sys.stderr),
-                               base=env.model() if cfgs[2].encoder == "base" else None)
         return super().build(env)
 
 

@@ -534,10 +534,16 @@ def fit_or_exit(model: nn.Module, params: dict[str, nn.Parameter], train: Sequen
     """`fit`, then its chosen (best-validation, else last) tensors copied into `params`. A diverged
     run prints one error line and exits with code 1, its last good checkpoint kept for a --resume."""
     try:
-        result = fit(model, params, train, val, **kw)
+        return fit_best(model, params, train, val, **kw)
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def fit_best(model: nn.Module, params: dict[str, nn.Parameter], train: Sequence[dict], val: Sequence[dict],
+             **kw) -> FitResult:
+    """`fit`, then its chosen (best-validation, else last) tensors copied into `params`."""
+    result = fit(model, params, train, val, **kw)
     with torch.no_grad():
         for k, v in result.params.items():
             params[k].copy_(v)

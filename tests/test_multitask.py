@@ -163,14 +163,15 @@ KILLER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
 import train_individual_loras as m
+import src.training as t
 from src.errors import run_main
-real = m.fit
+real = t.fit
 def fit(*a, **k):
     def on_step(step):
         if step == 5:                     # after step 5, whose checkpoint (every 2) is not due
             os.kill(os.getpid(), signal.SIGKILL)
     return real(*a, **k, on_step=on_step)
-m.fit = fit
+t.fit = fit
 sys.exit(run_main(m.main, sys.argv[1:]))
 """
 

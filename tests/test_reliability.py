@@ -445,10 +445,10 @@ def test_kill_and_resume_from_the_new_and_from_a_legacy_checkpoint(tiny_dir, tmp
             if step == 5:
                 raise KeyboardInterrupt  # step 4's checkpoint stays, step 5 is lost
         return real_fit(*a, **kw, on_step=on_step)
-    monkeypatch.setattr(train_loras, "fit", killed_at_step_5)
+    monkeypatch.setattr(training, "fit", killed_at_step_5)
     cut = tmp_path / "cut"
     assert run_main(train_loras.main, _train_args(tiny_dir, cut)) == 130
-    monkeypatch.setattr(train_loras, "fit", real_fit)
+    monkeypatch.setattr(training, "fit", real_fit)
     ckpt = cut / "checkpoints" / "sentiment"
     assert not (ckpt / LEGACY_STATE_FILE).exists() and load_checkpoint(ckpt)["step"] == 4
 
@@ -464,7 +464,7 @@ def test_kill_and_resume_from_the_new_and_from_a_legacy_checkpoint(tiny_dir, tmp
 
     def recording(*a, **kw):
         return real_fit(*a, **kw, on_step=steps.append)
-    monkeypatch.setattr(train_loras, "fit", recording)
+    monkeypatch.setattr(training, "fit", recording)
     for run in (cut, legacy):
         steps.clear()
         assert run_main(train_loras.main, _train_args(tiny_dir, run, "--resume")) == 0

@@ -202,7 +202,7 @@ def test_a_process_in_the_middle_of_training_is_not_taken_for_a_killed_one(tiny_
                 second["rc"] = run_main(train_loras.main, _args(tiny_dir, out, "--resume", tasks="sentiment"))
                 second["err"] = capsys.readouterr().err
         return real_fit(*a, **kw, on_step=on_step)
-    monkeypatch.setattr(train_loras, "fit", start_a_second_run)
+    monkeypatch.setattr(training, "fit", start_a_second_run)
     assert run_main(train_loras.main, _args(tiny_dir, out, "--max-steps", "3", tasks="sentiment")) == 0
     assert second["rc"] == 2 and "is being trained by process" in _one_error_line(second["err"])
     assert (out / "adapters" / "sentiment").is_dir() and not (out / "checkpoints").exists()

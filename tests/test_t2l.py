@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -324,7 +325,9 @@ def test_script_trains_skips_and_generate_writes_a_peft_adapter(tiny_run, tmp_pa
     assert len([n for n, _ in peft_model.named_modules() if n.endswith("lora_A")]) == 4
 
 
-def test_t2l_methods_generate_each_task_and_reuse_the_zero_shot_hypernetworks(tiny_run):
+def test_t2l_methods_generate_each_task_from_hypernetworks_that_evaluation_never_trains(tiny_run):
+    """issue 26: t2l_zeroshot's hypernetworks come from train_text_to_lora.py --hold-out-each; without them
+    the method refuses in one line naming the command, and a hold-out trained otherwise is refused."""
     from src import compose, systems  # noqa: F401 (systems: every method registered)
     model_dir, run = tiny_run
     if not (run / "compose" / "t2l").is_dir():
@@ -332,17 +335,31 @@ def test_t2l_methods_generate_each_task_and_reuse_the_zero_shot_hypernetworks(ti
     env = compose.Env(run_dir=run, tasks=["sentiment", "nli"], model_loader=lambda: (tiny_model("qwen2"),
                                                                                       tiny_tokenizer()))
     env.load_adapters(env.tasks)
+    for held in ("sentiment", "nli"):
+        shutil.rmtree(run / "compose" / f"t2l-holdout-{held}", ignore_errors=True)
+    with pytest.raises(UserError, match=r"t2l-holdout-sentiment, a hypernetwork trained without sentiment "
+                                        r"\(evaluation trains none\): run train_text_to_lora.py .*--hold-out-each"):
+        compose.check_all(["t2l_zeroshot"], env)
+    assert not (run / "compose" / "t2l-holdout-sentiment").exists()
+    # a hold-out trained with other flags than RUN/compose/t2l is refused by what differs
+    assert run_main(script.main, _args(model_dir, run, "--hold-out", "sentiment", "--lr", "1e-3")) == 0
+    with pytest.raises(UserError, match=r"t2l-holdout-sentiment was not trained as RUN/compose/t2l was, without "
+                                        r"sentiment \(--lr 0\.001 -> 0\.003"):
+        compose.check_all(["t2l_zeroshot"], env)
+    assert run_main(script.main, [*_args(model_dir, run), "--hold-out-each", "--force"]) == 0
     compose.check_all(["t2l", "t2l_zeroshot"], env)
     built = compose.build_all(["t2l", "t2l_zeroshot"], env)
     for method in ("t2l", "t2l_zeroshot"):
         value = built[method].value
         assert set(value) == {"sentiment", "nli"} and all(len(a.factors) == 4 for a in value.values())
     folder = run / "compose" / "t2l-holdout-sentiment"
-    assert json.loads((folder / "training_config.json").read_text())["tasks"] == ["nli"]
+    info = json.loads((folder / "training_config.json").read_text())
+    assert info["tasks"] == ["nli"] and info["selection_ids"] == {} and info["hold_out"] == "sentiment"
     mtime = (folder / "hypernet.safetensors").stat().st_mtime_ns
     fp = compose.REGISTRY["t2l"].fingerprint(env, "nli")["t2l"]
     assert fp["encoder"] == "base" and fp["description"] == held_out_descriptions("nli")[0]
-    compose.build_all(["t2l_zeroshot"], env)                                    # cached: not retrained
+    compose.build_all(["t2l_zeroshot"], env)                                    # evaluation trains nothing
+    assert run_main(script.main, [*_args(model_dir, run), "--hold-out-each"]) == 0   # complete: skipped
     assert (folder / "hypernet.safetensors").stat().st_mtime_ns == mtime
 
 

@@ -103,12 +103,12 @@ def test_kill_and_resume_gives_the_uninterrupted_adapter(tiny_dir, tmp_path, mon
             if step == 5:
                 raise KeyboardInterrupt  # as a kill: after step 5, whose checkpoint (every 2) is not due
         return real_fit(*a, **kw, on_step=on_step)
-    monkeypatch.setattr(train_loras, "fit", killed_at_step_5)
+    monkeypatch.setattr(training, "fit", killed_at_step_5)
     cut = tmp_path / "cut"
     assert run_main(train_loras.main, _args(tiny_dir, cut, *args)) == 130
     assert not (cut / "adapters" / "sentiment").exists()  # nothing half-written is visible
     assert training.load_checkpoint(cut / "checkpoints" / "sentiment")["step"] == 4
-    monkeypatch.setattr(train_loras, "fit", real_fit)
+    monkeypatch.setattr(training, "fit", real_fit)
 
     capsys.readouterr()
     assert run_main(train_loras.main, _args(tiny_dir, cut, *args)) == 2  # neither --resume nor --force

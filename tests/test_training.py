@@ -261,7 +261,7 @@ def test_train_text_to_lora_takes_its_presets(monkeypatch):
     """train_text_to_lora.py --preset demo / paper (T2L_PRESETS); an explicit flag wins."""
     import train_text_to_lora
     seen = []
-    monkeypatch.setattr(train_text_to_lora.t2l, "train_hypernet", lambda run, tasks, *cfgs: seen.append(cfgs))
+    monkeypatch.setattr(train_text_to_lora.t2l, "train_hypernet", lambda run, tasks, *cfgs, **kw: seen.append(cfgs))
     train_text_to_lora.main(["--preset", "demo"])
     data, train, _ = seen[-1]
     assert (train.max_steps, train.lr, data.tasks, data.data) == (400, 1e-3, "sentiment,nli", "sample")
