@@ -33,8 +33,8 @@ from the 7-task run on the same adapters).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -43,7 +43,7 @@ from types import SimpleNamespace
 
 from tqdm.auto import tqdm
 
-from src import compose, models, runs, systems  # noqa: F401 (systems: registers every method)
+from src import compose, engines, models, runs, systems  # noqa: F401 (systems: registers every method)
 from src import evaluation as ev
 from src import tasks as task_registry
 from src.cli import config_dict, parse_configs
@@ -144,7 +144,8 @@ def check_output_folders(run_dir: Path) -> None:
 
 def main(argv=None):
     configs = compose.option_configs()
-    (cfg, *opts), _ = parse_configs(argv, "full_evaluation.py", __doc__.split("\n\n")[0], EvalConfig, *configs)
+    (cfg, engine_cfg, *opts), _ = parse_configs(argv, "full_evaluation.py", __doc__.split("\n\n")[0], EvalConfig,
+                                                 engines.EngineConfig, *configs)
     if cfg.methods == "list":
         print(compose.describe())
         return
@@ -154,6 +155,8 @@ def main(argv=None):
     # ------------------------------------------------------------------ inputs, checked first
     tasks = task_registry.resolve_tasks(cfg.tasks)
     methods = compose.resolve_methods(cfg.methods)
+    if engine_cfg.engine == "vllm" and cfg.score_by == "likelihood":
+        raise UserError("--engine vllm generates; --score-by likelihood scores labels with the hf engine only")
     dtype = str(resolve_dtype(cfg.dtype, resolve_device(cfg.device))).removeprefix("torch.")
     env = compose.Env(run_dir, list(tasks), {type(o): o for o in opts}, cfg.seed, cfg.force,
                       model_name=cfg.model, dtype=dtype,
@@ -167,7 +170,7 @@ def main(argv=None):
     compose.check_all(methods, env)        # every method's inputs; loads the adapters they read
     check_output_folders(run_dir)          # every folder it writes, before any work
     note_other_base_models(env.adapters, cfg.model)
-    config = config_dict(cfg, *opts)
+    config = config_dict(cfg, engine_cfg, *opts)
     sizes = sorted({len(v) for v in data.values()})
     per_task = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
     left_out = sum(len(v) for v in exclude.values())
@@ -176,10 +179,15 @@ def main(argv=None):
     config["selection_ids"] = exclude
     meta = runs.run_meta("full_evaluation.py", argv, config, cfg.seed, task_registry.data_hash(data))
 
+    def on_vllm(method: str) -> bool:
+        return engine_cfg.engine == "vllm" and compose.REGISTRY[method].on_vllm()
+
     def fingerprint(method: str, task: str) -> dict:
         common = {"model": cfg.model, "dtype": dtype, "data_hash": task_registry.data_hash({task: data[task]}),
                   **ev.Settings(cfg.max_new_tokens, cfg.max_prompt_len, cfg.score_by,
                                 truncation_side=cfg.truncation_side).fingerprint()}
+        if on_vllm(method):
+            common["engine"] = "vllm"      # hf cells keep the fingerprints they always had
         return compose.fingerprint(method, task, env, common)
 
     reuse_from = [Path(p) for p in cfg.reuse_from or ()]
@@ -232,7 +240,12 @@ def main(argv=None):
         bar = tqdm(total=len(data[task]) * len(draws or [None]), desc=f"{method}/{task}", unit="ex", leave=False,
                    disable=not sys.stderr.isatty())
         own = dataclasses.replace(settings, batch_size=min(settings.batch_size, m.max_batch or settings.batch_size))
-        if draws is None:
+        if on_vllm(method):
+            bodies = [ev.evaluate_task(model, tokenizer, task, data[task], own, progress=bar.update,
+                                       generator=served(method, task, draw))
+                      for draw in (range(len(draws)) if draws is not None else [None])]
+            body = bodies[0] if draws is None else ev.pool_draws(bodies, draws)
+        elif draws is None:
             with m.prepare(model, env, task) as router:
                 body = ev.evaluate_task(model, tokenizer, task, data[task], own, router=router, progress=bar.update)
         else:
@@ -250,6 +263,18 @@ def main(argv=None):
                   if "draws" in r else "")
         print(f"  {method:>16} / {task:<14} {r['primary']} {r['score']:.4f}  "
               f"({body['n']} ex, {body['seconds']:.1f} s{speed}{spread})", file=sys.stderr)
+
+    def served(method: str, task: str, draw: int | None):
+        """The vLLM engine's generation for one cell (src/engines.py): each prompt with its adapter."""
+        def gen(ids, progress):
+            s = compose.REGISTRY[method].served(model, tokenizer, env, task, ids, settings.batch_size, draw)
+            names = [client.register(a, f"method {method}'s adapter for {task}") if a is not None
+                     else engines.BASE_NAME for a in s.adapters]
+            out = client.generate(ids, names, settings.max_new_tokens, tokenizer.eos_token_id,
+                                  settings.batch_size, progress)
+            return ev.Generated(out, tokenizer.batch_decode(out, skip_special_tokens=True), s.routing,
+                                s.layer_shares, s.experts, s.layer_names)
+        return gen
 
     # ------------------------------------------------------------------ run
     # Several processes may evaluate one run folder (one per GPU, or per CPU core): each
@@ -271,9 +296,15 @@ def main(argv=None):
                 run_cell(method, task)
         return held
 
-    held = {m: left for m in pending if (left := compute(m, pending[m], wait=False))}
-    for method, todo in held.items():
-        compute(method, todo, wait=True)
+    with contextlib.ExitStack() as stack:        # the vLLM server, when one is started, stops on leaving
+        client = None
+        if any(on_vllm(m) for m in pending):
+            rank = engines.max_rank([*env.adapters.values(), *engines.adapters_in(built)])
+            client = engines.connect(stack, engine_cfg, cfg.model, dtype, rank, runs.eval_dir(run_dir) / "vllm")
+            meta["engine"] = {"engine": "vllm", "url": client.url, "vllm": engines.server_version(client.url)}
+        held = {m: left for m in pending if (left := compute(m, pending[m], wait=False))}
+        for method, todo in held.items():
+            compute(method, todo, wait=True)
 
     # ------------------------------------------------------------------ save
     meta["seconds"] = round(time.perf_counter() - t_start, 2)

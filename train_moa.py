@@ -47,12 +47,12 @@ import torch
 from src import runs, stages
 from src.cli import config_dict, parse_configs
 from src import mixer as mx
-from src.config import MOA_PRESETS, DataConfig, RouterConfig, SystemConfig, TrainConfig
+from src.config import MOA_PRESETS, DataConfig, SystemConfig, TrainConfig
 from src.errors import UserError, run_main
 from src.experts import common_modules
 from src.lora import load_adapter
 from src.models import load_base_model, model_identity, resolve_model_path, same_model
-from src.moa import MixtureOfLoRAs, MoAConfig
+from src.moa import MixtureOfLoRAs, MoAConfig, RouterConfig
 from src.tasks import data_hash, resolve_tasks
 from src.training import (encode_examples, finish_distributed, fit_best, init_distributed, load_data,
                           moa_objective, process_device, prompt_items, routing_accuracy)

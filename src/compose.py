@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager, Sequence
@@ -156,6 +156,7 @@ class Method:
     kind: str = "static"
     family: str = "merge"                 # one of FAMILIES
     summary: str = ""                     # the README table's description; "" : the family
+    vllm: bool | None = None              # the vLLM engine serves it; None: static kinds and base do
     groups: tuple[str, ...] = ()          # names that expand to this method in --methods
     configs: tuple[type, ...] = ()
     help: str = ""
@@ -188,6 +189,22 @@ class Method:
 
     def prepare(self, model, env: Env, task: str) -> ContextManager:
         return nullcontext()
+
+    def on_vllm(self) -> bool:
+        """Whether the vLLM engine serves this method's cells (else they stay on the hf engine)."""
+        return self.kind in ("static", "none") if self.vllm is None else self.vllm
+
+    def served(self, model, tokenizer, env: Env, task: str, prompt_ids: Sequence[Sequence[int]],
+               batch_size: int, draw: int | None = None) -> Served:
+        """The vLLM engine's cell: a static method's adapter for every prompt (what `prepare` would fold
+        in), the base model for base; a sequence router overrides this (MoA: src/moa.py)."""
+        n = len(prompt_ids)
+        if self.kind == "none":
+            return Served([None] * n)
+        ctx = self.prepare(model, env, task) if draw is None else self.prepare(model, env, task, draw=draw)
+        if not isinstance(ctx, Static):
+            raise UserError(f"method {self.name}: the vLLM engine serves static adapters; its prepare() gives none")
+        return Served([ctx.adapter] * n)
 
 
 REGISTRY: dict[str, Method] = {}
@@ -296,11 +313,37 @@ def fingerprint(method: str, task: str, env: Env, common: dict) -> dict:
 
 # --------------------------------------------------------------------------- base and oracle
 
-@contextmanager
-def static(model, adapter: Adapter):
-    """A static method's prepare: `adapter` folded into the weights for the block, no router."""
-    with folded(model, adapter):
-        yield None
+class Static:
+    """A static method's prepare: `adapter` folded into the weights for the block, no router. The
+    vLLM engine reads `adapter` without entering it (`Method.served`)."""
+
+    def __init__(self, model, adapter: Adapter):
+        self.model, self.adapter, self._folded = model, adapter, None
+
+    def __enter__(self):
+        self._folded = folded(self.model, self.adapter)
+        self._folded.__enter__()
+        return None
+
+    def __exit__(self, *exc):
+        return self._folded.__exit__(*exc)
+
+
+def static(model, adapter: Adapter) -> Static:
+    return Static(model, adapter)
+
+
+@dataclass
+class Served:
+    """How the vLLM engine serves a cell's prompts (src/engines.py): per prompt the one adapter it
+    goes with (None: the base model), and the router's records and per-layer shares where a router
+    chose them (as `evaluation.Generated` holds them)."""
+
+    adapters: list
+    routing: list[dict] | None = None
+    layer_shares: list | None = None
+    experts: list[str] | None = None       # layer_shares' columns
+    layer_names: list[str] | None = None   # ... and rows
 
 
 def reuse_saved(folder: Path, recipe: dict, force: bool) -> Adapter | None:

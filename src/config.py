@@ -6,7 +6,7 @@ and a preset is just a dict of field values applied under what the user typed:
     DataConfig      which tasks, where their data is, how much, how long a sequence may be
     TrainConfig     model, optimiser, schedule, early stopping, checkpoints, run folder
     SystemConfig    train_moa.py only: --system moa | lora_mixer
-    RouterConfig    train_moa.py only: router kind, the loss L_LM + eta * L_cls, --joint
+    RouterConfig    (src/moa.py) train_moa.py: router kind, the loss L_LM + eta * L_cls, --joint
     MixerConfig     (src/mixer.py) train_moa.py --system lora_mixer: modules, top-k, loss, regime
     LoraConfig      (src/lora.py) rank, alpha, dropout, target modules
 
@@ -22,7 +22,6 @@ import math
 from dataclasses import dataclass, field
 
 from src.errors import UserError
-from src.moa import INFERENCE, ROUTERS, MoAConfig
 from src.tasks import DATA_SOURCES
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -154,39 +153,6 @@ class SystemConfig:
     def __post_init__(self):
         if self.system not in SYSTEMS:
             raise UserError(f"--system must be one of {', '.join(SYSTEMS)}, got {self.system!r}")
-
-
-@dataclass
-class RouterConfig:
-    """train_moa.py: the router and its loss L = L_LM (with --lm-loss) + eta * L_cls.
-
-    The study's setting (the default) is router-only cross-entropy with teacher forcing:
-    the gold task's LoRA is active, `--no-lm-loss`, LoRAs frozen. Under teacher forcing
-    with hard top-1 routing, L_LM has no gradient path to the routers; it only trains the
-    LoRAs, so `--lm-loss` matters together with `--joint`.
-    """
-
-    router: str = field(default="study", metadata={
-        "help": "study: one router per adapted linear layer; block: one per transformer block",
-        "choices": ROUTERS})
-    inference: str = field(default="layer", metadata={
-        "help": "how routers decide at inference (and for the routing accuracy): layer (each router for "
-                "its own layers, the study), last (the last router), vote (majority)",
-        "choices": INFERENCE})
-    eta: float = field(default=1.0, metadata={"help": "weight of the routing cross-entropy L_cls"})
-    lm_loss: bool = field(default=False, metadata={
-        "help": "add the target-only LM loss L_LM (teacher-forced; trains the LoRAs, so use with --joint)"})
-    joint: bool = field(default=False, metadata={"help": "also tune the task LoRAs (otherwise they stay frozen)"})
-    teacher_forcing: bool = field(default=True, metadata={
-        "help": "run the gold task's LoRA while training (the study); --no-teacher-forcing runs the "
-                "experts the routers pick, as at inference (deeper routers then cannot read the gold "
-                "LoRA's trace in their inputs)"})
-
-    def __post_init__(self):
-        MoAConfig(router=self.router, inference=self.inference)  # one place validates both
-        _not_negative("eta", self.eta)
-        if self.eta == 0 and not self.lm_loss:
-            raise UserError("--eta 0 without --lm-loss leaves nothing to train")
 
 
 # ------------------------------------------------------------------------------ presets

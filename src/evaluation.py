@@ -127,6 +127,8 @@ class Generated:
     texts: list[str]
     routing: list[dict] | None = None
     layer_shares: list | None = None
+    experts: list[str] | None = None       # what layer_shares' columns are, when no router is at hand
+    layer_names: list[str] | None = None   # ... and its rows
 
 
 @torch.no_grad()
@@ -272,10 +274,12 @@ def cell_result(cell: dict, protocol: str = "toolkit") -> dict:
 
 
 def evaluate_task(model, tokenizer, task: str, examples: Sequence, settings: Settings, router=None,
-                  experts: torch.Tensor | None = None, progress=None) -> dict:
+                  experts: torch.Tensor | None = None, progress=None, generator=None) -> dict:
     """Predict and score one task's examples with the model as it is set up now.
 
     router: a dynamic method's router (src/compose.py), or None for a model as it stands.
+    generator: generator(prompt_ids, progress) -> Generated instead of `generate` with the model
+        (another engine: src/engines.py); the cell then records "engine": "vllm".
     Returns a cell body: {"task", "n", "result" (Task.score minus per_example), "records"
     (one per example: id, prompt, prediction, raw, reference, references, score, and
     the router's record / label_logprobs where they apply), "seconds", "new_tokens",
@@ -296,7 +300,8 @@ def evaluate_task(model, tokenizer, task: str, examples: Sequence, settings: Set
         records_routing, layers = routing.records, routing.layers
         new_tokens = 0
     else:
-        gen = generate(model, tokenizer, ids, settings.batch_size, settings.max_new_tokens, router, experts, progress)
+        gen = (generator(ids, progress) if generator is not None else
+               generate(model, tokenizer, ids, settings.batch_size, settings.max_new_tokens, router, experts, progress))
         raw, records_routing, layers = gen.texts, gen.routing, gen.layer_shares
         new_tokens = sum(len(x) for x in gen.token_ids)
     seconds = time.perf_counter() - start
@@ -323,9 +328,12 @@ def evaluate_task(model, tokenizer, task: str, examples: Sequence, settings: Set
             "records": records,
             "seconds": seconds, "new_tokens": new_tokens,
             "tokens_per_s": new_tokens / seconds if seconds > 0 and new_tokens else None}
+    if generator is not None:
+        body["engine"] = "vllm"
     if layers:
         mean = torch.stack(layers).double().mean(0)                        # [layers, experts]
-        body["routing_per_layer"] = {"experts": list(router.tasks), "layers": list(router.layer_names),
+        experts, names = (router.tasks, router.layer_names) if router is not None else (gen.experts, gen.layer_names)
+        body["routing_per_layer"] = {"experts": list(experts), "layers": list(names),
                                      "share": [[round(float(v), 6) for v in row] for row in mean]}
     return body
 
@@ -366,7 +374,8 @@ def pool_draws(bodies: Sequence[dict], draws: Sequence[dict]) -> dict:
             "draws": [{"draw": i, **d, "results": b["results"], "seconds": b["seconds"]}
                       for i, (d, b) in enumerate(zip(draws, bodies))],
             "seconds": seconds, "new_tokens": new_tokens,
-            "tokens_per_s": new_tokens / seconds if seconds > 0 and new_tokens else None}
+            "tokens_per_s": new_tokens / seconds if seconds > 0 and new_tokens else None,
+            **({"engine": bodies[0]["engine"]} if "engine" in bodies[0] else {})}
 
 
 def draw_groups(records: Sequence[dict]) -> list[list[dict]]:
@@ -490,7 +499,7 @@ def summarize(model: str, tasks: Sequence[str], methods: Sequence[str], cells: d
                            "relative": r["score"] / oracle[t] if oracle[t] else None,
                            "interval": cell_iv[(m, t)],
                            "metrics": r["metrics"], "n": c["n"], "seconds": round(c["seconds"], 3),
-                           "tokens_per_s": c.get("tokens_per_s")}
+                           "tokens_per_s": c.get("tokens_per_s"), "engine": c.get("engine", "hf")}
             if "draws" in r:
                 per_task[t]["draws"] = r["draws"]
         scores = {t: per_task[t]["score"] for t in tasks}
@@ -613,6 +622,11 @@ def results_markdown(summary: dict) -> str:
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join("---" for _ in header) + "|")
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    on_vllm = [m for m, e in summary["methods"].items() if any(c.get("engine") == "vllm" for c in e["per_task"].values())]
+    if on_vllm:
+        rest = [m for m in summary["methods"] if m not in on_vllm]
+        lines += ["", f"Engine: vLLM for {', '.join(on_vllm)}" + (f"; transformers (hf) for {', '.join(rest)}" if rest
+                                                                  else "") + " (each cell's engine: summary.json)."]
     zero = {t for e in summary["methods"].values() for t in e.get("undefined_tasks", [])}
     if zero:
         lines += ["", f"The oracle scores 0 on {', '.join(sorted(zero))}: the multitask score is undefined (n/a)."]

@@ -55,7 +55,7 @@ from src.compose import Method
 from src.errors import UserError
 from src.experts import (EXPERTS_DIR, ROUTERS_NAME, ExpertLinear, Selection, _few, expert_adapter, expert_modules,
                          expert_order, inject_experts, load_router_tensors, remove_experts, save_routers)
-from src.lora import Adapter, load_adapter
+from src.lora import Adapter, load_adapter, make_adapter
 
 ROUTERS = ("study", "block")
 INFERENCE = ("layer", "last", "vote")
@@ -96,6 +96,41 @@ class MoAConfig:
         if self.redecide_every_step and self.inference != "layer":
             raise UserError("--redecide-every-step needs --inference layer (a per-step 'last' or "
                             "'vote' decision would need a second pass through the KV cache)")
+
+
+@dataclass
+class RouterConfig:
+    """train_moa.py: the router and its loss L = L_LM (with --lm-loss) + eta * L_cls.
+
+    The study's setting (the default) is router-only cross-entropy with teacher forcing:
+    the gold task's LoRA is active, `--no-lm-loss`, LoRAs frozen. Under teacher forcing
+    with hard top-1 routing, L_LM has no gradient path to the routers; it only trains the
+    LoRAs, so `--lm-loss` matters together with `--joint`.
+    """
+
+    router: str = field(default="study", metadata={
+        "help": "study: one router per adapted linear layer; block: one per transformer block",
+        "choices": ROUTERS})
+    inference: str = field(default="layer", metadata={
+        "help": "how routers decide at inference (and for the routing accuracy): layer (each router for "
+                "its own layers, the study), last (the last router), vote (majority)",
+        "choices": INFERENCE})
+    eta: float = field(default=1.0, metadata={"help": "weight of the routing cross-entropy L_cls"})
+    lm_loss: bool = field(default=False, metadata={
+        "help": "add the target-only LM loss L_LM (teacher-forced; trains the LoRAs, so use with --joint)"})
+    joint: bool = field(default=False, metadata={"help": "also tune the task LoRAs (otherwise they stay frozen)"})
+    teacher_forcing: bool = field(default=True, metadata={
+        "help": "run the gold task's LoRA while training (the study); --no-teacher-forcing runs the "
+                "experts the routers pick, as at inference (deeper routers then cannot read the gold "
+                "LoRA's trace in their inputs)"})
+
+    def __post_init__(self):
+        MoAConfig(router=self.router, inference=self.inference)  # one place validates both
+        if not self.eta >= 0 or self.eta == float("inf"):
+            raise UserError(f"--eta must be finite and not negative, got {self.eta}")
+        if self.eta == 0 and not self.lm_loss:
+            raise UserError("--eta 0 without --lm-loss leaves nothing to train")
+
 
 
 # --------------------------------------------------------------------------- decisions (pure)
@@ -499,6 +534,36 @@ class MixtureOfLoRAs(nn.Module):
 
 # --------------------------------------------------------------------------- registry entries
 
+@torch.no_grad()
+def routed_adapters(moa: MixtureOfLoRAs, model: nn.Module, tokenizer, prompt_ids, batch_size: int):
+    """What the routers choose for each prompt, as the one adapter that serves it (the vLLM engine):
+    a forward over each batch of prompts (left-padded, as `generate` pads them) decides every adapted
+    layer's expert, as the first forward of generation does; the prompt's adapter has, in each layer,
+    its chosen expert's factors. Prompts with the same choices share one adapter. Returns
+    `compose.Served` with MoA's routing records and per-layer shares."""
+    from src.compose import Served
+    from src.evaluation import _pad_id, length_sorted_batches, model_device, pad_batch
+    experts = [moa.expert_adapter(t) for t in moa.tasks]
+    made: dict[tuple[int, ...], Adapter] = {}
+    n = len(prompt_ids)
+    adapters, records, shares = [None] * n, [None] * n, [None] * n
+    for idx in length_sorted_batches([len(p) for p in prompt_ids], batch_size):
+        ids, mask = pad_batch([prompt_ids[i] for i in idx], _pad_id(tokenizer), "left", model_device(model))
+        with moa.session():
+            model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+            choice = moa.step_decisions()[0]                    # [n_layers, batch]
+            recs, layer = moa.routing_records(), moa.layer_shares()
+        for b, i in enumerate(idx):
+            key = tuple(int(e) for e in choice[:, b])
+            if key not in made:
+                chosen = {name: experts[e] for name, e in zip(moa.layer_names, key)}
+                made[key] = make_adapter({m: ad.factors[m] for m, ad in chosen.items()},
+                                         {m: ad.scales[m] for m, ad in chosen.items()}, experts[key[0]].base_model,
+                                         name="moa:" + "+".join(sorted({moa.tasks[e] for e in key})))
+            adapters[i], records[i], shares[i] = made[key], recs[b], layer[:, b]
+    return Served(adapters, records, shares, list(moa.tasks), list(moa.layer_names))
+
+
 def moa_experts(folder: Path) -> tuple[list[str], bool]:
     """(expert task names, whether the experts are saved inside the MoA folder) from moa_config.json."""
     path = Path(folder) / CONFIG_NAME
@@ -546,6 +611,15 @@ class MoA(Method):
         return {"moa": {"files": runs.moa_digest(runs.moa_dir(env.run_dir)),
                         "adapters": [env.digests[t] for t in self.adapter_tasks(env)]}}
 
+    vllm = True   # decided once per sequence: each prompt's choice is one LoRA on the vLLM engine
+
+    def served(self, model, tokenizer, env, task, prompt_ids, batch_size, draw=None):
+        with self.prepare(model, env, task) as moa:
+            if moa.cfg.redecide_every_step:
+                raise UserError(f"{runs.moa_dir(env.run_dir)} re-decides at every step (redecide_every_step): "
+                                "one LoRA per request cannot serve it; evaluate it with --engine hf")
+            return routed_adapters(moa, model, tokenizer, prompt_ids, batch_size)
+
     @contextmanager
     def prepare(self, model, env, task):
         needed = self.adapter_tasks(env)
@@ -562,6 +636,7 @@ class MoAStudy(MoA):
     from the newest token (its `generate` with a KV cache), the layer's own router's argmax."""
 
     name = "moa_study"
+    vllm = False  # re-decides at every step: stays on the hf engine
     summary = "trained router, per sequence, re-decided per step"
     help = "RUN/moa decoded as the study did: batch 1, routers re-decide at every step"
     max_batch = 1

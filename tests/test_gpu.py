@@ -230,3 +230,31 @@ def test_the_pipeline_runs_end_to_end_on_cuda_in_bf16(tmp_path):
     for task in ("sentiment", "nli", "translation"):
         trained = json.loads((run / "adapters" / task / "training_config.json").read_text())
         assert trained["steps"] == 4 and trained["final_train_loss"] == trained["final_train_loss"], task
+
+
+@pytest.mark.skipif(not (ROOT / ".venv-vllm" / "bin" / "python").is_file(),
+                    reason="no .venv-vllm (VLLM=1 bash setup.sh installs the official vllm wheel on a GPU machine)")
+def test_the_vllm_engine_on_cuda_equals_the_hf_engine(tmp_path):
+    """base, oracle, two merges and MoA in float32 on the GPU: the vLLM engine's greedy generations
+    equal the hf engine's on at least 95% of the prompts (tests/test_vllm.py does the same on CPU)."""
+    model = save_tiny(tmp_path / "tiny", "qwen2", hidden=128)        # head_dim 32
+    run = tmp_path / "run"
+    common = ["--model", str(model), "--tasks", "sentiment,nli", "--data", "sample", "--train-size", "8",
+              "--eval-size", "4", "--max-len", "160", "--max-target-len", "16", "--batch-size", "4", "--no-progress",
+              "--output-dir", str(run), "--max-steps", "4", "--lr", "1e-2", "--eval-every", "2", "--save-every", "0",
+              "--device", DEVICE]
+    for script in ("train_individual_loras.py", "train_moa.py"):
+        subprocess.run([sys.executable, str(ROOT / script), *common], cwd=ROOT, check=True, capture_output=True)
+    runs = {}
+    for engine in ("hf", "vllm"):
+        out = tmp_path / engine
+        subprocess.run(["cp", "-r", str(run), str(out)], check=True)
+        subprocess.run([sys.executable, str(ROOT / "full_evaluation.py"), "--model", str(model), "--output-dir",
+                        str(out), "--tasks", "sentiment,nli", "--data", "sample", "--eval-size", "8",
+                        "--max-new-tokens", "8", "--methods", "weight_sum,ties,moa", "--device", DEVICE,
+                        "--dtype", "float32", "--engine", engine], cwd=ROOT, check=True, capture_output=True)
+        runs[engine] = {(p.parent.name, p.stem): {r["id"]: r["raw"] for r in json.loads(p.read_text())["records"]}
+                        for p in (out / "eval" / "cells").glob("*/*.json")}
+    same = sum(runs["hf"][c][i] == runs["vllm"][c][i] for c in runs["hf"] for i in runs["hf"][c])
+    total = sum(len(v) for v in runs["hf"].values())
+    assert len(runs["hf"]) == 10 and same / total >= 0.95, (same, total)

@@ -21,7 +21,8 @@ from tiny import random_adapter, save_tiny, tiny_model
 
 import src.training as training
 import train_individual_loras as train_loras
-from src.config import RouterConfig, TrainConfig
+from src.config import TrainConfig
+from src.moa import RouterConfig
 from src.errors import UserError, run_main
 from src.lora import LoraConfig, load_adapter, save_adapter
 from src.merge import main as merge_main

@@ -244,7 +244,8 @@ def test_config_validation():
 
 def test_presets_and_flags():
     from src.cli import parse_configs
-    from src.config import MOA_PRESETS, PRESETS, RouterConfig
+    from src.config import MOA_PRESETS, PRESETS
+    from src.moa import RouterConfig
     (data, train, lora), _ = parse_configs(["--preset", "paper", "--lr", "1e-4"], "t", "", DataConfig, TrainConfig,
                                            LoraConfig, presets=PRESETS)
     assert (lora.rank, lora.alpha, train.batch_size, train.epochs, train.patience, train.eval_every) == (8, 16, 2, 10, 3, 100)
