@@ -24,7 +24,6 @@ Plotting reads result files only (JSON), imports no torch, and is what the noteb
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -654,13 +653,11 @@ def plot_run(run_dir: Path, cosines: bool = True) -> list[Path]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m src.analysis", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from src.cli import command_parser
+    parser = command_parser("python -m src.analysis", __doc__)
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s)")
     parser.add_argument("--out", default=None, help="folder for the comparison plots (default: the first RUN/plots)")
     parser.add_argument("--no-cosine", action="store_true", help="skip the cosine analysis (needs torch)")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    parser.error = lambda msg: (_ for _ in ()).throw(UserError(f"python -m src.analysis: {msg}"))
     args = parser.parse_args(argv)
     plt.switch_backend("Agg")  # files only; the notebook keeps its inline backend
     runs = [Path(r) for r in args.runs]

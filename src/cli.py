@@ -32,6 +32,15 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
 
+def command_parser(prog: str, description: str | None, debug: bool = True) -> _Parser:
+    """The parser of a `python -m src.X` command: errors in one line (exit 2), the description as
+    written, and --debug (full tracebacks; `errors.run_main` reads it) unless `debug` is False."""
+    p = _Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if debug:
+        p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return p
+
+
 def _unwrap(tp) -> tuple[Any, bool]:
     """Return (inner type, is_optional) for `X | None`."""
     origin = typing.get_origin(tp)

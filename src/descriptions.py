@@ -1,4 +1,6 @@
-"""Natural-language descriptions of every task, for Text-to-LoRA (src/t2l.py).
+"""Natural-language descriptions of the study's seven tasks, for Text-to-LoRA (src/t2l.py): each
+`Task` of src/tasks.py carries its own (`Task.descriptions`; these are the seven's), and the
+functions below read them from there, so a new task brings its descriptions in its `Task(...)`.
 
 Written for this project, with varied wording, and none copies a prompt template. Each task
 has 12. The first `N_TRAIN` are used for training. The rest are held out: evaluation
@@ -113,11 +115,15 @@ DESCRIPTIONS: dict[str, tuple[str, ...]] = {
 
 
 def descriptions_of(task: str) -> tuple[str, ...]:
-    """Every description of `task`; a task without any is refused in one line naming this file."""
-    if task not in DESCRIPTIONS:
-        raise UserError(f"Text-to-LoRA needs descriptions of task {task}: none in src/descriptions.py (12 of them, "
-                        f"docs/tasks.md, 'Adding a task'); tasks with descriptions: {', '.join(DESCRIPTIONS)}")
-    return DESCRIPTIONS[task]
+    """Every description of `task` (its `Task.descriptions`); a task without any is refused in one line."""
+    from src.tasks import TASKS
+    found = TASKS[task].descriptions if task in TASKS else ()
+    if not found:
+        having = [t.name for t in TASKS.values() if t.descriptions]
+        raise UserError(f"Text-to-LoRA needs descriptions of task {task}: its Task(...) in src/tasks.py has none "
+                        f"(descriptions=, 12 of them: docs/tasks.md, 'Adding a task'); tasks with descriptions: "
+                        f"{', '.join(having)}")
+    return found
 
 
 def training_descriptions(task: str) -> tuple[str, ...]:

@@ -735,9 +735,9 @@ def rescore(run_dir: Path, protocols: Sequence[str] = ("toolkit", "study"), also
 
 def main(argv=None) -> None:
     """python -m src.evaluation rescore RUN [RUN ...] [--scoring toolkit study]"""
-    import argparse
-    p = argparse.ArgumentParser(prog="python -m src.evaluation", description="Rescore evaluated run folders "
-                                "from their saved predictions, without generating.")
+    from src.cli import command_parser
+    p = command_parser("python -m src.evaluation", "Rescore evaluated run folders from their saved predictions, "
+                       "without generating.", debug=False)
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("rescore", help="write each protocol's summary and tables from the saved predictions")
     r.add_argument("runs", nargs="+", metavar="RUN")

@@ -11,12 +11,12 @@ scoring, from the same predictions); prints markdown.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 from src import compose, systems  # noqa: F401 (systems: every method registered)
+from src.cli import command_parser
 from src.errors import UserError, run_main
 from src.evaluation import _fmt, results_rows
 from src.runs import eval_dir
@@ -79,12 +79,9 @@ def per_task(run: Path, protocol: str = "toolkit") -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m src.report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("python -m src.report", __doc__)
     parser.add_argument("runs", nargs="+", metavar="RUN", help="evaluated run folder(s)")
     parser.add_argument("--zeroshot", default=None, metavar="RUN", help="the Text-to-LoRA hold-out run folder")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    parser.error = lambda msg: (_ for _ in ()).throw(UserError(f"python -m src.report: {msg}"))
     args = parser.parse_args(argv)
     for r in args.runs:
         run = Path(r)

@@ -24,6 +24,7 @@ Usage:
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -37,6 +38,7 @@ from pathlib import Path
 import torch
 
 from src import metrics
+from src.descriptions import DESCRIPTIONS
 from src.errors import UserError
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "data" / "sample"
@@ -232,6 +234,8 @@ class Task:
         scorer: (predictions, examples) -> (metrics, per-example scores).
         resolve_target: (input, stored target) -> target text, for local files.
         single_line: answers never span lines, so a generation is cut at its first newline.
+        descriptions: sentences describing the task for Text-to-LoRA (src/t2l.py): 12, the first
+            `descriptions.N_TRAIN` train, the rest are held out; () for a task it does not use.
     """
     name: str
     fields: tuple[str, ...]
@@ -242,6 +246,7 @@ class Task:
     scorer: Scorer = field(repr=False)
     resolve_target: Callable[[dict, str], str] = field(default=_target_as_is, repr=False)
     single_line: bool = False
+    descriptions: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self):
         placeholders = {name for _, name, _, _ in string.Formatter().parse(self.template) if name}
@@ -311,7 +316,7 @@ class Task:
         return self.hub.to_example(row, idx)
 
 
-TASKS: dict[str, Task] = {t.name: t for t in (
+TASKS: dict[str, Task] = {t.name: dataclasses.replace(t, descriptions=DESCRIPTIONS[t.name]) for t in (
     Task("summarization", ("article",), "{article}\n### Summarization:\n", "rougeL", None,
          HubSource("abisee/cnn_dailymail", "3.0.0", _SAME_SPLITS, ("article", "highlights"), _summarization_row),
          _score_rouge),

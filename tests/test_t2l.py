@@ -395,10 +395,16 @@ def test_script_sft_and_resume_after_a_kill(tiny_run, tmp_path, monkeypatch):
     assert info["config"]["T2LConfig"]["objective"] == "sft" and info["data_hash"]["train"]
 
 
-def test_a_task_without_descriptions_is_refused_in_one_line(monkeypatch):
-    from src import descriptions
+def test_a_task_carries_its_descriptions_and_one_without_is_refused_in_one_line(monkeypatch):
+    """issue 26: descriptions come from the Task (`Task.descriptions`), so a new task brings its own."""
+    import dataclasses
+    from src import tasks
     from src.errors import UserError
-    monkeypatch.delitem(descriptions.DESCRIPTIONS, "nli")
-    with pytest.raises(UserError, match=r"descriptions of task nli: none in src/descriptions.py") as e:
+    assert training_descriptions("nli") == tasks.TASKS["nli"].descriptions[:N_TRAIN]
+    monkeypatch.setitem(tasks.TASKS, "nli", dataclasses.replace(tasks.TASKS["nli"], descriptions=()))
+    with pytest.raises(UserError, match=r"descriptions of task nli: its Task\(\.\.\.\) in src/tasks.py has none") as e:
         training_descriptions("nli")
     assert "\n" not in str(e.value)
+    own = tuple(f"Describe the new task, take {i}." for i in range(12))
+    monkeypatch.setitem(tasks.TASKS, "nli", dataclasses.replace(tasks.TASKS["nli"], descriptions=own))
+    assert held_out_descriptions("nli") == own[N_TRAIN:]
