@@ -111,6 +111,16 @@ def routing_setup(threads: int, tasks, n_prompts: int = BATCH, prompt_len: int =
     return start, load_s, model, tok, mixed_prompts(tok, tasks, n_prompts, prompt_len), random_adapters(model, tasks)
 
 
+def save_random_run(run: Path, model, adapters: dict) -> None:
+    """A run folder of `adapters` (RUN/adapters/<task>) and a MoA over them with random routers (RUN/moa)."""
+    for t, ad in adapters.items():
+        save_adapter(ad, run / "adapters" / t)
+    moa = MixtureOfLoRAs(model, adapters)
+    randomize_routers(moa)
+    moa.save(run / "moa")
+    moa.remove()
+
+
 def machine() -> str:
     cpu = platform.processor() or ""
     try:
@@ -199,12 +209,7 @@ def main(argv=None):
     # 4: the whole 5-task matrix through full_evaluation.py
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
-        for t, ad in adapters.items():
-            save_adapter(ad, run / "adapters" / t)
-        moa = MixtureOfLoRAs(model, adapters)
-        randomize_routers(moa)
-        moa.save(run / "moa")
-        moa.remove()
+        save_random_run(run, model, adapters)
         del model
         argv = ["--model", "smollm2-135m", "--output-dir", str(run), "--tasks", "5tasks",
                 "--methods", "moa,concat,weight_sum,svd", "--data-dir", str(DATA), "--device", "cpu",

@@ -7,8 +7,8 @@ For each RUN, writes RUN/analysis/cosine.json (from RUN/adapters/<task>) and, un
     cosine_per_layer.png    the same per decoder layer, one row per task pair
     multitask_score.png     oracle-normalised multitask score per method (RUN/eval/summary.json)
     per_task_metrics.png    each task's raw primary metric per method
-    routing_<method>.png    each dynamic method (MoA, Arrow): true task x expert, from its
-                            predictions (RUN/eval/predictions/<method>/*.jsonl)
+    routing_<method>.png    each dynamic method (MoA, Arrow): true task x expert, from summary.json's
+                            routing table (every plot is drawn from summary.json, nothing recomputed)
     routing_<method>_per_layer.png   expert share per layer on the prompts (token routers: mean gate;
                                      MoA: the share of prompts on which each layer chose the expert)
 With several RUNs (model sizes, task counts: the study's figures 3 and 4) also
@@ -34,7 +34,7 @@ from typing import Mapping, Sequence
 import matplotlib.pyplot as plt
 
 from src.errors import UserError, run_main
-from src.runs import adapters_dir, analysis_dir, atomic_path, eval_dir, plots_dir, predictions_dir, summary_path
+from src.runs import adapters_dir, analysis_dir, atomic_path, plots_dir, summary_path
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
@@ -179,60 +179,33 @@ def load_cosines(run_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def routing_methods(run_dir: Path) -> list[str]:
-    """The methods of RUN/eval/predictions whose records carry a router's decisions."""
-    folder = eval_dir(run_dir) / "predictions"
-    out = []
-    for d in sorted(p for p in folder.glob("*") if p.is_dir()):
-        first = next((ln for f in sorted(d.glob("*.jsonl")) for ln in f.read_text(encoding="utf-8").splitlines()
-                      if ln.strip()), None)
-        if first and ({"routed_task", "expert_share"} & set(json.loads(first))):
-            out.append(d.name)
-    return out
+def routing_methods(summary: dict) -> list[str]:
+    """The methods whose routing summary.json tabulates (the dynamic ones that route)."""
+    return list(summary.get("routing") or {})
 
 
-def routing_confusion(run_dir: Path, tasks: Sequence[str] | None, method: str) -> dict | None:
-    """How `method` routed each task's examples, from RUN/eval/predictions/<method>/*.jsonl.
+def routing_confusion(summary: dict, method: str) -> dict | None:
+    """How `method` routed each task's examples, from summary.json's routing table (what evaluation
+    wrote from the cells' records: `evaluation.routing_summary`).
 
-    Per-sequence routers (records with "routed_task"): {"true", "routed", "counts": [[n]]}.
-    Per-token routers ("expert_share"): {"true", "routed" (the experts), "share": [[mean share]],
-    "counts": [[examples]]}. None when the method did not route.
+    Per-sequence routers: {"true", "routed", "counts": [[n]]}. Per-token routers: {"true", "routed"
+    (the experts), "share": [[mean share]], "counts": [[examples]]}. None when the method did not route.
     """
-    folder = predictions_dir(run_dir, method)
-    if not folder.is_dir():
+    table = (summary.get("routing") or {}).get(method)
+    if not table:
         return None
-    rows: dict[str, dict[str, float]] = {}
-    n: dict[str, int] = {}
-    token = False
-    for path in sorted(folder.glob("*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            row = rows.setdefault(rec["task"], {})
-            if "routed_task" in rec:
-                row[rec["routed_task"]] = row.get(rec["routed_task"], 0) + 1
-            elif "expert_share" in rec:
-                token = True
-                for e, v in rec["expert_share"].items():
-                    row[e] = row.get(e, 0.0) + v
-            else:
-                continue
-            n[rec["task"]] = n.get(rec["task"], 0) + 1
-    rows = {t: r for t, r in rows.items() if r}
+    token = table["kind"] == "token"
+    rows = {t: r for t, r in (table["share"] if token else table["confusion"]).items() if r}
     if not rows:
         return None
-    true = [t for t in (tasks or []) if t in rows] + sorted(t for t in rows if t not in (tasks or []))
+    tasks = summary.get("tasks") or []
+    true = [t for t in tasks if t in rows] + sorted(t for t in rows if t not in tasks)
     routed = list(dict.fromkeys([*[t for t in true if any(t in r for r in rows.values())],
                                  *sorted({r for row in rows.values() for r in row})]))
-    out = {"method": method, "true": true, "routed": routed}
-    if summary_path(run_dir).is_file():
-        try:
-            out["model"] = json.loads(summary_path(run_dir).read_text()).get("model")
-        except (OSError, json.JSONDecodeError):
-            pass
+    out = {"method": method, "true": true, "routed": routed, "model": summary.get("model")}
     if token:
-        out["share"] = [[rows[t].get(r, 0.0) / n[t] for r in routed] for t in true]
+        n = {t: summary["methods"][method]["per_task"][t]["n"] for t in true}
+        out["share"] = [[rows[t].get(r, 0.0) for r in routed] for t in true]
         out["counts"] = [[n[t]] * len(routed) for t in true]
     else:
         out["counts"] = [[int(rows[t].get(r, 0)) for r in routed] for t in true]
@@ -638,8 +611,8 @@ def plot_run(run_dir: Path, cosines: bool = True) -> list[Path]:
         summary = load_summary(run_dir)
         written.append(_save(plot_multitask(summary), out / "multitask_score.png"))
         written.append(_save(plot_per_task(summary), out / "per_task_metrics.png"))
-        for method in routing_methods(run_dir):
-            conf = routing_confusion(run_dir, summary["tasks"], method)
+        for method in routing_methods(summary):
+            conf = routing_confusion(summary, method)
             if conf:
                 written.append(_save(plot_routing(conf, run_label(summary)), out / f"routing_{method}.png"))
             table = summary.get("routing", {}).get(method, {})

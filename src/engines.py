@@ -30,6 +30,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -209,7 +210,9 @@ class Server:
                     "--served-model-name", BASE_NAME, "--host", "127.0.0.1", "--port", str(port),
                     "--dtype", dtype, "--enable-lora", "--max-lora-rank", str(rank),
                     "--max-loras", str(cfg.vllm_max_loras), "--generation-config", "vllm", "--skip-tokenizer-init",
-                    *shlex.split(cfg.vllm_arg)]
+                    # on the CPU build, torch.compile retraces the model for every new batch shape (minutes
+                    # each on SmolLM2-135M, measured): eager there; CUDA keeps its graphs
+                    *([] if torch.cuda.is_available() else ["--enforce-eager"]), *shlex.split(cfg.vllm_arg)]
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> "Server":
@@ -218,7 +221,9 @@ class Server:
                **os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=env, start_new_session=True)
+                                         env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        if threading.current_thread() is threading.main_thread():   # SIGTERM stops the server too
+            self._sigterm = signal.signal(signal.SIGTERM, _interrupt)
         try:
             self._wait()
         except BaseException:
@@ -260,6 +265,21 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+        if getattr(self, "_sigterm", None) is not None:
+            signal.signal(signal.SIGTERM, self._sigterm)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt          # a terminated evaluation leaves through its `with`: the server stops
+
+
+def _die_with_parent() -> None:
+    """In the server's process: SIGTERM when the evaluation process dies, even by SIGKILL (Linux)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)     # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def healthy(url: str) -> bool:
@@ -335,12 +355,15 @@ class Client:
         def run(idx):
             got = self._complete(loras[idx[0]], [list(prompt_ids[i]) for i in idx], max_tokens, eos)
             return idx, got
-        with ThreadPoolExecutor(max(1, min(self.workers, len(jobs)))) as pool:
+        pool = ThreadPoolExecutor(max(1, min(self.workers, len(jobs))))
+        try:
             for idx, got in pool.map(run, jobs):
                 for i, ids in zip(idx, got):
                     out[i] = ids
                 if progress:
                     progress(len(idx))
+        finally:   # on Ctrl-C or an error: do not wait for requests in flight (stopping the server ends them)
+            pool.shutdown(wait=False, cancel_futures=True)
         return out
 
 

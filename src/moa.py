@@ -158,6 +158,8 @@ def decide(logits: torch.Tensor, inference: str) -> torch.Tensor:
 
 @dataclass
 class _Session:
+    """One routing session's state, and what it decided."""
+
     forced: Selection | None
     positions: torch.Tensor | None       # [batch] last prompt token; None: -1
     n_routers: int
@@ -173,6 +175,27 @@ class _Session:
     def __post_init__(self):
         self.logits = [None] * self.n_routers
         self.choice = [None] * self.n_routers
+
+    def router_logits(self) -> torch.Tensor:
+        if any(t is None for t in self.logits):
+            raise RuntimeError("no routing forward yet: run the model inside `with moa.session(...)`")
+        return torch.stack([t.to(self.logits[0].device) for t in self.logits])
+
+    def chosen(self, inference: str) -> torch.Tensor:
+        if self.forced is not None:
+            return self.forced.experts
+        if self.decision is not None:
+            return self.decision.experts
+        return decide(self.router_logits(), inference)
+
+    def step_decisions(self) -> torch.Tensor:
+        return torch.stack([torch.stack([sel.experts.cpu() for sel in step]) for step in self.steps])
+
+
+def _live(session: _Session | None) -> _Session:
+    if session is None:
+        raise RuntimeError("no routing forward yet: run the model inside `with moa.session(...)`")
+    return session
 
 
 # --------------------------------------------------------------------------- helpers
@@ -198,67 +221,66 @@ def without_cache(kwargs: dict) -> dict:
     return {k: v for k, v in kwargs.items() if not (isinstance(v, Cache) or k in CACHE_KEYWORDS)}
 
 
+def make_routers(model: nn.Module, modules: list[str], router: str, n_experts: int):
+    """(router names, each adapted layer's router index, the routers): float32 nn.Linear to one logit
+    per expert, zero-initialised (uniform gates; each router's CE is convex in it); "study": one per
+    adapted layer on its input, "block": one per decoder block on the block's input."""
+    by_name = dict(model.named_modules())
+    if router == "study":
+        names, sizes = list(modules), [(by_name[n].in_features, by_name[n].weight.device) for n in modules]
+        layer_router = list(range(len(modules)))
+    else:
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+        if not hidden:
+            raise UserError("--router block needs model.config.hidden_size")
+        names = list(dict.fromkeys(_block_of(model, n) for n in modules))
+        sizes = [(hidden, next(by_name[b].parameters()).device) for b in names]
+        layer_router = [names.index(_block_of(model, n)) for n in modules]
+    routers = nn.ModuleList(nn.Linear(d, n_experts, dtype=torch.float32, device=dev) for d, dev in sizes)
+    for r in routers:
+        nn.init.zeros_(r.weight)
+        nn.init.zeros_(r.bias)
+    return names, layer_router, routers
+
+
+def pooled(h: torch.Tensor, s: _Session) -> torch.Tensor:
+    """h [batch, tokens, d] at the session's positions on its first forward, else at -1: [batch, d]."""
+    if s.positions is None or s.forwards != 0:
+        return h[:, -1]
+    pos = s.positions.to(h.device)
+    if pos.shape[0] != h.shape[0]:
+        if h.shape[0] % pos.shape[0]:
+            raise UserError(f"session(positions=...) has {pos.shape[0]} entries for a batch of {h.shape[0]}")
+        pos = pos.repeat_interleave(h.shape[0] // pos.shape[0])
+    return h[torch.arange(h.shape[0], device=h.device), pos]
+
+
+def expert_indices(experts, tasks: list[str], device) -> torch.Tensor:
+    """Forced experts (a LongTensor, task names or indices) as a LongTensor [batch], checked."""
+    if not torch.is_tensor(experts):
+        experts = [task_index(tasks, e) if isinstance(e, str) else int(e) for e in experts]
+    e = torch.as_tensor(experts, dtype=torch.long, device=device).reshape(-1)
+    if e.numel() == 0:
+        raise UserError("session(experts=...) is empty")
+    lo, hi = int(e.min()), int(e.max())
+    if lo < 0 or hi >= len(tasks):
+        raise UserError(f"expert index {lo if lo < 0 else hi} out of range: {len(tasks)} experts {tasks}")
+    return e
+
+
+def task_index(tasks: list[str], task: str) -> int:
+    if task not in tasks:
+        raise UserError(f"unknown task {task!r}; the experts are {tasks}")
+    return tasks.index(task)
+
+
 # --------------------------------------------------------------------------- the mixture
 
-class MixtureOfLoRAs(nn.Module):
-    """Per-task LoRAs side by side in `model`'s layers and trainable routers that pick one per sequence.
-
-    Injects expert layers (src/experts.py) into `model` in place (undo with `remove()`). `routers` holds the
-    trainable parameters; the experts are frozen unless `set_experts_trainable(True)`. Run the
-    model (the object given here: `model(...)`, `model.generate(...)`) inside `session()`.
-    """
-
-    def __init__(self, model: nn.Module, adapters: dict[str, Adapter], cfg: MoAConfig | None = None,
-                 *, sources: dict[str, str | os.PathLike | None] | None = None):
-        super().__init__()
-        cfg = cfg or MoAConfig()
-        tasks = expert_order(adapters, cfg.tasks)
-        modules = expert_modules(model, adapters, tasks)                # checked, in model order
-        by_name = dict(model.named_modules())
-        if cfg.router == "block":
-            blocks = list(dict.fromkeys(_block_of(model, n) for n in modules))
-            hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-            if not hidden:
-                raise UserError("--router block needs model.config.hidden_size")
-
-        self.cfg = dataclasses.replace(cfg, tasks=tuple(tasks))
-        self.tasks = list(tasks)
-        self.sources = {t: (str(sources[t]) if sources and sources.get(t) else None) for t in tasks}
-        self._adapter_configs = {t: dict(adapters[t].config) for t in tasks}
-        self.__dict__["model"] = model            # not a submodule: moa.state_dict() stays small
-        self._session: _Session | None = None
-        self._in_routing_pass = False
-        self._hooks = []
-        takes = inspect.signature(model.forward).parameters
-        self._keep_one_logit = "logits_to_keep" in takes
-
-        # Routers: float32, zero-initialised (uniform gates; each router's CE is convex in it).
-        n_experts = len(tasks)
-        if cfg.router == "study":
-            self.router_names = list(modules)
-            sizes = [(by_name[n].in_features, by_name[n].weight.device) for n in modules]
-            self._layer_router = list(range(len(modules)))
-        else:
-            self.router_names = blocks
-            sizes = [(hidden, next(by_name[b].parameters()).device) for b in blocks]
-            self._layer_router = [blocks.index(_block_of(model, n)) for n in modules]
-        self.routers = nn.ModuleList(nn.Linear(d, n_experts, dtype=torch.float32, device=dev) for d, dev in sizes)
-        for r in self.routers:
-            nn.init.zeros_(r.weight)
-            nn.init.zeros_(r.bias)
-
-        names, layers = inject_experts(model, adapters, tasks, self._select)
-        assert names == modules
-        self.layer_names = list(modules)
-        self.layers = nn.ModuleList(layers)      # shared with `model`: moa.parameters() has the experts
-        self._hooks.append(model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
-        self._hooks.append(model.register_forward_hook(self._post_forward))
-        if cfg.router == "block":
-            for i, b in enumerate(blocks):
-                self._hooks.append(model.get_submodule(b).register_forward_pre_hook(
-                    self._block_hook(i), with_kwargs=True))
-
-    # ----------------------------------------------------------------- sessions
+class SequenceRouting:
+    """The once-per-sequence routing of a `MixtureOfLoRAs`: the session, the model hooks that run the
+    routers and hold their decision, and what the session decided. It reads the mixture's cfg,
+    routers, router_names, _layer_router, layers, layer_names, tasks, _session, _in_routing_pass and
+    _keep_one_logit (set by `MixtureOfLoRAs.__init__`)."""
 
     kind = "sequence"     # the router protocol (src/compose.py): one expert per sequence
 
@@ -278,9 +300,7 @@ class MixtureOfLoRAs(nn.Module):
         if not self.layers:
             raise RuntimeError("this MixtureOfLoRAs was removed from its model")
         device = self.routers[0].weight.device
-        forced = None
-        if experts is not None:
-            forced = Selection(self._as_experts(experts, device))
+        forced = None if experts is None else Selection(expert_indices(experts, self.tasks, device))
         if positions is not None:
             positions = torch.as_tensor(positions, dtype=torch.long, device=device).reshape(-1)
         self._session = _Session(forced, positions, len(self.routers))
@@ -288,22 +308,6 @@ class MixtureOfLoRAs(nn.Module):
             yield self
         finally:
             self._session.active = False
-
-    def _as_experts(self, experts, device) -> torch.Tensor:
-        if not torch.is_tensor(experts):
-            experts = [self._task_index(e) if isinstance(e, str) else int(e) for e in experts]
-        e = torch.as_tensor(experts, dtype=torch.long, device=device).reshape(-1)
-        if e.numel() == 0:
-            raise UserError("session(experts=...) is empty")
-        lo, hi = int(e.min()), int(e.max())
-        if lo < 0 or hi >= len(self.tasks):
-            raise UserError(f"expert index {lo if lo < 0 else hi} out of range: {len(self.tasks)} experts {self.tasks}")
-        return e
-
-    def _task_index(self, task: str) -> int:
-        if task not in self.tasks:
-            raise UserError(f"unknown task {task!r}; the experts are {self.tasks}")
-        return self.tasks.index(task)
 
     def _pre_forward(self, module, args, kwargs):
         if self._in_routing_pass:
@@ -316,37 +320,25 @@ class MixtureOfLoRAs(nn.Module):
         s.record = first
         s.routing = first or (s.forced is None and self.cfg.redecide_every_step)
         if first and s.forced is None and self.cfg.inference != "layer":
-            self._routing_pass(module, args, kwargs)
+            # the prompt once more, no cache (whatever the installed transformers calls it: dropped by
+            # type, not keyword), each layer on its own router: the logits for last / vote
+            kw = {**without_cache(kwargs), "use_cache": False, **({"logits_to_keep": 1} if self._keep_one_logit else {})}
+            kw.pop("labels", None)
+            self._in_routing_pass = True
+            try:
+                module(*args, **kw)
+            finally:
+                self._in_routing_pass = False
             s.decision = Selection(decide(self.router_logits(), self.cfg.inference))
             s.routing = s.record = False
         return None
 
-    def _routing_pass(self, module, args, kwargs) -> None:
-        """The prompt once more, no cache, each layer on its own router: the logits for last/vote.
-
-        The generation's cache must be neither read nor written here, whatever the installed
-        transformers calls the argument (`past_key_values` until 5.23, `cache` from 5.24):
-        every cache object is dropped from the call by its type, not by its keyword.
-        """
-        kw = without_cache(kwargs)
-        kw["use_cache"] = False
-        kw.pop("labels", None)
-        if self._keep_one_logit:
-            kw["logits_to_keep"] = 1
-        self._in_routing_pass = True
-        try:
-            module(*args, **kw)
-        finally:
-            self._in_routing_pass = False
-
     def _post_forward(self, module, args, output):
-        if self._in_routing_pass:
-            return None
-        s = self._session
-        s.steps.append([self._selection(i) for i in range(len(self.layers))])
-        s.forwards += 1
-        s.routing = s.record = False
-        return None
+        if not self._in_routing_pass:
+            s = self._session
+            s.steps.append([self._selection(i) for i in range(len(self.layers))])
+            s.forwards += 1
+            s.routing = s.record = False
 
     def _route(self, i: int, h: torch.Tensor) -> None:
         """Router i on hidden states h [batch, tokens, d] at the session's positions (or -1)."""
@@ -355,17 +347,8 @@ class MixtureOfLoRAs(nn.Module):
             raise RuntimeError("MixtureOfLoRAs: run the model given to it inside `with moa.session(...)`")
         if not s.routing:
             return
-        if s.positions is not None and s.forwards == 0:
-            pos = s.positions.to(h.device)
-            if pos.shape[0] != h.shape[0]:
-                if h.shape[0] % pos.shape[0]:
-                    raise UserError(f"session(positions=...) has {pos.shape[0]} entries for a batch of {h.shape[0]}")
-                pos = pos.repeat_interleave(h.shape[0] // pos.shape[0])
-            x = h[torch.arange(h.shape[0], device=h.device), pos]     # [batch, d]
-        else:
-            x = h[:, -1]                                               # [batch, d]
         router = self.routers[i]
-        x = x.to(device=router.weight.device, dtype=router.weight.dtype)
+        x = pooled(h, s).to(device=router.weight.device, dtype=router.weight.dtype)     # [batch, d]
         if self.cfg.router == "block":       # the residual stream's scale grows with depth: normalise
             x = F.rms_norm(x, x.shape[-1:])
         logits = router(x)                                             # [batch, n_experts]
@@ -375,10 +358,8 @@ class MixtureOfLoRAs(nn.Module):
 
     def _selection(self, layer: int) -> Selection:
         s = self._session
-        if s.forced is not None:
-            return s.forced
-        if s.decision is not None:
-            return s.decision
+        if s.forced is not None or s.decision is not None:
+            return s.forced if s.forced is not None else s.decision
         sel = s.choice[self._layer_router[layer]]
         if sel is None:
             raise RuntimeError(f"MoA router {self.router_names[self._layer_router[layer]]} did not run "
@@ -391,36 +372,22 @@ class MixtureOfLoRAs(nn.Module):
         return self._selection(layer.index)
 
     def _block_hook(self, i: int):
-        def hook(module, args, kwargs):
-            self._route(i, args[0] if args else kwargs["hidden_states"])
-        return hook
+        return lambda module, args, kwargs: self._route(i, args[0] if args else kwargs["hidden_states"])
 
     # ----------------------------------------------------------------- what the session decided
 
     def router_logits(self) -> torch.Tensor:
         """[n_routers, batch, n_experts] from the session's routing forward (with grad when training)."""
-        s = self._session
-        if s is None or any(t is None for t in s.logits):
-            raise RuntimeError("no routing forward yet: run the model inside `with moa.session(...)`")
-        return torch.stack([t.to(s.logits[0].device) for t in s.logits])
+        return _live(self._session).router_logits()
 
     def chosen_experts(self) -> torch.Tensor:
         """[batch] the expert per sequence: forced, or the last/vote decision; "layer": the routers' vote."""
-        s = self._session
-        if s is not None and s.forced is not None:
-            return s.forced.experts
-        if s is not None and s.decision is not None:
-            return s.decision.experts
-        return decide(self.router_logits(), self.cfg.inference)
+        return _live(self._session).chosen(self.cfg.inference)
 
     def layer_shares(self) -> torch.Tensor:
         """[n_layers, batch, n_experts]: one-hot of the expert each adapted layer used on the prompt
         (the session's first forward): the per-layer routing of evaluation's heatmaps."""
-        s = self._session
-        if s is None or not s.steps:
-            raise RuntimeError("no forward in this session yet")
-        first = torch.stack([sel.experts.cpu().reshape(-1) for sel in s.steps[0]])   # [n_layers, batch]
-        return F.one_hot(first, len(self.tasks)).float()
+        return F.one_hot(self.step_decisions()[0], len(self.tasks)).float()
 
     def routing_records(self) -> list[dict]:
         """Per sequence of the session: {"routed_task": the expert it was routed to}."""
@@ -428,10 +395,9 @@ class MixtureOfLoRAs(nn.Module):
 
     def step_decisions(self) -> torch.Tensor:
         """[n_forwards, n_layers, batch]: the expert each layer used in each forward of the session."""
-        s = self._session
-        if s is None or not s.steps:
+        if self._session is None or not self._session.steps:
             raise RuntimeError("no forward in this session yet")
-        return torch.stack([torch.stack([sel.experts.cpu() for sel in step]) for step in s.steps])
+        return self._session.step_decisions()
 
     def router_loss(self, labels: torch.Tensor) -> torch.Tensor:
         """The study's router loss: cross-entropy against the task labels [batch], averaged over routers."""
@@ -439,7 +405,42 @@ class MixtureOfLoRAs(nn.Module):
         labels = labels.to(logits.device).reshape(1, -1).expand(logits.shape[0], -1)
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
-    # ----------------------------------------------------------------- training, removal
+
+class MixtureOfLoRAs(SequenceRouting, nn.Module):
+    """Per-task LoRAs side by side in `model`'s layers and trainable routers that pick one per sequence.
+
+    Injects expert layers (src/experts.py) into `model` in place (undo with `remove()`). `routers` holds the
+    trainable parameters; the experts are frozen unless `set_experts_trainable(True)`. Run the
+    model (the object given here: `model(...)`, `model.generate(...)`) inside `session()`
+    (`SequenceRouting`: the routing itself).
+    """
+
+    def __init__(self, model: nn.Module, adapters: dict[str, Adapter], cfg: MoAConfig | None = None,
+                 *, sources: dict[str, str | os.PathLike | None] | None = None):
+        super().__init__()
+        cfg = cfg or MoAConfig()
+        tasks = expert_order(adapters, cfg.tasks)
+        modules = expert_modules(model, adapters, tasks)                # checked, in model order
+        self.router_names, self._layer_router, self.routers = make_routers(model, modules, cfg.router, len(tasks))
+        self.cfg = dataclasses.replace(cfg, tasks=tuple(tasks))
+        self.tasks = list(tasks)
+        self.sources = {t: (str(sources[t]) if sources and sources.get(t) else None) for t in tasks}
+        self._adapter_configs = {t: dict(adapters[t].config) for t in tasks}
+        self.__dict__["model"] = model            # not a submodule: moa.state_dict() stays small
+        self._session: _Session | None = None
+        self._in_routing_pass = False
+        self._keep_one_logit = "logits_to_keep" in inspect.signature(model.forward).parameters
+        names, layers = inject_experts(model, adapters, tasks, self._select)
+        assert names == modules
+        self.layer_names = list(modules)
+        self.layers = nn.ModuleList(layers)      # shared with `model`: moa.parameters() has the experts
+        self._hooks = [model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
+                       model.register_forward_hook(self._post_forward)]
+        if cfg.router == "block":
+            self._hooks += [model.get_submodule(b).register_forward_pre_hook(self._block_hook(i), with_kwargs=True)
+                            for i, b in enumerate(self.router_names)]
+
+    # ----------------------------------------------------------------- training, removal, I/O
 
     def set_experts_trainable(self, trainable: bool = True) -> None:
         """Joint training: let the LoRA experts learn too (the routers always do)."""
@@ -457,79 +458,87 @@ class MixtureOfLoRAs(nn.Module):
             h.remove()
         self._hooks = []
         remove_experts(self.model, self.layer_names, self.layers)
-        self.layers = nn.ModuleList()
-        self.layer_names = []
-        self._session = None
+        self.layers, self.layer_names, self._session = nn.ModuleList(), [], None
         return self.model
-
-    # ----------------------------------------------------------------- I/O
 
     def expert_adapter(self, task: str) -> Adapter:
         """Task's expert as an Adapter (CPU copies; differs from the input only after joint training)."""
-        return expert_adapter(self.layer_names, self.layers, self._task_index(task), self._adapter_configs[task], task)
+        return expert_adapter(self.layer_names, self.layers, task_index(self.tasks, task),
+                              self._adapter_configs[task], task)
 
     def save(self, folder: str | os.PathLike, save_experts: bool = False) -> Path:
-        """moa_config.json + routers.safetensors (+ experts/<task>/ PEFT adapters), each written atomically
-        (`experts.save_routers`: the config last, with the routers file's sha256)."""
-        tensors = {}
-        for i, r in enumerate(self.routers):
-            tensors[f"routers.{i}.weight"] = r.weight
-            tensors[f"routers.{i}.bias"] = r.bias
-        meta = {
-            "format": "mixture_of_loras", "version": FORMAT_VERSION,
-            "config": dataclasses.asdict(self.cfg), "tasks": self.tasks,
-            "routers": self.router_names, "router_in_features": [r.in_features for r in self.routers],
-            "adapters": {t: {"source": self.sources[t],
-                             "base_model": self._adapter_configs[t].get("base_model_name_or_path")}
-                         for t in self.tasks},
-            "experts_saved": bool(save_experts),
-        }
-        experts = {t: self.expert_adapter(t) for t in self.tasks} if save_experts else None
-        return save_routers(folder, tensors, CONFIG_NAME, meta, experts)
+        return save_mixture(self, folder, save_experts)
 
     @classmethod
     def load(cls, model: nn.Module, folder: str | os.PathLike,
              adapters: dict[str, Adapter] | None = None) -> "MixtureOfLoRAs":
-        """A saved mixture on `model`. adapters default: experts/<task>/ if saved, else the recorded sources."""
-        folder = Path(folder)
-        cfg_path, w_path = folder / CONFIG_NAME, folder / ROUTERS_NAME
-        for p in (cfg_path, w_path):
-            if not p.is_file():
-                raise UserError(f"MoA folder {folder}: missing {p.name}")
+        return load_mixture(model, folder, adapters)
+
+
+# --------------------------------------------------------------------------- on disk
+
+def save_mixture(moa: MixtureOfLoRAs, folder: str | os.PathLike, save_experts: bool = False) -> Path:
+    """moa_config.json + routers.safetensors (+ experts/<task>/ PEFT adapters), each written atomically
+    (`experts.save_routers`: the config last, with the routers file's sha256)."""
+    tensors = {}
+    for i, r in enumerate(moa.routers):
+        tensors[f"routers.{i}.weight"] = r.weight
+        tensors[f"routers.{i}.bias"] = r.bias
+    meta = {
+        "format": "mixture_of_loras", "version": FORMAT_VERSION,
+        "config": dataclasses.asdict(moa.cfg), "tasks": moa.tasks,
+        "routers": moa.router_names, "router_in_features": [r.in_features for r in moa.routers],
+        "adapters": {t: {"source": moa.sources[t],
+                         "base_model": moa._adapter_configs[t].get("base_model_name_or_path")}
+                     for t in moa.tasks},
+        "experts_saved": bool(save_experts),
+    }
+    experts = {t: moa.expert_adapter(t) for t in moa.tasks} if save_experts else None
+    return save_routers(folder, tensors, CONFIG_NAME, meta, experts)
+
+
+def load_mixture(model: nn.Module, folder: str | os.PathLike,
+                 adapters: dict[str, Adapter] | None = None) -> MixtureOfLoRAs:
+    """A saved mixture on `model`. adapters default: experts/<task>/ if saved, else the recorded sources."""
+    folder = Path(folder)
+    cfg_path, w_path = folder / CONFIG_NAME, folder / ROUTERS_NAME
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise UserError(f"MoA folder {folder}: missing {p.name}")
+    try:
+        meta = json.loads(cfg_path.read_text())
+        cfg = MoAConfig(**meta["config"])
+        tasks = list(meta["tasks"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{cfg_path}: not a MoA config ({e})") from None
+    recorded = {t: (meta.get("adapters", {}).get(t) or {}).get("source") for t in tasks}
+    if adapters is None:
+        adapters = {}
+        for t in tasks:
+            path = folder / EXPERTS_DIR / t if meta.get("experts_saved") else recorded[t]
+            if path is None:
+                raise UserError(f"{cfg_path}: no source recorded for task {t!r}; pass adapters=")
+            adapters[t] = load_adapter(path)
+    else:
+        missing = [t for t in tasks if t not in adapters]
+        if missing:
+            raise UserError(f"{cfg_path}: no adapter given for expert {', '.join(missing)}")
+        adapters = {t: adapters[t] for t in tasks}      # extra adapters are not experts here
+    tensors = load_router_tensors(folder, CONFIG_NAME, meta)
+    moa = MixtureOfLoRAs(model, adapters, cfg, sources=recorded)
+    try:
+        if moa.router_names != meta.get("routers"):
+            raise UserError(f"{cfg_path}: its routers ({_few(meta.get('routers') or [])}) are not "
+                            f"this model's ({_few(moa.router_names)})")
+        state = {k.removeprefix("routers."): v for k, v in tensors.items()}
         try:
-            meta = json.loads(cfg_path.read_text())
-            cfg = MoAConfig(**meta["config"])
-            tasks = list(meta["tasks"])
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-            raise UserError(f"{cfg_path}: not a MoA config ({e})") from None
-        recorded = {t: (meta.get("adapters", {}).get(t) or {}).get("source") for t in tasks}
-        if adapters is None:
-            adapters = {}
-            for t in tasks:
-                path = folder / EXPERTS_DIR / t if meta.get("experts_saved") else recorded[t]
-                if path is None:
-                    raise UserError(f"{cfg_path}: no source recorded for task {t!r}; pass adapters=")
-                adapters[t] = load_adapter(path)
-        else:
-            missing = [t for t in tasks if t not in adapters]
-            if missing:
-                raise UserError(f"{cfg_path}: no adapter given for expert {', '.join(missing)}")
-            adapters = {t: adapters[t] for t in tasks}      # extra adapters are not experts here
-        tensors = load_router_tensors(folder, CONFIG_NAME, meta)
-        moa = cls(model, adapters, cfg, sources=recorded)
-        try:
-            if moa.router_names != meta.get("routers"):
-                raise UserError(f"{cfg_path}: its routers ({_few(meta.get('routers') or [])}) are not "
-                                f"this model's ({_few(moa.router_names)})")
-            state = {k.removeprefix("routers."): v for k, v in tensors.items()}
-            try:
-                moa.routers.load_state_dict(state)
-            except RuntimeError as e:
-                raise UserError(f"{w_path}: routers do not fit this model ({str(e).splitlines()[0]})") from None
-        except BaseException:
-            moa.remove()
-            raise
-        return moa
+            moa.routers.load_state_dict(state)
+        except RuntimeError as e:
+            raise UserError(f"{w_path}: routers do not fit this model ({str(e).splitlines()[0]})") from None
+    except BaseException:
+        moa.remove()
+        raise
+    return moa
 
 
 # --------------------------------------------------------------------------- registry entries

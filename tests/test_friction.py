@@ -420,6 +420,24 @@ def test_routing_plot_states_model_and_examples(plt):
     assert "moa routing" in title and "SmolLM2-135M-Instruct" in title and "12 examples per task" in title
 
 
+def test_routing_plots_read_summary_json_alone():
+    """issue 26: the routing heatmaps come from summary.json's routing tables (no predictions read)."""
+    from src import analysis
+    summary = {"tasks": ["sentiment", "nli"], "model": "m",
+               "methods": {"arrow": {"per_task": {"sentiment": {"n": 4}, "nli": {"n": 6}}}},
+               "routing": {"moa": {"kind": "sequence", "accuracy": 0.8,
+                                   "confusion": {"sentiment": {"sentiment": 3, "nli": 1}, "nli": {"nli": 6}}},
+                           "arrow": {"kind": "token", "accuracy": 0.7,
+                                     "share": {"sentiment": {"sentiment": 0.6, "nli": 0.4},
+                                               "nli": {"sentiment": 0.2, "nli": 0.8}}}}}
+    assert analysis.routing_methods(summary) == ["moa", "arrow"]
+    moa = analysis.routing_confusion(summary, "moa")
+    assert moa["true"] == moa["routed"] == ["sentiment", "nli"] and moa["counts"] == [[3, 1], [0, 6]]
+    arrow = analysis.routing_confusion(summary, "arrow")
+    assert arrow["share"] == [[0.6, 0.4], [0.2, 0.8]] and arrow["counts"] == [[4, 4], [6, 6]]
+    assert analysis.routing_confusion(summary, "concat") is None
+
+
 def test_adapters_info_reads_model_rank_and_training_size(tmp_path):
     from types import SimpleNamespace
 

@@ -36,7 +36,8 @@ SERVER = "vllm.entrypoints.openai.api_server"
 
 
 def _servers(marker: str) -> list[int]:
-    """pids of vLLM servers whose command line names `marker` (a run's model path)."""
+    """pids of vLLM servers whose command line names `marker` (a run's model path), and of any vLLM
+    engine process (they retitle themselves "VLLM::Worker" and the like): none may outlive a run."""
     out = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -45,8 +46,8 @@ def _servers(marker: str) -> list[int]:
             args = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:
             continue
-        if SERVER in args and any(marker in a for a in args):       # the module as an argument of its own
-            out.append(int(proc.name))
+        if (SERVER in args and any(marker in a for a in args)) or args[0].startswith("VLLM::"):
+            out.append(int(proc.name))                      # the module as an argument of its own
     return out
 
 
@@ -200,25 +201,19 @@ def test_an_unsupported_target_module_is_refused_in_one_line(tiny, tmp_path):
 KILL_AFTER_FIRST_CELL = """
 import os, signal, sys, threading, time
 from pathlib import Path
-sys.path.insert(0, {root!r})
+sys.path[:0] = [{root!r}, {tests!r}]
 import full_evaluation
 from src.errors import run_main
+from test_vllm import _servers
 cells = Path({run!r}) / "eval" / "cells"
 def watch():
     while not list(cells.glob("*/*.json")):
         time.sleep(0.05)
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
+    for pid in _servers({model!r}):
         try:
-            args = (proc / "cmdline").read_bytes().decode(errors="replace").split("\\0")
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
         except OSError:
-            continue
-        if "vllm.entrypoints.openai.api_server" in args and {model!r} in args:   # not this script itself
-            try:
-                os.killpg(os.getpgid(int(proc.name)), signal.SIGKILL)
-            except OSError:
-                pass
+            pass
 threading.Thread(target=watch, daemon=True).start()
 sys.exit(run_main(full_evaluation.main, sys.argv[1:]))
 """
@@ -228,7 +223,7 @@ def test_a_server_that_dies_mid_run(tiny):
     model, run, _, tmp = tiny
     died = _copy(run, tmp / "died")
     args = _eval_args(model, died, "--engine", "vllm")
-    code = KILL_AFTER_FIRST_CELL.format(root=str(ROOT), run=str(died), model=str(model))
+    code = KILL_AFTER_FIRST_CELL.format(root=str(ROOT), tests=str(ROOT / "tests"), run=str(died), model=str(model))
     out = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True,
                          timeout=600, env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"})
     assert out.returncode == 2, out.stderr[-3000:]
