@@ -454,6 +454,7 @@ def test_analysis_plots_and_notebook_run_headless(tiny_run, tmp_path):
     from src import analysis
 
     run = tiny_run["run"]
+    assert evaluate(tiny_run["argv"]) == 0     # the plots draw summary.json: the fixture's (an earlier test left svd's)
     second = tmp_path / "second"
     shutil.copytree(run / "eval", second / "eval")
     assert run_main(analysis.main, [str(run), str(second), "--out", str(tmp_path / "cmp")]) == 0
