@@ -5,7 +5,7 @@ Usage:
 
 The 5-task matrix on SmolLM2-135M-Instruct (the embedded GGUF; vLLM reads it exported once to
 safetensors): base, oracle, three merges (weight_sum, ties, svd: rank 8 each; concat's rank 40
-needs a server rank of 64, at which the CPU build stalled for minutes per batch) and MoA, on prompts from
+needs a server rank of 64, at which the CPU build's LoRA prefill is about 15x the base model's) and MoA, on prompts from
 ../shared/data, with random-init rank-8 LoRAs (alpha 16, B non-zero) on the study's targets and
 a MoA with random routers (so its batches mix experts). `full_evaluation.py` runs the matrix
 once per engine, each in its own process on its own copy of the run; the vLLM server's start-up
@@ -113,9 +113,11 @@ def main(argv=None) -> None:
         f"Wall time of the whole matrix: hf {hf_wall:.0f} s, vLLM {vl_wall:.0f} s, of which the server's start-up "
         f"{startup:.0f} s{' (after the one-time export of the GGUF to safetensors)' if exported else ''}. "
         f"Generations equal word for word on both engines: {same} of {total} ({same / total:.1%}).", "",
-        "Left out: `concat`, whose rank 40 needs a server rank of 64; on this CPU build a batch at rank 64 "
-        "stalled for minutes (seen on the first run of this benchmark, 2026-12-04), so on the CPU build "
-        "serve concat with the hf engine.", "",
+        "Left out: `concat`, whose rank 40 needs a server rank of 64. At that rank the CPU build's LoRA prefill "
+        "is about 15x slower than the base model's (measured on its own, 2 prompts per task: summarization 56 s "
+        "for concat, 58 s for the oracle's rank-8 adapter on the same server, 3.8 s for the base model), so the "
+        "first run of this benchmark, with concat, took minutes per batch of 16; on the CPU build serve concat "
+        "with the hf engine.", "",
         "Target on a GPU: vLLM at least 5x the hf engine for the static methods at 500 examples per task; not "
         "measured yet (no GPU was lent with vLLM installed). On this CPU the ratio is as measured above.", "",
     ]
