@@ -81,3 +81,13 @@ def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str]
         print(f"error: {line}", file=sys.stderr)
         return 2
     return 0
+
+
+def require_files(folder, what: str, *names: str) -> tuple[Path, ...]:
+    """The paths folder/name, each of which must be a file: else one line, "<what> FOLDER: missing NAME"."""
+    folder = Path(folder)
+    paths = tuple(folder / n for n in names)
+    for p in paths:
+        if not p.is_file():
+            raise UserError(f"{what} {folder}: missing {p.name}")
+    return paths

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from src.errors import UserError, writing
+from src.errors import UserError, require_files, writing
 from src.runs import atomic_dir, replace_dir
 
 # The study's targets: attention q/k/v and the MLP's gate/up/down in every block.
@@ -412,10 +412,7 @@ def load_adapter(folder: str | os.PathLike) -> Adapter:
     lora_A / lora_B weight) is a UserError naming it, never silently dropped.
     """
     folder = Path(folder)
-    cfg_path, w_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    for p in (cfg_path, w_path):
-        if not p.is_file():
-            raise UserError(f"adapter folder {folder}: missing {p.name}")
+    cfg_path, w_path = require_files(folder, "adapter folder", CONFIG_NAME, WEIGHTS_NAME)
     try:
         cfg = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

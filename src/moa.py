@@ -52,7 +52,7 @@ from transformers.cache_utils import Cache
 
 from src import runs
 from src.compose import Method
-from src.errors import UserError
+from src.errors import UserError, require_files
 from src.experts import (EXPERTS_DIR, ROUTERS_NAME, ExpertLinear, Selection, _few, expert_adapter, expert_modules,
                          expert_order, inject_experts, load_router_tensors, remove_experts, save_routers)
 from src.lora import Adapter, load_adapter, make_adapter
@@ -501,10 +501,7 @@ def load_mixture(model: nn.Module, folder: str | os.PathLike,
                  adapters: dict[str, Adapter] | None = None) -> MixtureOfLoRAs:
     """A saved mixture on `model`. adapters default: experts/<task>/ if saved, else the recorded sources."""
     folder = Path(folder)
-    cfg_path, w_path = folder / CONFIG_NAME, folder / ROUTERS_NAME
-    for p in (cfg_path, w_path):
-        if not p.is_file():
-            raise UserError(f"MoA folder {folder}: missing {p.name}")
+    cfg_path, w_path = require_files(folder, "MoA folder", CONFIG_NAME, ROUTERS_NAME)
     try:
         meta = json.loads(cfg_path.read_text())
         cfg = MoAConfig(**meta["config"])
