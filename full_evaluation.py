@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -142,6 +143,25 @@ def check_output_folders(run_dir: Path) -> None:
                 runs.check_writable(sub)
 
 
+def record_builds(run_dir: Path, built: dict) -> None:
+    """RUN/eval/builds.json: each build step's wall time when it was made (the cost table reads
+    it; a reused build keeps the time of the process that made it)."""
+    import torch
+    made = {m: b for m, b in built.items() if not b.reused}
+    if not made:
+        return
+    path = runs.eval_dir(run_dir) / "builds.json"
+    try:
+        ledger = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({e}); move it away to start a new one") from None
+    for m, b in made.items():
+        ledger[m] = {"seconds": round(b.seconds, 3), "where": str(b.where) if b.where else None,
+                     "threads": torch.get_num_threads(), "git_commit": runs.git_commit(),
+                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    runs.write_json_atomic(path, ledger)
+
+
 def main(argv=None):
     configs = compose.option_configs()
     (cfg, engine_cfg, *opts), _ = parse_configs(argv, "full_evaluation.py", __doc__.split("\n\n")[0], EvalConfig,
@@ -214,6 +234,7 @@ def main(argv=None):
         check_context(SimpleNamespace(config=local_config(cfg.model)), cfg)   # a local folder: before any build
     with runs.file_lock(run_dir):   # processes sharing RUN build each result once
         built = compose.build_all(list(pending), env)
+        record_builds(run_dir, built)
     n_todo = sum(len(v) for v in pending.values())
     print(f"evaluating {len(methods)} methods x {len(tasks)} tasks on {cfg.model}: "
           f"{len(cells)} cells reused, {n_todo} to compute", file=sys.stderr)

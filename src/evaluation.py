@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig
 
-from src import metrics
+from src import metrics, paired
 from src import tasks as task_registry
 from src.errors import UserError
 from src.metrics import multitask_score
@@ -445,14 +445,11 @@ def resampled(values, idx, protocol: str):
     return np.array([fn(row) for row in sums])
 
 
-def intervals(tasks: Sequence[str], methods: Sequence[str], cells: dict, protocol: str) -> tuple[dict, dict]:
-    """Bootstrap 95% intervals, seeded: ({(method, task): [lo, hi]} of each cell's primary
-    metric, {method: [lo, hi]} of its multitask score). The multitask resamples are paired:
-    in each, a task's examples are drawn once and every method (the oracle included) is
-    scored on the same draw; resamples where an oracle scores 0 are left out."""
-    import numpy as np
-    lo_q, hi_q = 50 * (1 - BOOTSTRAP["level"]), 50 * (1 + BOOTSTRAP["level"])
-    per_cell, stats = {}, {}
+def resampled_cells(tasks: Sequence[str], methods: Sequence[str], cells: dict, protocol: str) -> dict:
+    """{(method, task): the cell's primary metric on each of the task's bootstrap resamples}
+    [samples]. Paired: a task's examples are drawn once (seeded by the task's position) and
+    every method, the oracle included, is scored on the same draws."""
+    stats = {}
     for k, t in enumerate(tasks):
         idx = metrics.bootstrap(cells[("oracle", t)]["n"], BOOTSTRAP["samples"], BOOTSTRAP["seed"] + k)
         for m in methods:
@@ -460,17 +457,19 @@ def intervals(tasks: Sequence[str], methods: Sequence[str], cells: dict, protoco
                 raise UserError(f"method {m} has {cells[(m, t)]['n']} examples of task {t}, the oracle "
                                 f"{idx.shape[1]}: the paired bootstrap needs the same examples")
             stats[(m, t)] = cell_resampled(cells[(m, t)], idx, protocol)
-            per_cell[(m, t)] = [float(np.percentile(stats[(m, t)], lo_q)), float(np.percentile(stats[(m, t)], hi_q))]
-    per_method = {}
-    oracle = np.stack([stats[("oracle", t)] for t in tasks])             # [tasks, samples]
-    keep = (oracle != 0).all(0)
-    for m in methods:
-        if not keep.any():
-            per_method[m] = None
-            continue
-        ratio = (np.stack([stats[(m, t)] for t in tasks])[:, keep] / oracle[:, keep]).mean(0)
-        per_method[m] = [float(np.percentile(ratio, lo_q)), float(np.percentile(ratio, hi_q))]
-    return per_cell, per_method
+    return stats
+
+
+def intervals(tasks: Sequence[str], methods: Sequence[str], cells: dict, protocol: str,
+              stats: dict | None = None) -> tuple[dict, dict]:
+    """Bootstrap 95% intervals, seeded: ({(method, task): [lo, hi]} of each cell's primary
+    metric, {method: [lo, hi]} of its multitask score). The multitask resamples are paired
+    (`resampled_cells`, or `stats` when given); resamples where an oracle scores 0 are left out."""
+    import numpy as np
+    stats = resampled_cells(tasks, methods, cells, protocol) if stats is None else stats
+    per_cell = {(m, t): paired.percentiles(stats[(m, t)]) for t in tasks for m in methods}
+    ratios = paired.ratio_resamples(stats, tasks, methods)
+    return per_cell, {m: paired.percentiles(r) if np.size(r) else None for m, r in ratios.items()}
 
 
 def summarize(model: str, tasks: Sequence[str], methods: Sequence[str], cells: dict[tuple[str, str], dict],
@@ -484,7 +483,8 @@ def summarize(model: str, tasks: Sequence[str], methods: Sequence[str], cells: d
     0 on a few dozen weak translations).
     """
     oracle = {t: cell_result(cells[("oracle", t)], scoring)["score"] for t in tasks}
-    cell_iv, method_iv = intervals(tasks, methods, cells, scoring)
+    stats = resampled_cells(tasks, methods, cells, scoring)
+    cell_iv, method_iv = intervals(tasks, methods, cells, scoring, stats)
     zero = [t for t in tasks if oracle[t] == 0]
     defined = [t for t in tasks if oracle[t] != 0]
     defined_iv = intervals(defined, methods, cells, scoring)[1] if zero and defined else {}
@@ -510,6 +510,8 @@ def summarize(model: str, tasks: Sequence[str], methods: Sequence[str], cells: d
             if defined:
                 entry["multitask_defined"] = {"tasks": defined, "interval": defined_iv[m], "score": multitask_score(
                     {t: scores[t] for t in defined}, {t: oracle[t] for t in defined})}
+        if len(defined) > 2:
+            entry["without"] = paired.without_each(stats, defined, m, scores, oracle)
         drawn = draws_summary(per_task, defined)
         if drawn is not None:
             entry["draws"] = drawn
@@ -521,6 +523,10 @@ def summarize(model: str, tasks: Sequence[str], methods: Sequence[str], cells: d
                "methods": out_methods}
     if routing:
         summary["routing"] = routing
+    if defined and len(methods) > 1:
+        scored = {m: multitask_score({t: out_methods[m]["per_task"][t]["score"] for t in defined},
+                                     {t: oracle[t] for t in defined}) for m in methods}
+        summary["paired"] = {"tasks": defined, "pairs": paired.differences(stats, defined, methods, scored)}
     summary["meta"] = meta
     return summary
 
@@ -690,16 +696,14 @@ def write_results(run_dir: Path, summary: dict) -> list[Path]:
     return names
 
 
-def rescore(run_dir: Path, protocols: Sequence[str] = ("toolkit", "study"), also: Sequence[Path] = ()) -> list[Path]:
-    """Every protocol's tables of a run folder from its cells' saved predictions, without
-    generating: the methods, tasks and meta of RUN/eval/summary.json, each cell rescored.
+def load_cells(run_dir: Path, also: Sequence[Path] = ()) -> tuple[dict, dict]:
+    """(RUN/eval/summary.json, {(method, task): cell}) of an evaluated run folder.
 
     A folder of committed results keeps predictions, not cells: then the predictions are
     read (from RUN, else from the folders in `also`, e.g. the 7-task results whose base and
     oracle a 5-task table reused) and each rescored toolkit metric must equal the one the
     summary holds, so a prediction file that does not belong to it is refused.
     """
-    import copy
     path = summary_path(run_dir)
     if not path.is_file():
         raise UserError(f"{path} is missing: evaluate the run first (full_evaluation.py --output-dir {run_dir})")
@@ -724,6 +728,16 @@ def rescore(run_dir: Path, protocols: Sequence[str] = ("toolkit", "study"), also
                     raise UserError(f"{found[0]}: rescored {per['primary']} {result['score']} is not the "
                                     f"summary's {per['score']} (predictions of another run?)")
                 cells[(m, t)] = cell
+    return old, cells
+
+
+def rescore(run_dir: Path, protocols: Sequence[str] = ("toolkit", "study"), also: Sequence[Path] = ()) -> list[Path]:
+    """Every protocol's tables of a run folder from its cells' saved predictions, without
+    generating: the methods, tasks and meta of RUN/eval/summary.json, each cell rescored
+    (`load_cells`: a committed folder's predictions must reproduce its summary)."""
+    import copy
+    old, cells = load_cells(run_dir, also)
+    tasks, methods = old["tasks"], list(old["methods"])
     written = []
     for protocol in protocols:
         meta = copy.deepcopy(old["meta"])

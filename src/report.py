@@ -4,10 +4,13 @@ per-task tables.
 
 Usage:
     python -m src.report results/reference/7tasks results/reference/5tasks \
-        [--zeroshot results/reference/zeroshot]
+        [--zeroshot results/reference/zeroshot] [--without translation] [--pairs moa:arrow,moa:weight_sum]
 
 Reads RUN/eval/summary.json (toolkit scoring) and RUN/eval/summary_study.json (the study's
-scoring, from the same predictions); prints markdown.
+scoring, from the same predictions); prints markdown. --without TASK adds each method's score
+without that task (same resamples); --pairs A:B,... prints the paired bootstrap of each
+difference A - B (src/paired.py), under both protocols and, with --without, without the task
+too (from the run's cells or predictions).
 """
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-from src import compose, systems  # noqa: F401 (systems: every method registered)
+from src import compose, paired, systems  # noqa: F401 (systems: every method registered)
+from src import evaluation as ev
 from src.cli import command_parser
 from src.errors import UserError, run_main
 from src.evaluation import _fmt, results_rows
@@ -54,22 +58,91 @@ def _score(entry: dict) -> str:
     return f"{_fmt(entry['multitask_score'])} ({_fmt(iv[0])}-{_fmt(iv[1])})" if iv else _fmt(entry["multitask_score"])
 
 
-def headline(run: Path) -> str:
-    """Methods by toolkit score (oracle first, base last): family, both protocols, the study's rows."""
+def _without(entry: dict, task: str) -> str:
+    w = (entry.get("without") or {}).get(task)
+    if not w:
+        return "n/a"
+    iv = w["interval"]
+    return f"{_fmt(w['score'])} ({_fmt(iv[0])}-{_fmt(iv[1])})" if iv else _fmt(w["score"])
+
+
+def headline(run: Path, without: str | None = None) -> str:
+    """Methods by toolkit score (oracle first, base last): family, both protocols (and without a
+    task, when asked and the run has it), the study's rows."""
     toolkit, study = load(run, "toolkit"), load(run, "study")
+    without = without if without in toolkit["tasks"] else None
     n = len(toolkit["tasks"])
     sources = [(model, sets[n]) for model, sets in STUDY.items() if n in sets]
     order = sorted(toolkit["methods"], key=lambda m: (m != "oracle", m == "base",
                                                       -(toolkit["methods"][m]["multitask_score"] or 0)))
     head = ["method", "kind", "toolkit scoring (95% interval)", "study's scoring (95% interval)",
-            *[f"the study, {model}" for model, _ in sources]]
+            *([f"toolkit, without {without}"] if without else []), *[f"the study, {model}" for model, _ in sources]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in order:
         row = [f"`{m}`", family(m), _score(toolkit["methods"][m]),
                _score(study["methods"][m]) if m in study["methods"] else "n/a",
+               *([_without(toolkit["methods"][m], without)] if without else []),
                *[f"{scores[m]:.3f}" if m in scores else "" for _, scores in sources]]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _difference(e: dict | None) -> str:
+    if e is None:
+        return "n/a"
+    lo, hi = e["interval"]
+    return f"{e['difference']:+.3f} ({lo:+.3f} to {hi:+.3f}; ahead in {100 * e['a_better']:.0f}%)"
+
+
+def pair_differences(run: Path, pairs: list[tuple[str, str]], without: str, also=()) -> dict:
+    """{(a, b): the paired difference a - b without `without` (toolkit scoring)}, on the same
+    resamples as summary.json's (`paired.without_each`), from the run's cells or predictions."""
+    summary, cells = ev.load_cells(run, also)
+    tasks = summary["tasks"]
+    rest = [t for t in tasks if t != without]
+    if any(summary["methods"]["oracle"]["per_task"][t]["oracle_score"] == 0 for t in rest):
+        raise UserError(f"{run}: an oracle scores 0 on a task other than {without}: no score without {without}")
+    methods = list(dict.fromkeys(["oracle", *[m for p in pairs for m in p]]))
+    stats = ev.resampled_cells(tasks, methods, cells, "toolkit")
+    scores = {m: sum(summary["methods"][m]["per_task"][t]["relative"] for t in rest) / len(rest) for m in methods}
+    diffs = paired.differences(stats, rest, methods, scores)
+    return {(a, b): paired.difference(diffs, a, b) for a, b in pairs}
+
+
+def pairs_table(run: Path, pairs: list[tuple[str, str]], without: str | None = None, also=()) -> str:
+    """The paired bootstrap of each difference: score A - score B, its 95% interval and the share
+    of resamples where A is ahead, under both protocols (and without a task, when asked)."""
+    toolkit, study = load(run, "toolkit"), load(run, "study")
+    check_pairs(run, pairs)
+    without = without if without in toolkit["tasks"] else None
+    dropped = pair_differences(run, pairs, without, also) if without else {}
+    head = ["A - B", "toolkit scoring", "study's scoring", *([f"toolkit, without {without}"] if without else [])]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for a, b in pairs:
+        row = [f"`{a}` - `{b}`", _difference(paired.difference(toolkit.get("paired", {}).get("pairs", {}), a, b)),
+               _difference(paired.difference(study.get("paired", {}).get("pairs", {}), a, b)),
+               *([_difference(dropped[(a, b)])] if without else [])]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def check_pairs(run: Path, pairs: list[tuple[str, str]]) -> None:
+    methods = load(run, "toolkit")["methods"]
+    for m in (m for p in pairs for m in p):
+        if m not in methods:
+            raise UserError(f"--pairs: {m} is not in {run} (its methods: {', '.join(methods)})")
+
+
+def parse_pairs(text: str | None) -> list[tuple[str, str]]:
+    pairs = []
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        a, sep, b = item.strip().partition(":")
+        if not sep or not a or not b:
+            raise UserError(f"--pairs: {item.strip()!r} is not A:B (e.g. moa:arrow)")
+        pairs.append((a, b))
+    return pairs
 
 
 def per_task(run: Path, protocol: str = "toolkit") -> str:
@@ -82,11 +155,19 @@ def main(argv=None):
     parser = command_parser("python -m src.report", __doc__)
     parser.add_argument("runs", nargs="+", metavar="RUN", help="evaluated run folder(s)")
     parser.add_argument("--zeroshot", default=None, metavar="RUN", help="the Text-to-LoRA hold-out run folder")
+    parser.add_argument("--without", default=None, metavar="TASK", help="also each score without this task")
+    parser.add_argument("--pairs", default=None, metavar="A:B,...", help="paired differences A - B to print")
     args = parser.parse_args(argv)
+    pairs = parse_pairs(args.pairs)
+    for r in args.runs:     # every input checked before anything is printed
+        check_pairs(Path(r), pairs)
     for r in args.runs:
         run = Path(r)
         n = len(load(run, "toolkit")["tasks"])
-        print(f"### {n} tasks ({run})\n\n{headline(run)}\n\nPer task (toolkit scoring):\n\n{per_task(run)}\n")
+        print(f"### {n} tasks ({run})\n\n{headline(run, args.without)}\n\nPer task (toolkit scoring):\n\n{per_task(run)}\n")
+        if pairs:
+            also = [Path(x) for x in args.runs if Path(x) != run]
+            print(f"Paired differences ({run}):\n\n{pairs_table(run, pairs, args.without, also)}\n")
     if args.zeroshot:
         run = Path(args.zeroshot)
         print(f"### Text-to-LoRA, held-out tasks ({run})\n\n{headline(run)}\n\nPer task (toolkit scoring):\n\n"

@@ -138,3 +138,56 @@ def test_a_zero_oracle_task_leaves_the_score_undefined_and_gives_it_over_the_oth
         assert d["tasks"] == ["sentiment"]
         assert d["score"] == pytest.approx(alone["methods"][m]["multitask_score"], abs=1e-12)
         assert d["interval"] == alone["methods"][m]["multitask_interval"]   # the same seeded resamples
+
+
+def _three_tasks(n=60):
+    """oracle, half and base on sentiment, nli and commonsense (accuracy), per-example hits drawn."""
+    cells = {}
+    for k, task in enumerate(("sentiment", "nli", "commonsense")):
+        for (m, t), c in _cells(n, seed=k).items():
+            cells[(m, task)] = {**c, "task": task, "seconds": 1.0}
+    return cells
+
+
+def test_paired_differences_are_the_bootstrap_of_the_difference_computed_by_hand():
+    from src import evaluation as ev
+    from src import paired
+    tasks, methods = ["sentiment", "nli", "commonsense"], ["oracle", "half", "base"]
+    cells = _three_tasks()
+    s = ev.summarize("m", tasks, methods, cells, {}, "toolkit")
+    pairs = s["paired"]["pairs"]
+    assert s["paired"]["tasks"] == tasks and set(pairs) == {"oracle", "half"} and set(pairs["half"]) == {"base"}
+    # by hand: each task's examples drawn with the seeded indices, the same draw for every method
+    ratio = {m: 0 for m in methods}
+    for k, t in enumerate(tasks):
+        idx = np.random.default_rng(ev.BOOTSTRAP["seed"] + k).integers(0, 60, size=(ev.BOOTSTRAP["samples"], 60))
+        hits = {m: np.array([r["score"] for r in cells[(m, t)]["records"]])[idx].mean(1) for m in methods}
+        for m in methods:
+            ratio[m] = ratio[m] + hits[m] / hits["oracle"] / len(tasks)
+    d = ratio["half"] - ratio["base"]
+    e = pairs["half"]["base"]
+    assert e["interval"] == pytest.approx([np.percentile(d, 2.5), np.percentile(d, 97.5)], abs=1e-12)
+    assert e["a_better"] == pytest.approx((d > 0).mean(), abs=1e-12)
+    point = s["methods"]["half"]["multitask_score"] - s["methods"]["base"]["multitask_score"]
+    assert e["difference"] == pytest.approx(point, abs=1e-12)
+    assert e["interval"][0] > 0 and e["a_better"] == 1.0                # 0.4 against 0.1, 60 examples each
+    back = paired.difference(pairs, "base", "half")                     # either order
+    assert back["difference"] == -e["difference"] and back["interval"] == [-e["interval"][1], -e["interval"][0]]
+    assert paired.difference(pairs, "half", "nope") is None
+
+
+def test_the_score_without_each_task_is_the_score_over_the_others():
+    from src import evaluation as ev
+    tasks, methods = ["sentiment", "nli", "commonsense"], ["oracle", "half", "base"]
+    cells = _three_tasks()
+    s = ev.summarize("m", tasks, methods, cells, {}, "toolkit")
+    for m in methods:
+        without = s["methods"][m]["without"]
+        assert list(without) == tasks
+        for t in tasks:
+            rest = [x for x in tasks if x != t]
+            alone = ev.summarize("m", rest, methods, cells, {}, "toolkit")["methods"][m]["multitask_score"]
+            assert without[t]["score"] == pytest.approx(alone, abs=1e-12)
+            lo, hi = without[t]["interval"]
+            assert lo <= without[t]["score"] <= hi
+    assert s["methods"]["oracle"]["without"]["nli"]["interval"] == [1.0, 1.0]

@@ -342,3 +342,25 @@ def test_the_context_check_after_loading_covers_models_without_a_config_file():
     check_max_len(SimpleNamespace(), 10 ** 6)                      # unknown context: nothing to check
     with pytest.raises(UserError, match=r"--max-len 513 tokens is more than the model's context of 512"):
         check_max_len(SimpleNamespace(max_position_embeddings=512), 513)
+
+
+def test_build_seconds_are_recorded_for_the_cost_table(tmp_path, capsys, monkeypatch):
+    """A build made by a process is recorded in RUN/eval/builds.json (its wall time); a rerun
+    that reuses it leaves the record as the maker wrote it."""
+    import shutil
+
+    import full_evaluation
+    shutil.copytree(Path(__file__).parent / "fixtures" / "run_v1", tmp_path / "run")
+    save_tiny(tmp_path / "tiny-qwen2")
+    monkeypatch.chdir(tmp_path)
+    args = ["--model", "tiny-qwen2", "--output-dir", str(tmp_path / "run"), "--tasks", "sentiment,nli,qa",
+            "--methods", "weight_sum,svd", "--data", "sample", "--eval-size", "2", "--no-exclude-selection",
+            "--build-only"]
+    assert run_main(full_evaluation.main, args) == 0, capsys.readouterr().err
+    ledger = tmp_path / "run" / "eval" / "builds.json"
+    first = json.loads(ledger.read_text())
+    assert set(first) == {"weight_sum", "svd"}
+    assert all(e["seconds"] > 0 and e["threads"] >= 1 and e["where"] for e in first.values()), first
+    assert run_main(full_evaluation.main, args) == 0
+    assert "weight_sum: reused" in capsys.readouterr().err
+    assert json.loads(ledger.read_text()) == first
