@@ -5,6 +5,7 @@ per-task tables.
 Usage:
     python -m src.report results/reference/7tasks results/reference/5tasks \
         [--zeroshot results/reference/zeroshot] [--without translation] [--pairs moa:arrow,moa:weight_sum]
+    python -m src.report --readme README.md [--check]   # regenerate (or check) its report blocks
 
 Reads RUN/eval/summary.json (toolkit scoring) and RUN/eval/summary_study.json (the study's
 scoring, from the same predictions); prints markdown. --without TASK adds each method's score
@@ -15,6 +16,8 @@ too (from the run's cells or predictions).
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -23,7 +26,7 @@ from src import evaluation as ev
 from src.cli import command_parser
 from src.errors import UserError, run_main
 from src.evaluation import _fmt, results_rows
-from src.runs import eval_dir
+from src.runs import eval_dir, write_text_atomic
 
 # The reference study's oracle-normalised multitask scores (its headline table).
 STUDY = {
@@ -151,13 +154,67 @@ def per_task(run: Path, protocol: str = "toolkit") -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+# A generated block of a markdown file: `<!-- report: KIND RUN [without=TASK] [pairs=A:B,...]
+# [also=RUN,...] -->`, the table, `<!-- /report -->`; KIND is headline, per_task or pairs, and
+# RUN is relative to the file's folder.
+BLOCK = re.compile(r"<!-- report: (?P<args>[^>]*?) -->\n\n(?P<body>.*?)\n\n<!-- /report -->", re.S)
+
+
+def render(args: str, root: Path) -> str:
+    """The table a block's arguments name, from the results under `root`."""
+    kind, run, *rest = shlex.split(args) + [""]
+    opts = dict(x.split("=", 1) for x in rest if "=" in x)
+    run = root / run
+    if kind == "headline":
+        return headline(run, opts.get("without"))
+    if kind == "per_task":
+        return per_task(run, opts.get("protocol", "toolkit"))
+    if kind == "pairs":
+        also = [root / x for x in opts.get("also", "").split(",") if x]
+        return pairs_table(run, parse_pairs(opts.get("pairs")), opts.get("without"), also)
+    raise UserError(f"<!-- report: {args} -->: unknown kind {kind!r} (known: headline, per_task, pairs)")
+
+
+def stale_blocks(path: Path) -> tuple[str, list[str]]:
+    """(the file's text with every block regenerated, the arguments of the blocks that changed)."""
+    text = path.read_text(encoding="utf-8")
+    stale = []
+
+    def fresh(m: re.Match) -> str:
+        body = render(m["args"], path.parent)
+        if body != m["body"]:
+            stale.append(m["args"])
+        return f"<!-- report: {m['args']} -->\n\n{body}\n\n<!-- /report -->"
+    return BLOCK.sub(fresh, text), stale
+
+
 def main(argv=None):
     parser = command_parser("python -m src.report", __doc__)
-    parser.add_argument("runs", nargs="+", metavar="RUN", help="evaluated run folder(s)")
+    parser.add_argument("runs", nargs="*", metavar="RUN", help="evaluated run folder(s)")
+    parser.add_argument("--readme", default=None, metavar="FILE",
+                        help="regenerate the file's <!-- report: ... --> blocks in place instead of printing")
+    parser.add_argument("--check", action="store_true", help="with --readme: only say which blocks are stale (exit 1)")
     parser.add_argument("--zeroshot", default=None, metavar="RUN", help="the Text-to-LoRA hold-out run folder")
     parser.add_argument("--without", default=None, metavar="TASK", help="also each score without this task")
     parser.add_argument("--pairs", default=None, metavar="A:B,...", help="paired differences A - B to print")
     args = parser.parse_args(argv)
+    if args.readme:
+        path = Path(args.readme)
+        if not path.is_file():
+            raise UserError(f"--readme {path}: no such file")
+        text, stale = stale_blocks(path)
+        if args.check:
+            for a in stale:
+                print(f"stale: <!-- report: {a} -->")
+            if stale:
+                raise SystemExit(1)
+            return
+        if stale:
+            write_text_atomic(path, text)
+        print(f"{path}: {len(stale)} block(s) regenerated")
+        return
+    if not args.runs:
+        raise UserError("name evaluated run folders (RUN ...) or --readme FILE")
     pairs = parse_pairs(args.pairs)
     for r in args.runs:     # every input checked before anything is printed
         check_pairs(Path(r), pairs)

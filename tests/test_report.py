@@ -45,3 +45,31 @@ def test_bad_pairs_fail_in_one_line_before_anything_is_printed(run, capsys):
     assert out == "" and err.strip().count("\n") == 0 and "nope is not in" in err and "half" in err
     assert run_main(report.main, [str(run), "--pairs", "half"]) == 2
     assert "'half' is not A:B" in capsys.readouterr().err
+
+
+def test_the_readme_results_tables_are_the_committed_summaries():
+    """Every table in README "Results" is a report block, and each equals what src.report makes
+    of results/reference's summaries now (a rerun or a hand edit that leaves one behind fails)."""
+    from pathlib import Path
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    blocks = [m["args"] for m in report.BLOCK.finditer(readme.read_text(encoding="utf-8"))]
+    for part in ("7tasks", "5tasks"):
+        assert f"headline results/reference/{part}" in [" ".join(a.split()[:2]) for a in blocks], blocks
+    text, stale = report.stale_blocks(readme)
+    assert stale == [], f"regenerate with: python -m src.report --readme README.md ({stale})"
+
+
+def test_readme_blocks_are_checked_and_regenerated_in_place(run, capsys):
+    md = run / "notes.md"
+    md.write_text(f"# notes\n\n<!-- report: headline . without=nli -->\n\n| old |\n\n<!-- /report -->\n\ntail\n")
+    with pytest.raises(SystemExit) as e:
+        report.main(["--readme", str(md), "--check"])
+    assert e.value.code == 1 and "stale: <!-- report: headline . without=nli -->" in capsys.readouterr().out
+    assert "| old |" in md.read_text()
+    assert run_main(report.main, ["--readme", str(md)]) == 0
+    text = md.read_text()
+    assert report.headline(run, "nli") in text and text.endswith("<!-- /report -->\n\ntail\n")
+    assert run_main(report.main, ["--readme", str(md), "--check"]) == 0
+    md.write_text("<!-- report: nonsense . -->\n\n| x |\n\n<!-- /report -->\n")
+    assert run_main(report.main, ["--readme", str(md)]) == 2
+    assert "unknown kind 'nonsense'" in capsys.readouterr().err
