@@ -4,7 +4,7 @@ per-task tables.
 
 Usage:
     python -m src.report results/reference/7tasks results/reference/5tasks \
-        [--zeroshot results/reference/zeroshot] [--without translation] [--pairs moa:arrow,moa:weight_sum]
+        [--zeroshot results/reference/zeroshot] [--without translation] [--pairs moa:arrow,moa:weight_sum] [--costs]
     python -m src.report --readme README.md [--check]   # regenerate (or check) its report blocks
 
 Reads RUN/eval/summary.json (toolkit scoring) and RUN/eval/summary_study.json (the study's
@@ -148,6 +148,46 @@ def parse_pairs(text: str | None) -> list[tuple[str, str]]:
     return pairs
 
 
+def stage_seconds(run: Path) -> dict[str, float]:
+    """{stage folder relative to RUN: its training wall time} from every stage record of the run
+    (RUN/adapters/*, RUN/moa, RUN/compose/*; src/stages.py)."""
+    from src.stages import INFO_NAME
+    out = {}
+    for path in [*sorted(run.glob(f"adapters/*/{INFO_NAME}")), run / "moa" / INFO_NAME,
+                 *sorted(run.glob(f"compose/*/{INFO_NAME}"))]:
+        if path.is_file():
+            try:
+                info = json.loads(path.read_text())
+            except ValueError as e:
+                raise UserError(f"{path}: unreadable ({e})") from None
+            if isinstance(info, dict) and isinstance(info.get("elapsed_s"), (int, float)):
+                out[str(path.parent.relative_to(run))] = float(info["elapsed_s"])
+    return out
+
+
+def costs(run: Path) -> str:
+    """The cost of each method on this run's machine: the training of the run's stages (once per
+    run), each method's build step (RUN/eval/builds.json) and its evaluation, per cell and in all."""
+    summary = load(run, "toolkit")
+    trained = stage_seconds(run)
+    path = eval_dir(run) / "builds.json"
+    try:
+        builds = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError as e:
+        raise UserError(f"{path}: unreadable ({e})") from None
+    tasks = {k: v for k, v in trained.items() if k.startswith("adapters/") and not k.startswith("adapters/_")}
+    others = "".join(f"; {k} {v:.0f} s" for k, v in trained.items() if k not in tasks)
+    lines = [f"Training (once per run): the {len(tasks)} task adapters {sum(tasks.values()):.0f} s{others}", "",
+             "| method | build (s) | evaluation per cell (s) | evaluation (s) | examples per cell |",
+             "|---|---|---|---|---|"]
+    for m, entry in summary["methods"].items():
+        cells = list(entry["per_task"].values())
+        total = sum(c["seconds"] for c in cells)
+        build = f"{builds[m]['seconds']:.1f}" if m in builds else "-"
+        lines.append(f"| `{m}` | {build} | {total / len(cells):.1f} | {total:.0f} | {max(c['n'] for c in cells)} |")
+    return "\n".join(lines)
+
+
 def per_task(run: Path, protocol: str = "toolkit") -> str:
     header, rows = results_rows(load(run, protocol))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -155,7 +195,7 @@ def per_task(run: Path, protocol: str = "toolkit") -> str:
 
 
 # A generated block of a markdown file: `<!-- report: KIND RUN [without=TASK] [pairs=A:B,...]
-# [also=RUN,...] -->`, the table, `<!-- /report -->`; KIND is headline, per_task or pairs, and
+# [also=RUN,...] -->`, the table, `<!-- /report -->`; KIND is headline, per_task, pairs or costs, and
 # RUN is relative to the file's folder.
 BLOCK = re.compile(r"<!-- report: (?P<args>[^>]*?) -->\n\n(?P<body>.*?)\n\n<!-- /report -->", re.S)
 
@@ -169,10 +209,12 @@ def render(args: str, root: Path) -> str:
         return headline(run, opts.get("without"))
     if kind == "per_task":
         return per_task(run, opts.get("protocol", "toolkit"))
+    if kind == "costs":
+        return costs(run)
     if kind == "pairs":
         also = [root / x for x in opts.get("also", "").split(",") if x]
         return pairs_table(run, parse_pairs(opts.get("pairs")), opts.get("without"), also)
-    raise UserError(f"<!-- report: {args} -->: unknown kind {kind!r} (known: headline, per_task, pairs)")
+    raise UserError(f"<!-- report: {args} -->: unknown kind {kind!r} (known: headline, per_task, pairs, costs)")
 
 
 def stale_blocks(path: Path) -> tuple[str, list[str]]:
@@ -197,6 +239,7 @@ def main(argv=None):
     parser.add_argument("--zeroshot", default=None, metavar="RUN", help="the Text-to-LoRA hold-out run folder")
     parser.add_argument("--without", default=None, metavar="TASK", help="also each score without this task")
     parser.add_argument("--pairs", default=None, metavar="A:B,...", help="paired differences A - B to print")
+    parser.add_argument("--costs", action="store_true", help="also each method's training, build and evaluation seconds")
     args = parser.parse_args(argv)
     if args.readme:
         path = Path(args.readme)
@@ -225,6 +268,8 @@ def main(argv=None):
         if pairs:
             also = [Path(x) for x in args.runs if Path(x) != run]
             print(f"Paired differences ({run}):\n\n{pairs_table(run, pairs, args.without, also)}\n")
+        if args.costs:
+            print(f"Costs ({run}):\n\n{costs(run)}\n")
     if args.zeroshot:
         run = Path(args.zeroshot)
         print(f"### Text-to-LoRA, held-out tasks ({run})\n\n{headline(run)}\n\nPer task (toolkit scoring):\n\n"

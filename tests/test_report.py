@@ -73,3 +73,16 @@ def test_readme_blocks_are_checked_and_regenerated_in_place(run, capsys):
     md.write_text("<!-- report: nonsense . -->\n\n| x |\n\n<!-- /report -->\n")
     assert run_main(report.main, ["--readme", str(md)]) == 2
     assert "unknown kind 'nonsense'" in capsys.readouterr().err
+
+
+def test_costs_read_the_stage_records_the_build_ledger_and_the_cells(run):
+    for stage, s in (("adapters/nli", 100.0), ("adapters/sentiment", 50.0), ("adapters/_multitask", 300.0),
+                     ("moa", 40.0)):
+        write_json_atomic(run / stage / "training_config.json", {"elapsed_s": s})
+    write_json_atomic(run / "eval" / "builds.json", {"half": {"seconds": 12.25}})
+    text = report.costs(run)
+    assert text.startswith("Training (once per run): the 2 task adapters 150 s; adapters/_multitask 300 s; moa 40 s")
+    assert "| `half` | 12.2 | 1.0 | 3 | 60 |" in text and "| `base` | - | 1.0 | 3 | 60 |" in text
+    (run / "eval" / "builds.json").write_text("{")
+    with pytest.raises(Exception, match="builds.json: unreadable"):
+        report.costs(run)
