@@ -196,8 +196,10 @@ def per_task(run: Path, protocol: str = "toolkit") -> str:
 
 # A generated block of a markdown file: `<!-- report: KIND RUN [without=TASK] [pairs=A:B,...]
 # [also=RUN,...] -->`, the table, `<!-- /report -->`; KIND is headline, per_task, pairs or costs, and
-# RUN is relative to the file's folder.
-BLOCK = re.compile(r"<!-- report: (?P<args>[^>]*?) -->\n\n(?P<body>.*?)\n\n<!-- /report -->", re.S)
+# RUN is relative to the file's folder. A new block may be left empty (opener, closer) for --readme to fill;
+# an opener without its closer is an error, never skipped.
+BLOCK = re.compile(r"<!-- report: (?P<args>[^>]*?) -->\n(?:\n(?P<body>.*?)\n\n|\n?)<!-- /report -->", re.S)
+OPENER = re.compile(r"<!-- report:")
 
 
 def render(args: str, root: Path) -> str:
@@ -221,10 +223,16 @@ def stale_blocks(path: Path) -> tuple[str, list[str]]:
     """(the file's text with every block regenerated, the arguments of the blocks that changed)."""
     text = path.read_text(encoding="utf-8")
     stale = []
+    blocks = [m.start() for m in BLOCK.finditer(text)]
+    for m in OPENER.finditer(text):       # an opener that no block starts with would be skipped
+        if m.start() not in blocks:
+            line = text.count("\n", 0, m.start()) + 1
+            raise UserError(f"{path}:{line}: a <!-- report: ... --> opener without its <!-- /report --> "
+                            "(the opener, a blank line, the table, a blank line, the closer)")
 
     def fresh(m: re.Match) -> str:
         body = render(m["args"], path.parent)
-        if body != m["body"]:
+        if body != (m["body"] or ""):
             stale.append(m["args"])
         return f"<!-- report: {m['args']} -->\n\n{body}\n\n<!-- /report -->"
     return BLOCK.sub(fresh, text), stale

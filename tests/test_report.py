@@ -75,6 +75,19 @@ def test_readme_blocks_are_checked_and_regenerated_in_place(run, capsys):
     assert "unknown kind 'nonsense'" in capsys.readouterr().err
 
 
+def test_empty_and_unclosed_readme_blocks_are_not_skipped(run, capsys):
+    md = run / "notes.md"
+    md.write_text("<!-- report: headline . -->\n<!-- /report -->\n")      # a new block, still empty
+    with pytest.raises(SystemExit) as e:
+        report.main(["--readme", str(md), "--check"])
+    assert e.value.code == 1 and "stale: <!-- report: headline . -->" in capsys.readouterr().out
+    assert run_main(report.main, ["--readme", str(md)]) == 0 and report.headline(run) in md.read_text()
+    md.write_text("intro\n\n<!-- report: headline . -->\n\n| x |\n")  # never closed
+    assert run_main(report.main, ["--readme", str(md), "--check"]) == 2
+    assert f"{md}:3: a <!-- report: ... --> opener without its <!-- /report -->" in capsys.readouterr().err
+    assert md.read_text() == "intro\n\n<!-- report: headline . -->\n\n| x |\n"
+
+
 def test_costs_read_the_stage_records_the_build_ledger_and_the_cells(run):
     for stage, s in (("adapters/nli", 100.0), ("adapters/sentiment", 50.0), ("adapters/_multitask", 300.0),
                      ("moa", 40.0)):
